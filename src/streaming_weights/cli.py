@@ -1,0 +1,145 @@
+"""The ``surfing`` command: thin argument parsing over the library. Only this module prints or configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .exceptions import StreamingWeightsError
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------- chunk
+def _add_s3_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("S3 storage")
+    g.add_argument("--s3", action="store_true", help="use S3 storage (implied by --s3-bucket)")
+    g.add_argument("--s3-bucket")
+    g.add_argument("--s3-prefix", default="")
+    g.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (or AWS_ENDPOINT_URL)")
+    g.add_argument("--s3-region", default=None)
+    g.add_argument("--s3-access-key", default=None)
+    g.add_argument("--s3-secret-key", default=None)
+    g.add_argument("--s3-session-token", default=None)
+    g.add_argument("--s3-profile", default=None)
+
+
+def _s3_backend(args: argparse.Namespace):
+    if not (args.s3 or args.s3_bucket):
+        return None
+    if not args.s3_bucket:
+        raise SystemExit("--s3 needs --s3-bucket")
+    from .storage.s3 import S3Backend
+
+    return S3Backend(
+        args.s3_bucket, prefix=args.s3_prefix, endpoint_url=args.s3_endpoint, region_name=args.s3_region,
+        aws_access_key_id=args.s3_access_key, aws_secret_access_key=args.s3_secret_key,
+        aws_session_token=args.s3_session_token, profile_name=args.s3_profile,
+    )
+
+
+def cmd_chunk(args: argparse.Namespace) -> int:
+    from .chunker import ModelChunker
+
+    backend = _s3_backend(args)
+    chunker = ModelChunker(
+        args.source,
+        output_dir=None if backend else (args.output_dir or "./chunks"),
+        storage_backend=backend,
+        dtype=args.dtype,
+        compress=args.compress,
+        name=args.name,
+        progress=not args.quiet,
+    )
+    result = asyncio.run(chunker.chunk_model())
+    print(
+        f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}): {result['num_units']} units, "
+        f"{result['total_size_mb']:.1f} MiB total, largest {result['largest_unit_mb']:.1f} MiB -> "
+        f"{result['storage']}/{result['manifest']}"
+    )
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .client.source import open_unit_source
+
+    async def run() -> list[Any]:
+        source = open_unit_source(args.location, token=args.token or os.environ.get("SURFING_TOKEN"))
+        try:
+            names = [args.model] if args.model else await source.list_models()
+            return [await source.get_manifest(n) for n in names]
+        finally:
+            await source.close()
+
+    manifests = asyncio.run(run())
+    for m in manifests:
+        if args.json:
+            print(m.to_bytes().decode())
+            continue
+        print(f"model        {m.name}")
+        print(f"architecture {m.architecture} ({m.model_type}), dtype {m.dtype}, format v{m.format_version}")
+        print(f"units        {len(m.units)} ({len(m.streamed)} streamed), {m.total_bytes / 2**20:.1f} MiB")
+        print(f"files        {', '.join(f.name for f in m.files) or '-'}")
+        if m.tied:
+            print(f"tied         {', '.join(f'{a} -> {t}' for a, t in m.tied.items())}")
+        print(f"{'order':>5}  {'role':9} {'unit':32} {'MiB':>9}  {'tensors':>7}  sha256")
+        for u in m.units:
+            print(f"{u.order:>5}  {u.role:9} {u.name:32} {u.bytes / 2**20:9.2f}  {len(u.tensors):>7}  {u.sha256}")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surfing", description="Stream transformer weights layer by layer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chunk", help="split a model into per-layer safetensors units + manifest")
+    p.add_argument("source", help="HF model directory, .gguf file, or hub id")
+    p.add_argument("--output-dir", "-o", help="model directory to write (default ./chunks)")
+    p.add_argument("--name", help="model name recorded in the manifest (default: SOURCE as given)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--compress", action="store_true", help="store float16 (same as --dtype float16)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    _add_s3_args(p)
+    p.set_defaults(func=cmd_chunk)
+
+    p = sub.add_parser("inspect", help="summarize a chunked model (directory, s3:// or ws:// server)")
+    p.add_argument("location")
+    p.add_argument("--model", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_inspect)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return int(args.func(args) or 0)
+    except StreamingWeightsError as exc:
+        print(f"surfing {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

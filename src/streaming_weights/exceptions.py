@@ -1,0 +1,148 @@
+"""The one exception tree of streaming_weights.
+
+::
+
+    StreamingWeightsError
+    ├── ConfigurationError            bad option / environment value
+    ├── FormatError                   chunk format problems
+    │   ├── ManifestError             missing / malformed / inconsistent manifest.json
+    │   └── UnitFormatError           a unit file that does not match its manifest entry
+    ├── StorageError                  storage backend failures
+    │   ├── KeyNotFoundError          the key does not exist
+    │   └── InvalidKeyError           key escapes the backend root or is malformed  (also SecurityError)
+    ├── SecurityError                 anything refused for safety reasons
+    │   ├── UnsafeFormatError         pickle or other code-executing formats
+    │   └── AuthenticationError       missing / wrong token
+    ├── IntegrityError                fetched bytes do not match the manifest's hash
+    ├── WeightServerError             failures reported by or talking to a weight server
+    │   ├── ProtocolError             malformed / unexpected messages
+    │   ├── RemoteError               typed error response from the server (``code`` attribute)
+    │   │   ├── NotFoundError         unknown model / unit
+    │   │   ├── BadRequestError
+    │   │   ├── TooLargeError
+    │   │   └── BusyError             server limits hit
+    │   ├── ConnectionFailedError     could not connect after the retries
+    │   └── FetchTimeoutError         a request did not complete within timeout_seconds (also TimeoutError)
+    ├── CacheError                    unit cache misuse (e.g. a negative size)
+    ├── ModelError                    model construction / architecture problems
+    │   ├── UnsupportedArchitectureError
+    │   └── UnitUnavailableError      a unit could not be fetched or verified after retries
+    └── ChunkingError                 the chunker could not read or map a source
+"""
+
+from __future__ import annotations
+
+
+class StreamingWeightsError(Exception):
+    """Base class of every error raised by streaming_weights."""
+
+
+class ConfigurationError(StreamingWeightsError, ValueError):
+    pass
+
+
+class FormatError(StreamingWeightsError):
+    pass
+
+
+class ManifestError(FormatError):
+    pass
+
+
+class UnitFormatError(FormatError):
+    pass
+
+
+class StorageError(StreamingWeightsError):
+    pass
+
+
+class KeyNotFoundError(StorageError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class SecurityError(StreamingWeightsError):
+    pass
+
+
+class InvalidKeyError(StorageError, SecurityError):
+    pass
+
+
+class UnsafeFormatError(SecurityError):
+    pass
+
+
+class AuthenticationError(SecurityError):
+    pass
+
+
+class IntegrityError(StreamingWeightsError):
+    pass
+
+
+class WeightServerError(StreamingWeightsError):
+    pass
+
+
+class ProtocolError(WeightServerError):
+    pass
+
+
+class RemoteError(WeightServerError):
+    """An error response from the server; ``code`` is the protocol's error code."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class NotFoundError(RemoteError):
+    code = "not_found"
+
+
+class BadRequestError(RemoteError):
+    code = "bad_request"
+
+
+class TooLargeError(RemoteError):
+    code = "too_large"
+
+
+class BusyError(RemoteError):
+    code = "busy"
+
+
+class ConnectionFailedError(WeightServerError, ConnectionError):
+    pass
+
+
+class FetchTimeoutError(WeightServerError, TimeoutError):
+    pass
+
+
+class CacheError(StreamingWeightsError):
+    pass
+
+
+class ModelError(StreamingWeightsError):
+    pass
+
+
+class UnsupportedArchitectureError(ModelError):
+    pass
+
+
+class UnitUnavailableError(ModelError):
+    pass
+
+
+class ChunkingError(StreamingWeightsError):
+    pass
+
+
+__all__ = [name for name in dir() if name.endswith("Error")]

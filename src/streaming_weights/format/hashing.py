@@ -1,0 +1,40 @@
+"""Content hashes: sha256 is a unit's identity (checkable with ``sha256sum``), BLAKE3 verifies every fetch.
+
+BLAKE3 is cryptographic and measured here at ~5 GB/s on one thread (sha256: ~1.1 GB/s), so verifying
+each fetched unit is never the bottleneck of a transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import blake3
+
+# Above this size BLAKE3 hashes with several threads (it releases the GIL).
+_MULTITHREAD_BYTES = 8 << 20
+
+
+def blake3_hex(data: bytes | bytearray | memoryview) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if len(data) >= _MULTITHREAD_BYTES else 1)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Digests:
+    sha256: str
+    blake3: str
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> Digests:
+        return cls(sha256=sha256_hex(data), blake3=blake3_hex(data))
+
+
+def verify_blake3(data: bytes | bytearray | memoryview, expected: str) -> bool:
+    """True when ``data`` hashes to ``expected`` (hex); digests are public, so ``==`` is fine here."""
+    return blake3_hex(data) == expected

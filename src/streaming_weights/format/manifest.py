@@ -1,0 +1,236 @@
+"""``manifest.json``: what a chunked model directory holds. Specified byte by byte in docs/format.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..exceptions import ManifestError, UnitFormatError
+from .chunkfile import TensorSpec
+from .names import RESIDENT_UNIT, check_name, file_path, unit_path
+
+FORMAT_VERSION = 1
+ROLES = ("resident", "streamed")
+_HEX64 = set("0123456789abcdef")
+
+
+def _require(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    val = obj[key]
+    if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        raise ManifestError(f"{where}: field {key!r} must be {getattr(typ, '__name__', typ)}, got {type(val).__name__}")
+    return val
+
+
+def _check_hex(val: str, where: str) -> str:
+    if len(val) != 64 or not set(val) <= _HEX64:
+        raise ManifestError(f"{where}: expected 64 lowercase hex digits, got {val!r}")
+    return val
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """An object stored next to the manifest: its path, size and hashes."""
+
+    name: str
+    path: str
+    bytes: int
+    sha256: str
+    blake3: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "bytes": self.bytes, "sha256": self.sha256, "blake3": self.blake3}
+
+    @staticmethod
+    def _common(obj: Any, where: str) -> tuple[str, str, int, str, str]:
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{where}: must be an object")
+        name = _require(obj, "name", str, where)
+        path = _require(obj, "path", str, where)
+        size = _require(obj, "bytes", int, where)
+        if size < 0:
+            raise ManifestError(f"{where}: negative byte size")
+        sha = _check_hex(_require(obj, "sha256", str, where), f"{where}.sha256")
+        b3 = _check_hex(_require(obj, "blake3", str, where), f"{where}.blake3")
+        return name, path, size, sha, b3
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> BlobEntry:
+        name, path, size, sha, b3 = cls._common(obj, where)
+        check_name(name, "file name")
+        if path != file_path(name):
+            raise ManifestError(f"{where}: path {path!r} must be {file_path(name)!r}")
+        return cls(name, path, size, sha, b3)
+
+
+@dataclass(frozen=True)
+class UnitEntry(BlobEntry):
+    """One unit: a streamed block (``model.layers.3``) or the resident parts (``resident``)."""
+
+    role: str = "streamed"
+    order: int = 0
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out.update(role=self.role, order=self.order, tensors={n: s.to_json() for n, s in self.tensors.items()})
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> UnitEntry:
+        name, path, size, sha, b3 = cls._common(obj, where)
+        check_name(name)
+        if path != unit_path(name):
+            raise ManifestError(f"{where}: path {path!r} must be {unit_path(name)!r}")
+        role = _require(obj, "role", str, where)
+        if role not in ROLES:
+            raise ManifestError(f"{where}: role must be one of {ROLES}, got {role!r}")
+        order = _require(obj, "order", int, where)
+        raw = _require(obj, "tensors", dict, where)
+        try:
+            tensors = {n: TensorSpec.from_json(n, s) for n, s in raw.items()}
+        except UnitFormatError as exc:
+            raise ManifestError(f"{where}: {exc}") from exc
+        return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(s.nbytes for s in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A chunked model. ``units`` are sorted by ``order`` (the default execution order)."""
+
+    name: str
+    architecture: str
+    model_type: str
+    config: dict[str, Any]
+    dtype: str
+    units: tuple[UnitEntry, ...]
+    files: tuple[BlobEntry, ...] = ()
+    tied: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- lookups -----------------------------------------------------------------------------------
+    def unit(self, name: str) -> UnitEntry:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise ManifestError(f"model {self.name!r} has no unit {name!r}")
+
+    def file(self, name: str) -> BlobEntry:
+        for f in self.files:
+            if f.name == name:
+                return f
+        raise ManifestError(f"model {self.name!r} has no file {name!r}")
+
+    @property
+    def streamed(self) -> list[UnitEntry]:
+        return [u for u in self.units if u.role == "streamed"]
+
+    @property
+    def resident(self) -> list[UnitEntry]:
+        return [u for u in self.units if u.role == "resident"]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.bytes for u in self.units)
+
+    def blob(self, path: str) -> BlobEntry:
+        """The unit or file stored at relative ``path`` (so a server can validate requests)."""
+        for b in (*self.units, *self.files):
+            if b.path == path:
+                return b
+        raise ManifestError(f"model {self.name!r} lists nothing at {path!r}")
+
+    # -- (de)serialization ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ManifestError("manifest: 'name' must be a non-empty string")
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            raise ManifestError("manifest: duplicate unit names")
+        orders = [u.order for u in self.units]
+        if len(set(orders)) != len(orders):
+            raise ManifestError("manifest: duplicate unit 'order' values")
+        if list(self.units) != sorted(self.units, key=lambda u: u.order):
+            raise ManifestError("manifest: units must be listed in 'order'")
+        if not self.units:
+            raise ManifestError("manifest: no units")
+        seen: set[str] = set()
+        for u in self.units:
+            for t in u.tensors:
+                if t in seen:
+                    raise ManifestError(f"manifest: tensor {t!r} appears in more than one unit")
+                seen.add(t)
+        for alias, target in self.tied.items():
+            if target not in seen or alias in seen:
+                raise ManifestError(f"manifest: tied {alias!r} -> {target!r} must point at a stored tensor")
+        fnames = [f.name for f in self.files]
+        if len(set(fnames)) != len(fnames):
+            raise ManifestError("manifest: duplicate file names")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "source": self.source,
+            "config": self.config,
+            "tied": self.tied,
+            "files": [f.to_json() for f in self.files],
+            "units": [u.to_json() for u in self.units],
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Manifest:
+        if not isinstance(obj, dict):
+            raise ManifestError("manifest must be a JSON object")
+        version = _require(obj, "format_version", int, "manifest")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format_version {version} is not supported (this library reads {FORMAT_VERSION}); "
+                "upgrade streaming_weights or re-chunk the model"
+            )
+        units = _require(obj, "units", list, "manifest")
+        files = obj.get("files", [])
+        if not isinstance(files, list):
+            raise ManifestError("manifest: 'files' must be a list")
+        tied = obj.get("tied", {})
+        if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+            raise ManifestError("manifest: 'tied' must map tensor names to tensor names")
+        return cls(
+            name=_require(obj, "name", str, "manifest"),
+            architecture=_require(obj, "architecture", str, "manifest"),
+            model_type=_require(obj, "model_type", str, "manifest"),
+            config=_require(obj, "config", dict, "manifest"),
+            dtype=_require(obj, "dtype", str, "manifest"),
+            source=obj.get("source", "") if isinstance(obj.get("source", ""), str) else "",
+            units=tuple(UnitEntry.from_json(u, f"manifest.units[{i}]") for i, u in enumerate(units)),
+            files=tuple(BlobEntry.from_json(f, f"manifest.files[{i}]") for i, f in enumerate(files)),
+            tied=dict(tied),
+            format_version=version,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray) -> Manifest:
+        try:
+            obj = json.loads(bytes(data))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"manifest.json is not valid JSON: {exc}") from exc
+        return cls.from_json(obj)
+
+
+__all__ = ["FORMAT_VERSION", "BlobEntry", "Manifest", "UnitEntry", "RESIDENT_UNIT"]

@@ -1,0 +1,40 @@
+"""Unit names and storage keys.
+
+A unit is named after the module path it holds (``model.layers.3``); the resident unit is ``resident``.
+Names are restricted so that a unit name can never turn into a path outside the model directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..exceptions import ManifestError
+
+RESIDENT_UNIT = "resident"
+MANIFEST_FILE = "manifest.json"
+UNITS_DIR = "units"
+FILES_DIR = "files"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+def check_name(name: str, what: str = "unit name") -> str:
+    """Return ``name`` if it is a safe unit/file name, else raise ManifestError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ManifestError(f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (no '..')")
+    return name
+
+
+def unit_path(name: str) -> str:
+    """Relative path of a unit's file inside a model directory."""
+    return f"{UNITS_DIR}/{check_name(name)}.safetensors"
+
+
+def file_path(name: str) -> str:
+    """Relative path of an auxiliary (tokenizer/generation config) file inside a model directory."""
+    return f"{FILES_DIR}/{check_name(name, 'file name')}"
+
+
+def join_key(prefix: str, rel: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{rel}" if prefix else rel

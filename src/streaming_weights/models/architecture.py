@@ -1,0 +1,143 @@
+"""Which parts of a transformers model stream and which stay resident (the *unit map*).
+
+A streamed unit is one repeated block: a module whose class is listed in the model's
+``_no_split_modules`` and that sits in an ``nn.ModuleList`` (``model.layers.3``, ``encoder.block.0``,
+``transformer.h.5``). Everything else (embeddings, final norm, lm_head, pooler) is resident. Models
+without ``_no_split_modules`` fall back to the children of their ``nn.ModuleList`` s.
+
+The model itself is always transformers' own class, built on the ``meta`` device: only parameters go
+to meta, buffers (rotary ``inv_freq``, position ids) are computed for real as in ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..exceptions import UnsupportedArchitectureError
+from ..format.names import RESIDENT_UNIT
+
+_dtype_lock = threading.Lock()
+
+
+def resolve_architecture(name: str) -> type:
+    """The transformers model class called ``name`` (e.g. ``LlamaForCausalLM``).
+
+    Raises:
+        UnsupportedArchitectureError: not a transformers ``PreTrainedModel`` class.
+    """
+    import transformers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise UnsupportedArchitectureError(f"invalid architecture name {name!r}")
+    try:
+        cls = getattr(transformers, name)
+    except (AttributeError, ImportError) as exc:
+        raise UnsupportedArchitectureError(
+            f"transformers {transformers.__version__} has no model class {name!r}; upgrade transformers "
+            "or re-chunk with a supported architecture"
+        ) from exc
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UnsupportedArchitectureError(f"{name!r} is not a transformers model class")
+    return cls
+
+
+def build_config(model_type: str, config: dict[str, Any]):
+    """A transformers config from the manifest's config dict (no hub, no remote code)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config_cls = CONFIG_MAPPING[model_type]
+    except KeyError as exc:
+        raise UnsupportedArchitectureError(f"transformers does not know model_type {model_type!r}") from exc
+    cfg = dict(config)
+    cfg.pop("model_type", None)
+    cfg.pop("transformers_version", None)
+    return config_cls.from_dict(cfg)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None or not dtype.is_floating_point:
+        yield
+        return
+    with _dtype_lock:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+def build_meta_model(cls: type, config, dtype: torch.dtype | None = None) -> nn.Module:
+    """Instantiate ``cls(config)`` with parameters on ``meta`` and real buffers, tied as transformers ties."""
+    from accelerate import init_empty_weights
+
+    with _default_dtype(dtype), init_empty_weights(include_buffers=False):
+        model = cls(config)
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: stored}`` for parameters shared between several names (e.g. lm_head -> embeddings)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def streamed_module_names(model: nn.Module) -> list[str]:
+    """Paths of the streamed blocks, in registration order (the default execution order)."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    names: list[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for idx, child in module.named_children():
+            if (not no_split or type(child).__name__ in no_split) and any(True for _ in child.parameters()):
+                names.append(f"{path}.{idx}" if path else idx)
+    if not names:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no repeated blocks to stream (no nn.ModuleList of "
+            f"{sorted(no_split) or 'modules'}); see docs/extending.md"
+        )
+    # Nested lists (a block list inside a block) would stream twice: keep the outermost.
+    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    return outer
+
+
+@dataclass(frozen=True)
+class UnitMap:
+    """Where every stored tensor of a model goes."""
+
+    streamed: list[str]  # module paths, in default execution order
+    tied: dict[str, str]  # alias -> stored tensor name
+    state_keys: list[str]  # every tensor name to store (parameters + persistent buffers, aliases removed)
+
+    def unit_of(self, tensor_name: str) -> str:
+        for path in self.streamed:
+            if tensor_name.startswith(path + "."):
+                return path
+        return RESIDENT_UNIT
+
+    def units(self) -> list[str]:
+        """Unit names in file order: resident first, then the streamed blocks."""
+        return [RESIDENT_UNIT, *self.streamed]
+
+
+def unit_map(model: nn.Module) -> UnitMap:
+    tied = tied_aliases(model)
+    keys = [k for k in model.state_dict(keep_vars=True) if k not in tied]
+    return UnitMap(streamed_module_names(model), tied, keys)

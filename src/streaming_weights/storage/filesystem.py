@@ -1,0 +1,108 @@
+"""Storage in a local directory (the default)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from ..exceptions import InvalidKeyError, KeyNotFoundError, StorageError
+from .base import StorageBackend, normalize_key
+
+
+class FilesystemBackend(StorageBackend):
+    """Keys are paths under ``base_dir``; nothing outside it is ever read or written.
+
+    Writes go to a temporary file in the same directory, are fsynced, then renamed over the target,
+    so readers never see a partial object.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str] = "./chunks") -> None:
+        self.base_dir = Path(base_dir).expanduser().resolve()
+        self.location = str(self.base_dir)
+
+    def path(self, key: str) -> Path:
+        p = (self.base_dir / normalize_key(key)).resolve()
+        if p != self.base_dir and self.base_dir not in p.parents:
+            raise InvalidKeyError(f"storage key {key!r} resolves outside {self.base_dir} (symlink?)")
+        return p
+
+    def _read(self, key: str, start: int = 0, length: int | None = None, into: memoryview | None = None):
+        p = self.path(key)
+        try:
+            with open(p, "rb", buffering=0) as f:
+                if start:
+                    f.seek(start)
+                if into is not None:
+                    got = 0
+                    while got < len(into):
+                        n = f.readinto(into[got:])
+                        if not n:
+                            break
+                        got += n
+                    return got
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"{key!r} not found in {self.base_dir}") from None
+        except IsADirectoryError:
+            raise KeyNotFoundError(f"{key!r} is a directory in {self.base_dir}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r} from {self.base_dir}: {exc}") from exc
+
+    def _write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        p = self.path(key)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, p)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StorageError(f"cannot write {key!r} to {self.base_dir}: {exc}") from exc
+
+    def _list(self, prefix: str) -> list[str]:
+        if not self.base_dir.is_dir():
+            return []
+        out = []
+        for root, _dirs, files in os.walk(self.base_dir):
+            for fn in files:
+                if fn.startswith(".") and fn.endswith(".tmp"):
+                    continue
+                rel = os.path.relpath(os.path.join(root, fn), self.base_dir).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    async def load(self, key: str) -> bytes:
+        return await asyncio.to_thread(self._read, key)
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        return await asyncio.to_thread(self._read, key, start, length)
+
+    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0) -> int:
+        return await asyncio.to_thread(self._read, key, offset, None, memoryview(buf).cast("B"))
+
+    async def save(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        await asyncio.to_thread(self._write, key, data)
+
+    async def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    async def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"{key!r} not found in {self.base_dir}") from None
+
+    async def list(self, prefix: str = "") -> list[str]:
+        return await asyncio.to_thread(self._list, prefix)
+
+    async def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

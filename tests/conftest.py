@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import models as tiny  # noqa: E402
+
+from streaming_weights import ModelChunker  # noqa: E402
+
+
+def chunk(source: Path | str, out: Path, **kw) -> dict:
+    return asyncio.run(ModelChunker(str(source), output_dir=str(out), **kw).chunk_model())
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_source(workdir):
+    """``tiny_source(kind, **kw)`` -> path of a saved random-init checkpoint (built once per kind+kw)."""
+    made: dict = {}
+
+    def get(kind: str, **kw) -> Path:
+        key = (kind, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = tiny.BUILDERS[kind](workdir / f"src-{kind}-{len(made)}", **kw)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chunks(workdir, tiny_source):
+    """``tiny_chunks(kind, **kw)`` -> (source dir, chunk dir) with manifest name == kind."""
+    made: dict = {}
+
+    def get(kind: str, **kw) -> tuple[Path, Path]:
+        key = (kind, tuple(sorted(kw.items())))
+        if key not in made:
+            src = tiny_source(kind, **kw)
+            out = workdir / f"chunks-{kind}-{len(made)}"
+            chunk(src, out, name=kind)
+            made[key] = (src, out)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_chunks(workdir) -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, chunked once per session (dequantizing takes ~10 s)."""
+    out = workdir / "smollm2"
+    chunk(tiny.packaged_smollm2_gguf(), out, name="SmolLM2-135M-Instruct")
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_chunks(workdir) -> Path:
+    out = workdir / "minilm"
+    chunk(tiny.packaged_minilm_dir(), out, name="all-MiniLM-L6-v2")
+    return out
