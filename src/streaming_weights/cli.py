@@ -141,5 +141,59 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import WeightServer, run_server
+
+    token = args.token
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"surfing serve: cannot read --token-file: {exc}") from None
+        if not token:
+            raise SystemExit("surfing serve: --token-file is empty")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("surfing serve: --tls-cert and --tls-key go together")
+    backend = _s3_backend(args)
+    if backend is None and not args.chunks_dir:
+        raise SystemExit("surfing serve: pass --chunks-dir DIR (or --s3-bucket)")
+    server = WeightServer(
+        backend if backend is not None else args.chunks_dir,
+        host=args.host, port=args.port, cache_size_mb=args.cache_size, token=token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
+        max_inflight_per_connection=args.max_inflight,
+    )
+
+    def ready(srv: WeightServer) -> None:
+        auth = "token auth" if srv.token else "NO auth"
+        print(f"serving {', '.join(sorted(srv.models))} on {srv.uri} ({auth}); Ctrl-C to stop", flush=True)
+
+    asyncio.run(run_server(server, ready=ready))
+    return 0
+
+
+def _register_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve chunked model(s) over WebSocket")
+    p.add_argument("--chunks-dir", "-d", help="a chunked model directory, or a directory of several")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", "-p", type=int, default=8765, help="TCP port (0 = any free port)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--token", default=None, help="bearer token clients must send (default $SURFING_TOKEN)")
+    g.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) to serve wss://")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--cache-size", type=float, default=100, metavar="MB", help="server blob cache (MiB)")
+    p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--max-inflight", type=int, default=32, help="concurrent requests per connection")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    _add_s3_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+_EXTRA_COMMANDS.append(_register_serve)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -128,8 +129,10 @@ class SafetensorsSource(Source):
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    # mmap needs torch's zip format; a legacy/raw pickle stream still goes through weights_only (which
+    # refuses any global but tensors), just without mmap.
     try:
-        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        sd = torch.load(str(path), map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeFormatError(
             f"{path} contains pickled objects other than tensors; refusing to unpickle it "

@@ -1,0 +1,82 @@
+"""The single async<->sync bridge: a private event loop on its own thread.
+
+All network and storage I/O of a client runs on this loop. Synchronous code (forward hooks running
+inside transformers' forward/generate, possibly inside the user's own event loop) submits coroutines
+and blocks on their result with a timeout; running I/O on a separate loop is what prevents the classic
+deadlock of a sync call made from inside a running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+from ..exceptions import FetchTimeoutError
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop running forever in a daemon thread until :meth:`close`."""
+
+    def __init__(self, name: str = "surfing-io") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (raises FetchTimeoutError after ``timeout``)."""
+        if self.in_loop():
+            raise RuntimeError("LoopThread.run called from its own loop (would deadlock)")
+        fut = self.submit(coro)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise FetchTimeoutError(f"operation did not finish within {timeout} s") from None
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the loop thread (serialized with all loop work) and return its result."""
+        async def wrapper() -> T:
+            return fn(*args)
+
+        return self.run(wrapper())
+
+    async def wrap(self, coro: Awaitable[T]) -> T:
+        """Await ``coro`` (running on this loop) from another event loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            if not self.in_loop():
+                self.submit(shutdown()).result(5)
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if not self.in_loop():
+            self._thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()

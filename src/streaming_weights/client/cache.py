@@ -1,0 +1,312 @@
+"""The client's unit cache and prefetcher.
+
+State (all touched only on the I/O loop thread):
+
+* ``active``     units whose tensors are in the model right now (the one computing)
+* ``cached``     units kept between uses — bounded by ``max_units`` (and optionally ``max_bytes``)
+* ``prefetched`` units fetched ahead and not used yet — at most the prefetch window
+* ``inflight``   running fetches; a demand miss joins a running prefetch instead of fetching twice
+
+So at most ``max_units + prefetch_count + 1`` units are alive. Buffers are never reused: a unit's
+tensors are views into its own receive buffer, which lives exactly as long as any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from ..exceptions import (
+    AuthenticationError,
+    CacheError,
+    IntegrityError,
+    NotFoundError,
+    StreamingWeightsError,
+    UnitFormatError,
+    UnitUnavailableError,
+)
+from .policy import CachePolicy
+from .source import FetchedUnit
+
+log = logging.getLogger(__name__)
+
+Fetcher = Callable[[str], Awaitable[FetchedUnit]]
+# Errors retrying cannot fix (the server will answer the same).
+_FATAL = (AuthenticationError, NotFoundError)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0  # hits on a unit that arrived by prefetch
+    joined_inflight: int = 0  # misses that waited for a running prefetch
+    evictions: int = 0
+    fetches: int = 0
+    bytes_fetched: int = 0
+    fetch_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    retries: int = 0
+    prefetches_wasted: int = 0
+    events: list = field(default_factory=list)  # (t, kind, unit) when tracing
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class UnitCache:
+    """Bounded unit cache with an eviction policy and a prefetch window.
+
+    Args:
+        fetch: coroutine fetching+verifying one unit by name.
+        policy: eviction/prediction policy (see :mod:`.policy`).
+        sizes: byte size of every streamed unit (for the byte bound and stats).
+        max_units: streamed units kept between uses (``cache_size``).
+        max_bytes: optional byte bound for kept units.
+        prefetch_count: units fetched ahead of the one computing.
+        max_retries: attempts after the first for a failing fetch (transient errors only).
+    """
+
+    def __init__(self, fetch: Fetcher, policy: CachePolicy, sizes: dict[str, int], *, max_units: int = 3,
+                 max_bytes: int | None = None, prefetch_count: int = 1, max_retries: int = 3,
+                 retry_base_delay: float = 0.05, trace: bool = False) -> None:
+        if max_units < 0:
+            raise CacheError(f"cache_size must be >= 0, got {max_units}")
+        self._fetch = fetch
+        self.policy = policy
+        self.sizes = sizes
+        self.max_units = max_units
+        self.max_bytes = max_bytes
+        self.prefetch_count = prefetch_count
+        self.max_retries = max_retries
+        self.retry_base_delay = retry_base_delay
+        self.trace = trace
+        self.stats = CacheStats()
+        self.active: dict[str, tuple[FetchedUnit, int]] = {}
+        self.cached: OrderedDict[str, FetchedUnit] = OrderedDict()
+        self.prefetched: dict[str, FetchedUnit] = {}
+        self.inflight: dict[str, asyncio.Task[FetchedUnit]] = {}
+        self._prefetch_tasks: set[str] = set()
+        self.peak_live = 0
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _event(self, kind: str, unit: str) -> None:
+        if self.trace:
+            self.stats.events.append((time.perf_counter(), kind, unit))
+
+    @property
+    def live_units(self) -> int:
+        return len(self.active) + len(self.cached) + len(self.prefetched) + len(self.inflight)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(u.nbytes for u in self.cached.values())
+
+    @property
+    def live_bytes(self) -> int:
+        held = [u for u, _ in self.active.values()] + list(self.cached.values()) + list(self.prefetched.values())
+        return sum(u.nbytes for u in held) + sum(self.sizes.get(n, 0) for n in self.inflight)
+
+    def _note_live(self) -> None:
+        self.peak_live = max(self.peak_live, self.live_units)
+
+    async def _fetch_with_retries(self, name: str) -> FetchedUnit:
+        attempt = 0
+        while True:
+            t0 = time.perf_counter()
+            self._event("fetch_start", name)
+            try:
+                unit = await self._fetch(name)
+            except asyncio.CancelledError:
+                raise
+            except _FATAL:
+                raise
+            except (StreamingWeightsError, OSError) as exc:
+                if attempt >= self.max_retries:
+                    kind = "failed verification" if isinstance(exc, (IntegrityError, UnitFormatError)) else "could not be fetched"
+                    raise UnitUnavailableError(
+                        f"unit {name!r} {kind} after {attempt + 1} attempts: {exc}"
+                    ) from exc
+                attempt += 1
+                self.stats.retries += 1
+                delay = self.retry_base_delay * (2 ** (attempt - 1)) * (1 + random.random())
+                log.warning("fetching %s failed (%s); retry %d/%d in %.2fs", name, exc, attempt, self.max_retries, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._event("fetch_end", name)
+            self.stats.fetches += 1
+            self.stats.bytes_fetched += unit.nbytes
+            self.stats.fetch_seconds += time.perf_counter() - t0
+            return unit
+
+    def _start_fetch(self, name: str, prefetch: bool) -> asyncio.Task[FetchedUnit]:
+        task = asyncio.get_running_loop().create_task(self._fetch_with_retries(name), name=f"fetch:{name}")
+        self.inflight[name] = task
+        if prefetch:
+            self._prefetch_tasks.add(name)
+            task.add_done_callback(lambda t, n=name: self._prefetch_done(n, t))
+        self._note_live()
+        return task
+
+    def _prefetch_done(self, name: str, task: asyncio.Task[FetchedUnit]) -> None:
+        if self.inflight.get(name) is not task:
+            return
+        del self.inflight[name]
+        self._prefetch_tasks.discard(name)
+        if task.cancelled() or task.exception() is not None:
+            return  # a demand fetch will retry and report the error
+        self.prefetched[name] = task.result()
+
+    # --------------------------------------------------------------------------------------- API
+    async def acquire(self, name: str, *, prefetch: bool = True) -> FetchedUnit:
+        """Return the unit ``name`` for computing (fetching it if needed) and prefetch the next ones."""
+        self.policy.observe(name)
+        self._event("acquire", name)
+        if name in self.active:
+            unit, refs = self.active[name]
+            self.active[name] = (unit, refs + 1)
+            self.stats.hits += 1
+            return unit
+        unit = self.cached.pop(name, None)
+        if unit is not None:
+            self.stats.hits += 1
+        elif name in self.prefetched:
+            unit = self.prefetched.pop(name)
+            self.stats.hits += 1
+            self.stats.prefetch_hits += 1
+        else:
+            self.stats.misses += 1
+            task = self.inflight.get(name)
+            if task is not None:
+                self.stats.joined_inflight += 1
+                self._prefetch_tasks.discard(name)
+            else:
+                task = self._start_fetch(name, prefetch=False)
+            t0 = time.perf_counter()
+            try:
+                unit = await asyncio.shield(task)
+            finally:
+                self.stats.stall_seconds += time.perf_counter() - t0
+                if self.inflight.get(name) is task and task.done():
+                    del self.inflight[name]
+            if name in self.prefetched:  # the prefetch callback ran first
+                unit = self.prefetched.pop(name)
+        self.active[name] = (unit, 1)
+        self._note_live()
+        if prefetch and self.prefetch_count > 0:
+            self.schedule_prefetch(name)
+        return unit
+
+    def release(self, name: str) -> None:
+        """``name`` finished computing: keep it in the cache or drop it."""
+        self._event("release", name)
+        unit, refs = self.active[name]
+        if refs > 1:
+            self.active[name] = (unit, refs - 1)
+            return
+        del self.active[name]
+        if self.max_units > 0:
+            self.cached[name] = unit
+            self._evict(current=name)
+
+    def _evict(self, current: str | None) -> None:
+        def over() -> bool:
+            return len(self.cached) > self.max_units or (
+                self.max_bytes is not None and self.cached_bytes > self.max_bytes and len(self.cached) > 0)
+
+        while self.cached and over():
+            victim = self.policy.victim(list(self.cached), current)
+            del self.cached[victim]
+            self.stats.evictions += 1
+            self._event("evict", victim)
+
+    def schedule_prefetch(self, current: str, count: int | None = None) -> list[str]:
+        """Start fetching the units predicted after ``current`` that are not held yet."""
+        count = self.prefetch_count if count is None else count
+        window = self.policy.predict(current, count)
+        # Drop prefetches that fell out of the window (mispredicted), so memory stays bounded.
+        for stale in [n for n in self.prefetched if n not in window]:
+            del self.prefetched[stale]
+            self.stats.prefetches_wasted += 1
+        for stale in [n for n in self._prefetch_tasks if n not in window]:
+            self._prefetch_tasks.discard(stale)
+            task = self.inflight.pop(stale, None)
+            if task is not None:
+                task.cancel()
+                self.stats.prefetches_wasted += 1
+        started = []
+        for name in window:
+            if name in self.active or name in self.cached or name in self.prefetched or name in self.inflight:
+                continue
+            self._start_fetch(name, prefetch=True)
+            self._event("prefetch", name)
+            started.append(name)
+        return started
+
+    async def warm(self, names: list[str]) -> None:
+        """Fetch ``names`` into the cache now (up to its capacity; later names win)."""
+        for name in names:
+            if name in self.cached or name in self.active:
+                continue
+            unit = self.prefetched.pop(name, None)
+            if unit is None:
+                task = self.inflight.get(name) or self._start_fetch(name, prefetch=False)
+                unit = await asyncio.shield(task)
+                self.inflight.pop(name, None)
+                self._prefetch_tasks.discard(name)
+            if self.max_units > 0:
+                self.cached[name] = unit
+                self.cached.move_to_end(name)
+                while len(self.cached) > self.max_units:
+                    self.cached.popitem(last=False)
+                    self.stats.evictions += 1
+
+    def resize(self, max_units: int, max_bytes: int | None = None) -> None:
+        if max_units < 0:
+            raise CacheError(f"cache_size must be >= 0, got {max_units}")
+        self.max_units = max_units
+        self.max_bytes = max_bytes
+        self._evict(current=self.policy.last)
+
+    async def clear(self) -> None:
+        for task in self.inflight.values():
+            task.cancel()
+        await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+        self.inflight.clear()
+        self._prefetch_tasks.clear()
+        self.cached.clear()
+        self.prefetched.clear()
+
+    def info(self) -> dict:
+        s = self.stats
+        return {
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hit_rate,
+            "evictions": s.evictions,
+            "prefetch_hits": s.prefetch_hits,
+            "joined_inflight": s.joined_inflight,
+            "prefetches_wasted": s.prefetches_wasted,
+            "fetches": s.fetches,
+            "retries": s.retries,
+            "bytes_fetched": s.bytes_fetched,
+            "fetch_seconds": s.fetch_seconds,
+            "stall_seconds": s.stall_seconds,
+            "cached_components": list(self.cached),
+            "prefetched_components": list(self.prefetched),
+            "inflight_components": list(self.inflight),
+            "cache_size": len(self.cached),
+            "max_cache_size": self.max_units,
+            "max_cache_bytes": self.max_bytes,
+            "memory_usage_mb": self.live_bytes / (1 << 20),
+            "cached_mb": self.cached_bytes / (1 << 20),
+            "peak_live_units": self.peak_live,
+            "policy": self.policy.name,
+        }

@@ -1,0 +1,93 @@
+"""Swap a unit's real tensors into a meta-built module right before it runs, and out right after.
+
+The module keeps its ``meta`` parameters between uses; the tensors (views into the unit's verified
+receive buffer) are assigned in a forward pre-hook and the meta placeholders restored in a forward
+hook that also runs when the forward raises, so a module never computes with missing weights and
+never holds a unit the cache has dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..exceptions import ModelError
+
+
+def _split(module: nn.Module, rel: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = rel.rpartition(".")
+    try:
+        return (module.get_submodule(parent_path) if parent_path else module), attr
+    except AttributeError as exc:
+        raise ModelError(f"tensor {rel!r} does not belong to {type(module).__name__}") from exc
+
+
+def assign_tensor(module: nn.Module, rel: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` at ``rel`` (a parameter or buffer path relative to ``module``) without copying."""
+    owner, attr = _split(module, rel)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        if old is not None and tuple(old.shape) != tuple(tensor.shape):
+            raise ModelError(f"{rel}: unit tensor has shape {tuple(tensor.shape)}, model expects {tuple(old.shape)}")
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = tensor
+    else:
+        raise ModelError(f"{type(module).__name__} has no parameter or buffer {rel!r}")
+
+
+class UnitBinding:
+    """Hooks streaming one unit (module path ``name``) through ``acquire``/``release`` callbacks."""
+
+    def __init__(self, root: nn.Module, name: str, acquire: Callable[[str], dict[str, torch.Tensor]],
+                 release: Callable[[str], None]) -> None:
+        self.name = name
+        self.module = root.get_submodule(name)
+        self._acquire = acquire
+        self._release = release
+        prefix = name + "."
+        self._placeholders = {
+            n: t for n, t in self.module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
+        }
+        self._prefix = prefix
+        self._depth = 0
+        self._held = False
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module: nn.Module, args, kwargs):
+        self._depth += 1
+        if self._depth > 1:  # re-entrant call: tensors are already in place
+            return None
+        # torch runs always_call forward hooks even when a pre-hook raises, so _post cleans up both ways.
+        tensors = self._acquire(self.name)
+        self._held = True
+        for full, t in tensors.items():
+            assign_tensor(self.module, full[len(self._prefix):], t)
+        return None
+
+    def _post(self, module: nn.Module, args, output):
+        self._depth -= 1
+        if self._depth == 0:
+            self._restore()
+            if self._held:
+                self._held = False
+                self._release(self.name)
+        return None
+
+    def _restore(self) -> None:
+        for rel, placeholder in self._placeholders.items():
+            owner, attr = _split(self.module, rel)
+            if attr in owner._parameters:
+                owner._parameters[attr] = placeholder
+            else:
+                owner._buffers[attr] = placeholder
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._restore()
