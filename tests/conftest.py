@@ -69,3 +69,39 @@ def minilm_chunks(workdir) -> Path:
     out = workdir / "minilm"
     chunk(tiny.packaged_minilm_dir(), out, name="all-MiniLM-L6-v2")
     return out
+
+
+# ------------------------------------------------------------------ real S3 (rclone) and Redis servers
+# Started once per session on loopback by the fixtures below (see tests/services.py); a missing binary
+# fails the test with the install command. Tests using them carry the `s3` / `redis` markers.
+import services  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running ``rclone serve s3``: ``.endpoint_url``, ``.access_key``, ``.secret_key``, ``.root``,
+    ``.create_bucket()``, ``.backend(bucket, prefix)``, ``.env()``."""
+    try:
+        server = services.S3Server(tmp_path_factory.mktemp("s3") / "root").start()
+    except services.ServiceUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """The URL (``redis://127.0.0.1:PORT/0``) of a running redis-server (maxmemory 512mb + allkeys-lru,
+    no persistence)."""
+    try:
+        server = services.RedisServer(tmp_path_factory.mktemp("redis")).start()
+    except services.ServiceUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3_server.create_bucket()

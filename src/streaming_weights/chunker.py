@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 
 from .exceptions import ChunkingError, ConfigurationError
-from .format.chunkfile import dtype_name, new_unit_buffer, plan_unit, tensor_view
+from .format.chunkfile import dtype_name, plan_unit, tensor_view
 from .format.hashing import Digests
 from .format.manifest import BlobEntry, Manifest, UnitEntry
 from .format.names import MANIFEST_FILE, RESIDENT_UNIT, file_path, join_key, unit_path
 from .models.architecture import build_meta_model, resolve_architecture, unit_map
-from .sources import Source, open_source
+from .sources import Source, anon_buffer, open_source
 from .storage import FilesystemBackend, StorageBackend
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -237,8 +237,9 @@ class ModelChunker:
         layout = plan_unit({k: (dtype_name(out_dtype(k)), shape_of(k)) for k in keys})
         back = {mapping[k]: k for k in keys}
 
-        def fill() -> tuple[bytearray, Digests]:
-            buf = new_unit_buffer(layout)
+        def fill() -> tuple[Any, Digests]:
+            buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
+            buf[: layout.data_start] = layout.header
             for ck, tensor in source.read_tensors([mapping[k] for k in keys]):
                 key = back[ck]
                 spec = layout.tensors[key]

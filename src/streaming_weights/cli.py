@@ -98,6 +98,125 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- generate / demo
+def _stream_generate(model, prompt: str, *, chat: bool, max_new_tokens: int, out=sys.stdout) -> None:
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    tok = model.tokenizer
+    if tok is None:
+        raise SystemExit(f"model {model.model_name!r} has no tokenizer files in its manifest")
+    if chat:
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    ids = enc["input_ids"]
+    mask = enc.get("attention_mask", torch.ones_like(ids))
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                   streamer=streamer)
+    dt = time.perf_counter() - t0
+    s = model.get_inference_stats()
+    c = model.get_cache_info()
+    tokens = s["generated_tokens"] or 1
+    print(
+        f"[{s['generated_tokens']} tokens in {dt:.2f} s, {s['generated_tokens'] / dt:.2f} tok/s | "
+        f"cache {c['max_cache_size']}/{c['streamed_units']} units, hit rate {c['hit_rate']:.0%}, "
+        f"{c['bytes_fetched'] / tokens / 2**20:.1f} MiB fetched/token, stall {s['stall_seconds']:.2f} s]",
+        file=out,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models import StreamingBaseModel
+
+    with StreamingBaseModel(args.model, args.server, args.cache_size, prefetch_count=args.prefetch,
+                            token=args.token, cache_policy=args.policy) as model:
+        _stream_generate(model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import StreamingBaseModel
+
+    with StreamingBaseModel(args.model, args.server, args.cache_size, token=args.token) as model:
+        if model.tokenizer is None:
+            raise SystemExit(f"model {model.model_name!r} has no tokenizer files in its manifest")
+        enc = model.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
+        out = model.forward(**enc)
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        emb = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if args.normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+    print(json.dumps({"model": model.model_name, "dim": emb.shape[1],
+                      "embeddings": [[float(x) for x in row] for row in emb]}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .client.bridge import LoopThread
+    from .demo import SMOLLM2_NAME, ensure_demo_chunks
+    from .models import StreamingLlamaModel
+    from .server import WeightServer
+
+    print("Preparing SmolLM2-135M-Instruct chunks (once; cached afterwards)...", file=sys.stderr)
+    chunks = ensure_demo_chunks(progress=True)
+    io = LoopThread("surfing-demo-server")
+    server = WeightServer(str(chunks), host="127.0.0.1", port=0, token=None)
+    io.run(server.start(), 60)
+    try:
+        uri = f"ws://127.0.0.1:{server.port}"
+        print(f"Weight server on {uri}; streaming with a cache of {args.cache_size} of the model's layers.\n",
+              file=sys.stderr)
+        with StreamingLlamaModel(SMOLLM2_NAME, uri, args.cache_size, prefetch_count=args.prefetch) as model:
+            print(f"> {args.prompt}")
+            _stream_generate(model, args.prompt, chat=True, max_new_tokens=args.max_new_tokens)
+    finally:
+        io.run(server.stop(), 30)
+        io.close()
+    return 0
+
+
+def _register_client_commands(sub) -> None:
+    p = sub.add_parser("generate", help="stream a model from a server and generate text")
+    p.add_argument("--server", default=os.environ.get("SURFING_SERVER", "ws://localhost:8765"),
+                   help="ws(s):// URI, s3://bucket/prefix or a chunk directory")
+    p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache-size", type=int, default=4)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--policy", choices=["order", "lru"], default="order")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--token", default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="mean-pooled sentence embeddings (JSON) from a streamed encoder")
+    p.add_argument("--server", default=os.environ.get("SURFING_SERVER", "ws://localhost:8765"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--text", nargs="+", required=True)
+    p.add_argument("--normalize", action="store_true")
+    p.add_argument("--cache-size", type=int, default=2)
+    p.add_argument("--token", default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("demo", help="chunk, serve and stream the packaged SmolLM2-135M-Instruct")
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--cache-size", type=int, default=8)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surfing", description="Stream transformer weights layer by layer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+_EXTRA_COMMANDS: list = [_register_client_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

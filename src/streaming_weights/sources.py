@@ -11,9 +11,12 @@ Pickle is never unpickled beyond ``weights_only=True``, which refuses anything b
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -113,7 +116,7 @@ class SafetensorsSource(Source):
     def read_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:
             f, start, spec = self._where[key]
-            buf = bytearray(spec.nbytes)
+            buf = anon_buffer(spec.nbytes)
             with open(f, "rb", buffering=0) as fh:
                 fh.seek(start + spec.data_offsets[0])
                 view, got = memoryview(buf), 0
@@ -126,6 +129,42 @@ class SafetensorsSource(Source):
                 yield key, torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
             else:
                 yield key, torch.frombuffer(buf, dtype=DTYPES[spec.dtype]).view(spec.shape)
+
+
+def anon_buffer(nbytes: int) -> mmap.mmap | bytearray:
+    """A zeroed, writable buffer whose pages go back to the OS as soon as it is freed.
+
+    Large ``bytearray`` s come from malloc, whose per-thread arenas keep freed memory around; chunking
+    allocates one unit-sized buffer per unit from worker threads, so RSS would creep up unit by unit.
+    """
+    return mmap.mmap(-1, nbytes) if nbytes else bytearray()
+
+
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """Unmap-equivalent for the file pages behind an mmap-loaded tensor once it has been copied.
+
+    They count in RSS while mapped and ``torch.load(mmap=True)`` keeps the whole file mapped; dropping
+    them (Linux ``MADV_DONTNEED``; they are re-read from the file if touched again) keeps peak memory at
+    one unit plus one tensor. A no-op where ``madvise`` is unavailable.
+    """
+    global _libc
+    nbytes = tensor.untyped_storage().nbytes()
+    if nbytes < mmap.PAGESIZE or not sys.platform.startswith("linux"):
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    start = tensor.untyped_storage().data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours may share the edges
+    last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc.madvise(first, last - first, _MADV_DONTNEED)
+
+
+_libc: ctypes.CDLL | None = None
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +210,10 @@ class BinSource(Source):
             sd = _torch_load(f)  # mmap: only the pages of the tensors we touch are read
             for k in keys:
                 if self._where[k] == f:
-                    yield k, sd[k].clone()
+                    tensor = sd[k]
+                    yield k, tensor  # the consumer copies it before asking for the next one
+                    _drop_pages(tensor)
+                    del tensor
             del sd
 
 

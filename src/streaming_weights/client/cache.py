@@ -42,10 +42,10 @@ _FATAL = (AuthenticationError, NotFoundError)
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0  # hits on a unit that arrived by prefetch
-    joined_inflight: int = 0  # misses that waited for a running prefetch
+    hits: int = 0  # served from the cache (kept since an earlier use)
+    misses: int = 0  # not in the cache: served by a prefetch or a fetch
+    prefetch_hits: int = 0  # misses whose prefetch had already arrived (no stall)
+    joined_inflight: int = 0  # misses that waited for a running prefetch instead of fetching again
     evictions: int = 0
     fetches: int = 0
     bytes_fetched: int = 0
@@ -179,7 +179,7 @@ class UnitCache:
             self.stats.hits += 1
         elif name in self.prefetched:
             unit = self.prefetched.pop(name)
-            self.stats.hits += 1
+            self.stats.misses += 1
             self.stats.prefetch_hits += 1
         else:
             self.stats.misses += 1

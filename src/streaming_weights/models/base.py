@@ -121,6 +121,13 @@ class StreamingBaseModel:
             self._bindings = [UnitBinding(self.hf_model, n, self._acquire, self._release) for n in streamed]
             self.tokenizer = self._load_tokenizer()
         except BaseException:
+            self._closed = True
+            source = getattr(self, "source", None)
+            if source is not None:
+                try:
+                    self._io.run(source.close(), 10)
+                except Exception:  # noqa: BLE001 - already failing; report the original error
+                    pass
             self._io.close()
             raise
         self._stats = {"total_inferences": 0, "total_time": 0.0, "tokens": 0}

