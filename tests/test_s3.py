@@ -16,6 +16,7 @@ from streaming_weights import ModelChunker
 from streaming_weights.client.source import StorageSource
 from streaming_weights.exceptions import (
     AuthenticationError,
+    ConfigurationError,
     InvalidKeyError,
     KeyNotFoundError,
     StorageError,
@@ -202,6 +203,21 @@ def test_environment_credentials_and_endpoint(s3_server, s3_bucket, monkeypatch)
     assert backend.endpoint_url == s3_server.endpoint_url
     run(backend.save(f"{prefix}/x", b"hello"))
     assert run(backend.load(f"{prefix}/x")) == b"hello"
+
+
+def test_profile_credentials(s3_server, s3_bucket, tmp_path, monkeypatch):
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[surfing]\naws_access_key_id = {s3_server.access_key}\n"
+                     f"aws_secret_access_key = {s3_server.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    s3 = S3Backend(s3_bucket, "p", profile_name="surfing", endpoint_url=s3_server.endpoint_url)
+    run(s3.save("k", b"via profile"))
+    assert run(s3.load("k")) == b"via profile"
+    with pytest.raises(ConfigurationError, match="nope"):
+        S3Backend(s3_bucket, profile_name="nope", endpoint_url=s3_server.endpoint_url)
 
 
 # ---------------------------------------------------------------------------- chunking straight to S3

@@ -123,6 +123,7 @@ async def test_serves_a_directory_of_models(tmp_path):
 async def test_unlisted_and_traversal_names_rejected(mem_model, name, code):
     storage, _ = mem_model
     async with WeightServer(storage, port=0) as server:
+        storage.reads = 0  # the manifest was read at start
         async with await ws_client(server) as ws:
             for op in (proto.Op.GET_UNIT, proto.Op.GET_FILE):
                 err, data = await request(ws, 1, op, "m", name)
@@ -152,7 +153,7 @@ async def test_malformed_messages_get_errors_and_connection_survives(mem_model):
                 assert isinstance(err, proto.Error) and err.code == "bad_request" and err.request_id == rid
             head, _ = await request(ws, 8, proto.Op.PING)
             assert isinstance(head, proto.Result)
-        status, body, _ = http_get(server, "/metrics")
+        status, body, _ = await asyncio.to_thread(http_get, server, "/metrics")
         assert metric(body.decode(), "surfing_server_protocol_errors_total") == len(bad)
 
 
@@ -216,7 +217,7 @@ async def test_token_checked_at_handshake(mem_model, monkeypatch):
             await ws_client(server, additional_headers={"Authorization": "Basic s3cret"})
         async with await ws_client(server, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
             assert isinstance((await request(ws, 1, proto.Op.PING))[0], proto.Result)
-        assert http_get(server, "/healthz")[0] == 200  # health checks need no token
+        assert (await asyncio.to_thread(http_get, server, "/healthz"))[0] == 200  # health checks need no token
     monkeypatch.setenv("SURFING_TOKEN", "from-env")
     assert WeightServer(storage, port=0).token == "from-env"
     assert WeightServer(storage, port=0, token="").token is None
@@ -229,9 +230,9 @@ async def test_healthz_and_metrics(mem_model):
             for rid in (1, 2, 3):
                 await request(ws, rid, proto.Op.GET_UNIT, "m", "model.layers.0")
             await request(ws, 4, proto.Op.GET_UNIT, "m", "nope")
-            status, body, ctype = http_get(server, "/healthz")
+            status, body, ctype = await asyncio.to_thread(http_get, server, "/healthz")
             assert status == 200 and b'"models": ["m"]' in body and ctype == "application/json"
-            status, body, ctype = http_get(server, "/metrics")
+            status, body, ctype = await asyncio.to_thread(http_get, server, "/metrics")
         assert status == 200 and ctype.startswith("text/plain")
         text = body.decode()
         unit = manifest.unit("model.layers.0")
@@ -243,12 +244,13 @@ async def test_healthz_and_metrics(mem_model):
         assert metric(text, "surfing_server_cache_misses_total") == 1
         assert metric(text, "surfing_server_bytes_sent_total") == 3 * unit.bytes
         assert metric(text, "surfing_server_active_connections") == 1
-        assert http_get(server, "/nope")[0] == 404
+        assert (await asyncio.to_thread(http_get, server, "/nope"))[0] == 404
 
 
 async def test_concurrent_misses_read_storage_once(mem_model):
     storage, manifest = mem_model
     async with WeightServer(storage, port=0) as server:
+        storage.reads = 0
         async with await ws_client(server) as ws:
             for rid in range(1, 9):
                 await ws.send(proto.encode(proto.Request(rid, proto.Op.GET_UNIT, "m", "model.layers.0")))
@@ -267,7 +269,7 @@ async def test_large_blob_streamed_in_ranges_not_cached(mem_model):
         async with await ws_client(server) as ws:
             head, data = await request(ws, 1, proto.Op.GET_UNIT, "m", big.name)
             assert data == storage.objects[big.path]
-        text = http_get(server, "/metrics")[1].decode()
+        text = (await asyncio.to_thread(http_get, server, "/metrics"))[1].decode()
         assert metric(text, "surfing_server_storage_reads_total", blob=big.path) == -(-big.bytes // (1 << 20))
         assert server.cache.bytes <= 1 << 20 and big.path not in server.cache
 

@@ -163,6 +163,8 @@ def parse_header(
     if not isinstance(obj, dict):
         raise UnitFormatError("safetensors header must be a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise UnitFormatError("safetensors __metadata__ must map strings to strings")
     tensors = {name: TensorSpec.from_json(name, spec) for name, spec in obj.items()}
     data_len = size - 8 - n
     # Tensors must tile the data section exactly: no gaps, overlaps or bytes past the end.

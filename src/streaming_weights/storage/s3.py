@@ -157,8 +157,13 @@ class S3Backend(StorageBackend):
         return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
 
     def _error(self, exc: BaseException, op: str, key: str | None) -> Exception:
-        """Translate a boto3 exception into the library's tree."""
-        self._count(errors=1)
+        """Translate a boto3 exception into the library's tree (``stats["errors"]`` counts all but missing keys)."""
+        err = self._translate(exc, op, key)
+        if not isinstance(err, KeyNotFoundError):
+            self._count(errors=1)
+        return err
+
+    def _translate(self, exc: BaseException, op: str, key: str | None) -> Exception:
         where = f"{self.location}/{key}" if key is not None else self.location
         if isinstance(exc, self._NoCredentials):
             return AuthenticationError(

@@ -1,0 +1,81 @@
+"""config.StreamingConfig and utils helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+
+from streaming_weights.config import StreamingConfig
+from streaming_weights.exceptions import ConfigurationError
+from streaming_weights.utils import calculate_chunk_hash, format_bytes
+
+
+def test_defaults():
+    c = StreamingConfig()
+    assert (c.server_host, c.server_port, c.use_ssl) == ("localhost", 8765, False)
+    assert (c.cache_size, c.enable_compression, c.prefetch_layers, c.prefetch_count) == (3, False, True, 1)
+    assert c.timeout_seconds == 30.0 and c.model_name is None and c.chunks_dir == "./chunks"
+    assert c.websocket_uri == "ws://localhost:8765"
+    assert StreamingConfig(server_host="h.example", server_port=443, use_ssl=True).websocket_uri == "wss://h.example:443"
+
+
+def test_token_not_in_repr():
+    assert "s3cret" not in repr(StreamingConfig(token="s3cret"))
+
+
+def test_env_overrides():
+    env = {"SURFING_SERVER_HOST": "10.0.0.2", "SURFING_SERVER_PORT": "9000", "SURFING_CACHE_SIZE": "5",
+           "SURFING_USE_SSL": "yes", "SURFING_TIMEOUT_SECONDS": "2.5", "SURFING_PREFETCH_LAYERS": "0",
+           "SURFING_PREFETCH_COUNT": "4", "SURFING_MODEL_NAME": "m", "SURFING_CHUNKS_DIR": "/c",
+           "SURFING_CACHE_SIZE_MB": "64", "SURFING_TOKEN": "tok", "UNRELATED": "x"}
+    c = StreamingConfig.from_env(env)
+    assert (c.server_host, c.server_port, c.cache_size, c.use_ssl) == ("10.0.0.2", 9000, 5, True)
+    assert (c.timeout_seconds, c.prefetch_layers, c.prefetch_count) == (2.5, False, 4)
+    assert (c.model_name, c.chunks_dir, c.cache_size_mb, c.token) == ("m", "/c", 64.0, "tok")
+    assert c.websocket_uri == "wss://10.0.0.2:9000"
+    # explicit overrides win over the environment; None means "not given"
+    c = StreamingConfig.from_env(env, server_port=7000, cache_size=None)
+    assert (c.server_port, c.cache_size) == (7000, 5)
+
+
+def test_from_env_reads_os_environ(monkeypatch):
+    monkeypatch.setenv("SURFING_SERVER_PORT", "9123")
+    assert StreamingConfig.from_env().server_port == 9123
+    assert StreamingConfig().server_port == 8765  # plain construction is not affected
+
+
+@pytest.mark.parametrize("key, value", [
+    ("SURFING_SERVER_PORT", "abc"), ("SURFING_SERVER_PORT", "70000"), ("SURFING_SERVER_PORT", "0"),
+    ("SURFING_CACHE_SIZE", "-1"), ("SURFING_CACHE_SIZE", "1.5"), ("SURFING_USE_SSL", "maybe"),
+    ("SURFING_TIMEOUT_SECONDS", "0"), ("SURFING_TIMEOUT_SECONDS", "soon"), ("SURFING_PREFETCH_COUNT", "-2"),
+    ("SURFING_CACHE_SIZE_MB", "lots"),
+])
+def test_bad_env_values(key, value):
+    with pytest.raises(ConfigurationError, match=key.removeprefix("SURFING_").lower() + "|" + key):
+        StreamingConfig.from_env({key: value})
+
+
+def test_bad_direct_values():
+    for kw in ({"cache_size": -1}, {"server_port": 0}, {"timeout_seconds": -1}, {"prefetch_count": -1}):
+        with pytest.raises(ConfigurationError):
+            StreamingConfig(**kw)
+    assert issubclass(ConfigurationError, ValueError)
+
+
+def test_calculate_chunk_hash_matches_sha256sum(tmp_path):
+    p = tmp_path / "unit.safetensors"
+    data = bytes(range(256)) * 9000  # > one 1 MiB read block
+    p.write_bytes(data)
+    assert calculate_chunk_hash(p) == hashlib.sha256(data).hexdigest()
+    assert calculate_chunk_hash(str(p)) == subprocess.run(["sha256sum", str(p)], capture_output=True, text=True,
+                                                          check=True).stdout.split()[0]
+    (tmp_path / "empty").write_bytes(b"")
+    assert calculate_chunk_hash(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 << 30) == "3.0 GiB"
