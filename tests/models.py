@@ -11,7 +11,13 @@ SEED = 1234
 
 
 def _save(model, path: Path, *, safe: bool = True) -> Path:
-    model.save_pretrained(str(path), safe_serialization=safe)
+    if safe:
+        model.save_pretrained(str(path))
+    else:  # transformers 5 ignores safe_serialization=False: write the classic pickle checkpoint ourselves
+        path.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = [type(model).__name__]  # save_pretrained would record it
+        model.config.save_pretrained(str(path))
+        torch.save(model.state_dict(), str(path / "pytorch_model.bin"))
     return path
 
 

@@ -219,30 +219,43 @@ def test_chunk_to_storage_backend(tiny_source, tmp_path):
         assert mem.objects[f"models/g/{k}"] == v
 
 
-def test_cli_chunk_and_inspect(tiny_source, tmp_path):
+def test_cli_chunk_and_inspect(tiny_source, tmp_path, capsys):
+    from streaming_weights.cli import main
+
     src = tiny_source("qwen2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    a = subprocess.run([sys.executable, "-m", "streaming_weights.chunker", str(src), "--output-dir",
-                        str(tmp_path / "a"), "--name", "qw", "-q"], capture_output=True, text=True, env=env, timeout=120)
-    assert a.returncode == 0, a.stderr
-    assert "chunked 'qw'" in a.stdout
-    b = subprocess.run([str(BIN / "surfing"), "chunk", str(src), "-o", str(tmp_path / "b"), "--dtype", "bfloat16"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert b.returncode == 0, b.stderr
-    assert "units" in b.stderr  # the progress bar
+    # both entry points, run side by side (each subprocess pays the torch/transformers import)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "streaming_weights.chunker", str(src), "--output-dir",
+                          str(tmp_path / "a"), "--name", "qw", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env),
+        subprocess.Popen([str(BIN / "surfing"), "chunk", str(src), "-o", str(tmp_path / "b"), "--dtype", "bfloat16"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+    ]
+    (a_out, a_err), (b_out, b_err) = (p.communicate(timeout=120) for p in procs)
+    assert procs[0].returncode == 0, a_err
+    assert procs[1].returncode == 0, b_err
+    assert "chunked 'qw'" in a_out
+    assert "unit 5/5" in b_err and "chunking" in b_err  # the progress bar: units and bytes
     mb = Manifest.from_bytes((tmp_path / "b" / "manifest.json").read_bytes())
     assert mb.name == str(src) and mb.dtype == "bfloat16"
     ma = Manifest.from_bytes((tmp_path / "a" / "manifest.json").read_bytes())
     assert tree(tmp_path / "a").keys() == tree(tmp_path / "b").keys()
-    c = subprocess.run([str(BIN / "surfing"), "inspect", str(tmp_path / "a")], capture_output=True, text=True,
-                       env=env, timeout=120)
-    assert c.returncode == 0, c.stderr
-    assert "qw" in c.stdout and "Qwen2ForCausalLM" in c.stdout and "float32" in c.stdout
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "qw" in out and "Qwen2ForCausalLM" in out and "float32" in out
     for u in ma.units:
-        assert u.name in c.stdout and u.sha256 in c.stdout
-    d = subprocess.run([str(BIN / "surfing"), "chunk", str(tmp_path / "missing"), "-o", str(tmp_path / "d")],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert d.returncode == 2 and "no such file" in d.stderr and not (tmp_path / "d" / "manifest.json").exists()
+        assert u.name in out and u.sha256 in out
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    assert Manifest.from_bytes(capsys.readouterr().out.encode()) == ma
+
+
+def test_cli_error_exit(tmp_path, capsys):
+    from streaming_weights.cli import main
+
+    assert main(["chunk", str(tmp_path / "missing"), "-o", str(tmp_path / "d"), "-q"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "manifest.json").exists()
 
 
 # -- safety ----------------------------------------------------------------------------------------------
@@ -322,7 +335,7 @@ def _copy_chunks(tiny_chunks, tmp_path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "zero"])
 def test_damaged_unit_detected_on_fetch(tiny_chunks, tmp_path, damage):
     d = _copy_chunks(tiny_chunks, tmp_path)
     f = d / "units" / "transformer.h.2.safetensors"
@@ -332,7 +345,7 @@ def test_damaged_unit_detected_on_fetch(tiny_chunks, tmp_path, damage):
     elif damage == "flip":
         data[len(data) // 2] ^= 0x01
     else:
-        data += b"\0" * 8
+        data[-64:] = bytes(64)
     f.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="transformer.h.2"):
         rebuild(d)
@@ -398,25 +411,3 @@ def test_stale_manifest_removed_before_units_are_rewritten(tiny_source, tmp_path
     with pytest.raises(KeyboardInterrupt):
         chunk(src, out, name="m", dtype="float16", on_unit=on_unit)
     assert not (out / "manifest.json").exists()
-
-
-def test_interrupted_subprocess(tiny_source, tmp_path):
-    """A real process killed mid-run (SIGKILL after a few units): no manifest; a rerun completes."""
-    src = tiny_source("llama")
-    out = tmp_path / "out"
-    code = (
-        "import asyncio, os, signal, sys\n"
-        "from streaming_weights import ModelChunker\n"
-        "n = []\n"
-        "def on_unit(name):\n"
-        "    n.append(name)\n"
-        "    if len(n) == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "asyncio.run(ModelChunker(sys.argv[1], output_dir=sys.argv[2], name='m', on_unit=on_unit).chunk_model())\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, timeout=120)
-    assert p.returncode == -9, p.stderr
-    assert not (out / "manifest.json").exists()
-    assert len(list((out / "units").glob("*.safetensors"))) == 4
-    chunk(src, out, name="m")
-    chunk(src, tmp_path / "clean", name="m")
-    assert tree(out) == tree(tmp_path / "clean")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import os
 import socket
-import subprocess
 import time
 
 import psutil

@@ -169,8 +169,9 @@ def open_unit_source(uri, *, token: str | None = None, timeout_seconds: float = 
         else:
             from .failover import FailoverSource
 
+            # Each server gets one quick try: FailoverSource moves on, and the unit cache retries the whole list.
             return FailoverSource([open_unit_source(u, token=token, timeout_seconds=timeout_seconds,
-                                                    max_retries=max_retries, ssl_context=ssl_context) for u in uri])
+                                                    max_retries=0, ssl_context=ssl_context) for u in uri])
     uri = str(uri)
     if uri.startswith(("ws://", "wss://")):
         from .transport import WebSocketSource

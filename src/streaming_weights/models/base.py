@@ -99,38 +99,73 @@ class StreamingBaseModel:
         self._lock = threading.RLock()
         self._prefetch_enabled = True
         self._closed = False
+        self._loaded = False
+        self._loading = False
+        self._stats = {"total_inferences": 0, "total_time": 0.0, "tokens": 0}
+        self._options = dict(cache_units=cache_units, cache_mb=cache_mb, policy=cache_policy or cfg.cache_policy,
+                             trace=trace)
         self._io = LoopThread()
         try:
             self.source = open_unit_source(uri, token=token, timeout_seconds=self.timeout_seconds,
                                            max_retries=self.max_retries, ssl_context=ssl_context)
-            self.manifest: Manifest = self._run(self.source.get_manifest(self.model_name))
-            self.model_name = self.manifest.name
-            self._check_family()
-            self.hf_model = self._build_model()
-            streamed = [u.name for u in self.manifest.streamed]
-            self._cache = UnitCache(
-                self._fetch_unit,
-                make_policy(cache_policy or cfg.cache_policy, streamed),
-                {u.name: u.bytes for u in self.manifest.streamed},
-                max_units=cache_units,
-                max_bytes=None if cache_mb is None else int(cache_mb * (1 << 20)),
-                prefetch_count=self.prefetch_count,
-                max_retries=self.max_retries,
-                trace=trace,
-            )
-            self._bindings = [UnitBinding(self.hf_model, n, self._acquire, self._release) for n in streamed]
-            self.tokenizer = self._load_tokenizer()
         except BaseException:
             self._closed = True
-            source = getattr(self, "source", None)
-            if source is not None:
-                try:
-                    self._io.run(source.close(), 10)
-                except Exception:  # noqa: BLE001 - already failing; report the original error
-                    pass
             self._io.close()
             raise
-        self._stats = {"total_inferences": 0, "total_time": 0.0, "tokens": 0}
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._ensure_loaded()  # plain sync use: fail fast, right here
+        # Inside a running event loop, loading waits for `async with`, `await warmup()` or the first call:
+        # blocking that loop here would deadlock a weight server that runs on it.
+
+    _LAZY = frozenset({"manifest", "hf_model", "tokenizer", "_cache", "_bindings"})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in StreamingBaseModel._LAZY and "_io" in self.__dict__ and not self.__dict__.get("_loading"):
+            self._ensure_loaded()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def _ensure_loaded(self) -> None:
+        """Fetch the manifest, build the meta model, load resident parts and the tokenizer (once)."""
+        with self._lock:
+            if self._loaded:
+                return
+            self._ensure_open()
+            self._loading = True
+            try:
+                self._load()
+                self._loaded = True
+            except BaseException:
+                self.close()
+                raise
+            finally:
+                self._loading = False
+
+    async def _ensure_loaded_async(self) -> None:
+        if not self._loaded:
+            await asyncio.to_thread(self._ensure_loaded)
+
+    def _load(self) -> None:
+        opts = self._options
+        self.manifest = self._run(self.source.get_manifest(self.model_name))
+        self.model_name = self.manifest.name
+        self._check_family()
+        self.hf_model = self._build_model()
+        streamed = [u.name for u in self.manifest.streamed]
+        self._cache = UnitCache(
+            self._fetch_unit,
+            make_policy(opts["policy"], streamed),
+            {u.name: u.bytes for u in self.manifest.streamed},
+            max_units=opts["cache_units"],
+            max_bytes=None if opts["cache_mb"] is None else int(opts["cache_mb"] * (1 << 20)),
+            prefetch_count=self.prefetch_count,
+            max_retries=self.max_retries,
+            trace=opts["trace"],
+        )
+        self._bindings = [UnitBinding(self.hf_model, n, self._acquire, self._release) for n in streamed]
+        self.tokenizer = self._load_tokenizer()
 
     # ------------------------------------------------------------------------------------- set-up
     def _run(self, coro, timeout: float | None = None):
@@ -224,6 +259,7 @@ class StreamingBaseModel:
 
     def _timed(self, kind: str, fn, tokens_of=None):
         self._ensure_open()
+        self._ensure_loaded()
         with self._lock:
             before = self._io.call(lambda: dict(vars(self._cache.stats)))
             t0 = time.perf_counter()
@@ -299,6 +335,7 @@ class StreamingBaseModel:
     async def warmup(self, layer_indices: list[int] | None = None) -> None:
         """Fetch these streamed units (indices into :attr:`streamed_units`; default: the first
         ``cache_size``) into the cache before the first forward."""
+        await self._ensure_loaded_async()
         units = self.streamed_units
         idx = list(range(min(self.cache_size, len(units)))) if layer_indices is None else list(layer_indices)
         for i in idx:
@@ -308,6 +345,7 @@ class StreamingBaseModel:
 
     async def prefetch_next_layers(self, current_layer: int, prefetch_count: int | None = None) -> list[str]:
         """Start fetching the units expected after streamed unit ``current_layer``; returns the names started."""
+        await self._ensure_loaded_async()
         units = self.streamed_units
         if not 0 <= current_layer < len(units):
             raise IndexError(f"layer index {current_layer} out of range 0..{len(units) - 1}")
@@ -364,7 +402,9 @@ class StreamingBaseModel:
         self._io.close()
 
     async def _shutdown(self) -> None:
-        await self._cache.clear()
+        cache = self.__dict__.get("_cache")
+        if cache is not None:
+            await cache.clear()
         await self.source.close()
 
     async def cleanup(self) -> None:
@@ -372,6 +412,7 @@ class StreamingBaseModel:
         await asyncio.to_thread(self.close)
 
     async def __aenter__(self):
+        await self._ensure_loaded_async()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -385,11 +426,13 @@ class StreamingBaseModel:
 
     def __del__(self) -> None:
         try:
-            if not self._closed:
+            if "_io" in self.__dict__ and not self._closed:
                 self.close()
         except Exception:  # noqa: BLE001
             pass
 
     def __repr__(self) -> str:
+        if not self.__dict__.get("_loaded"):
+            return f"{type(self).__name__}({self.model_name!r}, not loaded yet)"
         return (f"{type(self).__name__}({self.model_name!r}, {self.manifest.architecture}, "
                 f"{len(self.manifest.streamed)} streamed units, cache_size={self.cache_size})")

@@ -125,6 +125,7 @@ class WeightServer:
         write_limit: int = 256 * 1024,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        close_timeout: float = 2.0,
     ) -> None:
         given = [x for x in (source, chunks_dir, storage_backend) if x is not None]
         if len(given) > 1:
@@ -165,6 +166,7 @@ class WeightServer:
         self.write_limit = write_limit
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
         self.metrics = ServerMetrics()
         self.models: dict[str, _Hosted] = {}
         self._server: Server | None = None
@@ -207,6 +209,7 @@ class WeightServer:
             write_limit=self.write_limit,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
+            close_timeout=self.close_timeout,
             server_header="surfing-weights",
             logger=logging.getLogger("streaming_weights.server.websockets"),
         )
@@ -215,12 +218,24 @@ class WeightServer:
         return self
 
     async def stop(self) -> None:
-        """Close every connection (code 1001) and stop listening."""
+        """Stop listening, abandon in-flight responses, close every connection (code 1001).
+
+        A client that stopped reading cannot delay this beyond ``close_timeout``.
+        """
         server, self._server = self._server, None
         if server is None:
             return
+        for conn in list(self._conns):
+            for task in list(conn.inflight.values()):
+                task.cancel()
         server.close()
-        await server.wait_closed()
+        try:
+            await asyncio.wait_for(asyncio.shield(server.wait_closed()), self.close_timeout + 0.5)
+        except TimeoutError:
+            # A peer that stopped reading leaves our close frame stuck behind unsent data: drop it.
+            for conn in list(self._conns):
+                conn.ws.transport.abort()
+            await server.wait_closed()
 
     async def start_server(self) -> None:
         """Serve until cancelled (the original API)."""
