@@ -65,6 +65,19 @@ def smollm2_chunks(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_reference():
+    """(model, tokenizer) that transformers loads from the original packaged GGUF (dequantized once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = tiny.packaged_smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                                                 dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
 def minilm_chunks(workdir) -> Path:
     out = workdir / "minilm"
     chunk(tiny.packaged_minilm_dir(), out, name="all-MiniLM-L6-v2")

@@ -200,13 +200,11 @@ def test_unknown_model_lists_hosted_and_family_checked(llama, tiny_chunks):
         StreamingLlamaModel(None, str(bert_chunks))
 
 
-def test_smollm2_real_greedy_text_identical(smollm2_chunks):
-    from tests_support_smollm2 import reference_smollm2
-
-    ref, tok = reference_smollm2()
+def test_smollm2_real_greedy_text_identical(smollm2_chunks, smollm2_reference):
+    ref, tok = smollm2_reference
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with served(smollm2_chunks) as uri, StreamingLlamaModel("SmolLM2-135M-Instruct", uri, cache_size=6,
+    with served(smollm2_chunks) as uri, StreamingLlamaModel("SmolLM2-135M-Instruct", uri, cache_size=24,
                                                              prefetch_count=2) as m:
         assert m.tokenizer is not None
         got = m.generate(**enc, max_new_tokens=8, do_sample=False)

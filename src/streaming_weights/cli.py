@@ -278,8 +278,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = _s3_backend(args)
     if backend is None and not args.chunks_dir:
         raise SystemExit("surfing serve: pass --chunks-dir DIR (or --s3-bucket)")
+    if backend is not None and args.chunks_dir:
+        raise SystemExit("surfing serve: pass --chunks-dir or --s3-bucket, not both")
+    prefix = ""
+    if args.redis_url:
+        from .storage import open_storage
+        from .storage.redis_cache import RedisCacheBackend
+
+        if backend is None:
+            backend, prefix = open_storage(args.chunks_dir)
+        backend = RedisCacheBackend(backend, args.redis_url)
     server = WeightServer(
-        backend if backend is not None else args.chunks_dir,
+        backend if backend is not None else args.chunks_dir, prefix=prefix,
         host=args.host, port=args.port, cache_size_mb=args.cache_size, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
         max_inflight_per_connection=args.max_inflight,
@@ -306,6 +316,8 @@ def _register_serve(sub) -> None:
     p.add_argument("--cache-size", type=float, default=100, metavar="MB", help="server blob cache (MiB)")
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--max-inflight", type=int, default=32, help="concurrent requests per connection")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="shared Redis byte cache in front of the storage (redis://host:port/db), for several servers")
     p.add_argument("-v", "--verbose", action="count", default=0)
     _add_s3_args(p)
     p.set_defaults(func=cmd_serve)

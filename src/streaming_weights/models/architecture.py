@@ -23,6 +23,9 @@ from ..exceptions import UnsupportedArchitectureError
 from ..format.names import RESIDENT_UNIT
 
 _dtype_lock = threading.Lock()
+# transformers resolves its public names with lazy imports that are not thread-safe: two threads building
+# models at once can see ``getattr(transformers, "LlamaForCausalLM")`` fail while the other imports it.
+_import_lock = threading.RLock()
 
 
 def resolve_architecture(name: str) -> type:
@@ -36,7 +39,8 @@ def resolve_architecture(name: str) -> type:
     if not isinstance(name, str) or not name.isidentifier():
         raise UnsupportedArchitectureError(f"invalid architecture name {name!r}")
     try:
-        cls = getattr(transformers, name)
+        with _import_lock:
+            cls = getattr(transformers, name)
     except (AttributeError, ImportError) as exc:
         raise UnsupportedArchitectureError(
             f"transformers {transformers.__version__} has no model class {name!r}; upgrade transformers "
@@ -52,7 +56,8 @@ def build_config(model_type: str, config: dict[str, Any]):
     from transformers import CONFIG_MAPPING
 
     try:
-        config_cls = CONFIG_MAPPING[model_type]
+        with _import_lock:
+            config_cls = CONFIG_MAPPING[model_type]
     except KeyError as exc:
         raise UnsupportedArchitectureError(f"transformers does not know model_type {model_type!r}") from exc
     cfg = dict(config)

@@ -167,7 +167,7 @@ class WeightServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(storage=self.storage)
         self.models: dict[str, _Hosted] = {}
         self._server: Server | None = None
         self._conns: set[_Conn] = set()

@@ -20,9 +20,11 @@ degrades to reading ``inner`` directly (counted in ``stats["redis_errors"]``), n
 
 Single flight: on a miss the first process to take the fill lock reads ``inner`` and stores the bytes; the
 others poll the cache (bounded by ``wait_seconds``), take over the lock if the filler died, and past the
-wait read ``inner`` themselves. Reads of a whole object (``load``, ``read_into``) go through the cache;
-``read_range`` is served from the cache when the object is there and from ``inner`` otherwise (a range
-read does not fill). ``exists``/``list`` ask ``inner``; ``save``/``delete`` write ``inner`` and invalidate.
+wait read ``inner`` themselves. A fill, once started, finishes and is stored even if the read that
+started it is cancelled (a server shutting down must not waste a read others are waiting for). Reads
+of a whole object (``load``, ``read_into``) go through the cache; ``read_range`` is served from the
+cache when the object is there; a range miss from byte 0 (a server's first chunk of a blob too big for
+its own cache) fills, other range misses read ``inner`` directly. ``exists``/``list`` ask ``inner``; ``save``/``delete`` write ``inner`` and invalidate.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class RedisCacheBackend(StorageBackend):
         self._client: Any = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._configured = False
+        self._fills: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------------------------------ keys
     def _base(self, key: str) -> str:
@@ -263,6 +266,23 @@ class RedisCacheBackend(StorageBackend):
             self._redis_failed(exc, "lock")
             return await self.inner.load(key)
 
+        # Shielded: the fill runs to completion (and releases the lock) even if this read is cancelled.
+        task = asyncio.ensure_future(self._fill_locked(r, key, token, waited))
+        self._fills.add(task)
+        task.add_done_callback(self._fill_done)
+        return await asyncio.shield(task)
+
+    def _fill_done(self, task: asyncio.Task) -> None:
+        self._fills.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a reader that was cancelled cannot re-raise it
+
+
+
+    async def _fill_locked(self, r, key: str, token: str, waited: bool) -> bytes | bytearray:
+        """Holding the fill lock of ``key``: read ``inner``, store the bytes, release the lock."""
+        import redis
+
         data = None
         try:
             # Someone may have finished filling between our miss and taking the lock.
@@ -309,6 +329,10 @@ class RedisCacheBackend(StorageBackend):
         if data is not None:
             self.stats["hits"] += 1
             return data
+        if start == 0 and length > 0:
+            # The first range of an object: fill, so the following ranges (and other servers) hit.
+            whole = await self._fill(key)
+            return bytes(memoryview(whole)[:length])
         self.stats["passthrough"] += 1
         return await self.inner.read_range(key, start, length)
 
@@ -348,6 +372,10 @@ class RedisCacheBackend(StorageBackend):
         await self.invalidate(key)
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        fills = [t for t in self._fills if t.get_loop() is loop]
+        if fills:  # let fills started by cancelled reads finish with the client they use
+            await asyncio.gather(*fills, return_exceptions=True)
         client, self._client, self._client_loop = self._client, None, None
         if client is not None:
             try:
