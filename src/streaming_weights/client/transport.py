@@ -63,7 +63,7 @@ class _LinkLost(ConnectionError):
 class _Pending:
     request_id: int
     op: proto.Op
-    future: asyncio.Future
+    future: asyncio.Future | None
     expected_size: int | None = None  # units: the manifest's size; others: announced by RESULT
     buffer: bytearray | None = None
     view: memoryview | None = None
@@ -72,11 +72,11 @@ class _Pending:
     body: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
+        if self.future is not None and not self.future.done():
             self.future.set_exception(exc)
 
     def finish(self) -> None:
-        if not self.future.done():
+        if self.future is not None and not self.future.done():
             self.future.set_result(self)
 
 
@@ -582,7 +582,10 @@ class WebSocketSource(UnitSource):
                     pass
             raise
         finally:
+            # The future's result is ``p`` itself: break that cycle now, or every unit buffer would
+            # live until the cyclic GC runs (measured: RSS grew by a unit per fetch until a gen-2 collection).
             p.view = None
+            p.future = None  # type: ignore[assignment]
 
     async def _request(self, op: proto.Op, model: str | None = None, name: str | None = None, *,
                        buffer: bytearray | None = None, expected_size: int | None = None) -> _Pending:

@@ -34,7 +34,8 @@ def resolve_architecture(name: str) -> type:
     Raises:
         UnsupportedArchitectureError: not a transformers ``PreTrainedModel`` class.
     """
-    import transformers
+    with _import_lock:
+        import transformers
 
     if not isinstance(name, str) or not name.isidentifier():
         raise UnsupportedArchitectureError(f"invalid architecture name {name!r}")
@@ -53,7 +54,8 @@ def resolve_architecture(name: str) -> type:
 
 def build_config(model_type: str, config: dict[str, Any]):
     """A transformers config from the manifest's config dict (no hub, no remote code)."""
-    from transformers import CONFIG_MAPPING
+    with _import_lock:
+        from transformers import CONFIG_MAPPING
 
     try:
         with _import_lock:
