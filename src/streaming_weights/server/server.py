@@ -266,11 +266,6 @@ class WeightServer:
             return self._http(connection, 200, self.metrics.render(), self.metrics.content_type)
         if not upgrade:
             return self._http(connection, 404, b"not found: use a WebSocket client, /healthz or /metrics\n")
-        if len(self._conns) >= self.max_connections:
-            self.metrics.rejected_handshakes.labels("busy").inc()
-            resp = self._http(connection, 503, b"server busy: too many connections\n")
-            resp.headers["Retry-After"] = "1"
-            return resp
         if self.token is not None:
             auth = request.headers.get("Authorization", "")
             scheme, _, given = auth.partition(" ")
@@ -282,6 +277,12 @@ class WeightServer:
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 self.metrics.rejected_handshakes.labels("bad_token").inc()
                 return self._http(connection, 403, b"invalid bearer token\n")
+        # Authenticate first: a client without the token learns nothing, not even that the server is full.
+        if len(self._conns) >= self.max_connections:
+            self.metrics.rejected_handshakes.labels("busy").inc()
+            resp = self._http(connection, 503, b"server busy: too many connections\n")
+            resp.headers["Retry-After"] = "1"
+            return resp
         return None
 
     @staticmethod
