@@ -12,12 +12,15 @@ import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..exceptions import IntegrityError, ManifestError, NotFoundError, StorageError, UnitFormatError
 from ..format import MANIFEST_FILE, Manifest, UnitEntry, decode_unit, join_key, verify_blake3
 from ..format.manifest import BlobEntry
 from ..storage import StorageBackend
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -11,46 +11,65 @@ not reuse that buffer while any returned tensor lives (each view holds a referen
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..exceptions import UnitFormatError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> (torch attribute, element size). torch itself is imported only when tensors
+# are made, so a weight server (which only moves bytes) never loads it.
+_DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    names = {k: getattr(torch, attr) for k, (attr, _) in _DTYPE_TABLE.items()}
+    return names, {v: k for k, v in names.items()}
+
+
+def __getattr__(name: str):  # DTYPES / DTYPE_NAMES, built on first use (PEP 562)
+    if name == "DTYPES":
+        return _torch_dtypes()[0]
+    if name == "DTYPE_NAMES":
+        return _torch_dtypes()[1]
+    raise AttributeError(name)
 MAX_HEADER_BYTES = 100 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     try:
-        return DTYPE_NAMES[dtype]
+        return _torch_dtypes()[1][dtype]
     except KeyError:
         raise UnitFormatError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    return _DTYPE_TABLE[dtype][1]
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,7 @@ class TensorSpec:
             dtype, shape, offs = obj["dtype"], obj["shape"], obj["data_offsets"]
         except (TypeError, KeyError) as exc:
             raise UnitFormatError(f"tensor {name!r}: entry needs dtype, shape, data_offsets") from exc
-        if dtype not in DTYPES:
+        if dtype not in _DTYPE_TABLE:
             raise UnitFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise UnitFormatError(f"tensor {name!r}: shape must be a list of non-negative ints")
@@ -136,7 +155,9 @@ def new_unit_buffer(layout: UnitLayout) -> bytearray:
 
 def tensor_view(buf: bytearray | memoryview, layout_or_start: UnitLayout | int, name: str, spec: TensorSpec) -> torch.Tensor:
     start = layout_or_start.data_start if isinstance(layout_or_start, UnitLayout) else layout_or_start
-    dtype = DTYPES[spec.dtype]
+    import torch
+
+    dtype = _torch_dtypes()[0][spec.dtype]
     count = math.prod(spec.shape)
     if count == 0:
         return torch.empty(spec.shape, dtype=dtype)
