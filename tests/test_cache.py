@@ -131,3 +131,16 @@ def test_lru_victim_and_bad_policy():
     assert p.victim(["a", "b", "c"], "a") == "b"
     with pytest.raises(ConfigurationError):
         make_policy("fifo", ["a"])
+
+
+def test_buffer_pool_reuses_only_unviewed_buffers():
+    from streaming_weights.client.buffers import BufferPool
+
+    pool = BufferPool(max_bytes=1 << 20)
+    buf = pool.take(1024)
+    view = torch.frombuffer(buf, dtype=torch.uint8)
+    assert not pool.give(buf)  # a live tensor views it: never reused
+    del view
+    assert pool.give(buf)
+    assert pool.take(1024) is buf and pool.reused == 1
+    assert pool.take(1024) is not buf  # the pool handed it out once only

@@ -214,3 +214,31 @@ def test_smollm2_real_greedy_text_identical(smollm2_chunks, smollm2_reference):
     assert torch.equal(got, exp)
     assert text == tok.decode(exp[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_receive_buffers_reused_but_never_under_a_live_tensor(llama):
+    _, chunks, ref = llama
+    with StreamingLlamaModel("llama", str(chunks), cache_size=0, prefetch_count=1) as m:
+        m.forward(IDS, MASK)
+        assert m.get_cache_info()["buffers_reused"] > 0
+        # Hold on to a streamed weight while the engine keeps fetching: its buffer must not be reused.
+        held = {}
+        orig = m._acquire
+
+        def grab(name):
+            tensors = orig(name)
+            if name == "model.layers.1" and not held:
+                held["w"] = tensors["model.layers.1.mlp.up_proj.weight"]
+            return tensors
+
+        for b in m._bindings:
+            b._acquire = grab
+        m.forward(IDS, MASK)
+        snapshot = held["w"].clone()
+        for _ in range(3):
+            out = m.forward(IDS, MASK)
+        assert torch.equal(held["w"], snapshot)
+        assert torch.equal(held["w"], ref.model.layers[1].mlp.up_proj.weight)
+        with torch.no_grad():
+            torch.testing.assert_close(out.last_hidden_state, ref.model(input_ids=IDS, attention_mask=MASK).last_hidden_state,
+                                       rtol=0, atol=1e-5)

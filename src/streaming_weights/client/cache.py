@@ -30,6 +30,7 @@ from ..exceptions import (
     UnitFormatError,
     UnitUnavailableError,
 )
+from .buffers import BufferPool
 from .policy import CachePolicy
 from .source import FetchedUnit
 
@@ -76,7 +77,7 @@ class UnitCache:
 
     def __init__(self, fetch: Fetcher, policy: CachePolicy, sizes: dict[str, int], *, max_units: int = 3,
                  max_bytes: int | None = None, prefetch_count: int = 1, max_retries: int = 3,
-                 retry_base_delay: float = 0.05, trace: bool = False) -> None:
+                 retry_base_delay: float = 0.05, trace: bool = False, pool: BufferPool | None = None) -> None:
         if max_units < 0:
             raise CacheError(f"cache_size must be >= 0, got {max_units}")
         self._fetch = fetch
@@ -95,6 +96,14 @@ class UnitCache:
         self.inflight: dict[str, asyncio.Task[FetchedUnit]] = {}
         self._prefetch_tasks: set[str] = set()
         self.peak_live = 0
+        self.pool = pool
+
+    def _drop(self, unit: FetchedUnit) -> None:
+        """``unit`` left the cache for good: offer its buffer for reuse (refused while any view lives)."""
+        if self.pool is None:
+            return
+        buf, unit.buffer, unit.tensors = unit.buffer, None, {}
+        self.pool.give(buf)
 
     # ------------------------------------------------------------------------------------- helpers
     def _event(self, kind: str, unit: str) -> None:
@@ -215,6 +224,8 @@ class UnitCache:
         if self.max_units > 0:
             self.cached[name] = unit
             self._evict(current=name)
+        else:
+            self._drop(unit)
 
     def _evict(self, current: str | None) -> None:
         def over() -> bool:
@@ -223,7 +234,7 @@ class UnitCache:
 
         while self.cached and over():
             victim = self.policy.victim(list(self.cached), current)
-            del self.cached[victim]
+            self._drop(self.cached.pop(victim))
             self.stats.evictions += 1
             self._event("evict", victim)
 
@@ -233,7 +244,7 @@ class UnitCache:
         window = self.policy.predict(current, count)
         # Drop prefetches that fell out of the window (mispredicted), so memory stays bounded.
         for stale in [n for n in self.prefetched if n not in window]:
-            del self.prefetched[stale]
+            self._drop(self.prefetched.pop(stale))
             self.stats.prefetches_wasted += 1
         for stale in [n for n in self._prefetch_tasks if n not in window]:
             self._prefetch_tasks.discard(stale)
@@ -265,7 +276,7 @@ class UnitCache:
                 self.cached[name] = unit
                 self.cached.move_to_end(name)
                 while len(self.cached) > self.max_units:
-                    self.cached.popitem(last=False)
+                    self._drop(self.cached.popitem(last=False)[1])
                     self.stats.evictions += 1
 
     def resize(self, max_units: int, max_bytes: int | None = None) -> None:
@@ -281,8 +292,10 @@ class UnitCache:
         await asyncio.gather(*self.inflight.values(), return_exceptions=True)
         self.inflight.clear()
         self._prefetch_tasks.clear()
-        self.cached.clear()
-        self.prefetched.clear()
+        while self.cached:
+            self._drop(self.cached.popitem()[1])
+        while self.prefetched:
+            self._drop(self.prefetched.popitem()[1])
 
     def info(self) -> dict:
         s = self.stats
@@ -308,5 +321,6 @@ class UnitCache:
             "memory_usage_mb": self.live_bytes / (1 << 20),
             "cached_mb": self.cached_bytes / (1 << 20),
             "peak_live_units": self.peak_live,
+            "buffers_reused": self.pool.reused if self.pool else 0,
             "policy": self.policy.name,
         }

@@ -74,6 +74,8 @@ class FailoverSource(UnitSource):
         return await self._call("get manifest", lambda s: s.get_manifest(model_name))
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
+        for s in self.sources:
+            s.buffer_pool = self.buffer_pool
         return await self._call(f"fetch {unit}", lambda s: s.fetch_unit(manifest, unit))
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:

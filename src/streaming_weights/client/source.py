@@ -18,6 +18,7 @@ from ..exceptions import IntegrityError, ManifestError, NotFoundError, StorageEr
 from ..format import MANIFEST_FILE, Manifest, UnitEntry, decode_unit, join_key, verify_blake3
 from ..format.manifest import BlobEntry
 from ..storage import StorageBackend
+from .buffers import BufferPool
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,11 @@ def verify_blob(entry: BlobEntry, buf: bytes | bytearray | memoryview, where: st
 
 def verify_and_decode(entry: UnitEntry, buf: bytearray, where: str) -> dict[str, torch.Tensor]:
     verify_blob(entry, buf, where)
+    return decode_verified(entry, buf, where)
+
+
+def decode_verified(entry: UnitEntry, buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+    """Zero-copy decode of a unit whose bytes were already checked against ``entry``'s hash."""
     try:
         return decode_unit(buf, entry.tensors)
     except UnitFormatError as exc:
@@ -68,6 +74,11 @@ class UnitSource(ABC):
     """Async interface the engine uses; all methods run on the client's transport event loop."""
 
     location: str = ""
+    #: Set by the engine: where unit receive buffers come from (and return to once no tensor views them).
+    buffer_pool: BufferPool | None = None
+
+    def new_buffer(self, size: int) -> bytearray:
+        return self.buffer_pool.take(size) if self.buffer_pool is not None else bytearray(size)
 
     @abstractmethod
     async def list_models(self) -> list[str]: ...
@@ -139,7 +150,7 @@ class StorageSource(UnitSource):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         entry = manifest.unit(unit)
-        buf = bytearray(entry.bytes)
+        buf = self.new_buffer(entry.bytes)
         got = await self.storage.read_into(self._key(manifest, entry.path), buf)
         if got != entry.bytes:
             raise IntegrityError(f"{entry.path} in {self.location} is {got} bytes, manifest says {entry.bytes} (truncated?)")

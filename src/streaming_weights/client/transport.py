@@ -15,6 +15,7 @@ requests and integrity failures are not.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import blake3
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
@@ -41,7 +43,7 @@ from ..exceptions import (
     RemoteError,
 )
 from ..format import Manifest
-from .source import FetchedUnit, UnitSource, verify_and_decode, verify_blob
+from .source import FetchedUnit, UnitSource, decode_verified, verify_and_decode, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
@@ -54,6 +56,7 @@ _SCRATCH = 256 * 1024
 # WebSocket opcodes (RFC 6455 §5.2)
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
+_HASH_BATCH = 4 << 20  # hash received bytes in 4 MiB pieces
 
 class _LinkLost(ConnectionError):
     """The connection died under a request (transient: retried on a new connection)."""
@@ -70,6 +73,20 @@ class _Pending:
     size: int | None = None
     received: int = 0
     body: dict[str, Any] = field(default_factory=dict)
+    # Incremental BLAKE3 over the received prefix, fed to a worker thread while bytes keep arriving,
+    # so verification overlaps the transfer instead of following it.
+    hasher: Any = None
+    hashed: int = 0
+    hash_future: concurrent.futures.Future | None = None
+    hash_pool: concurrent.futures.Executor | None = None
+
+    def feed_hash(self, final: bool) -> None:
+        if self.hasher is None or self.buffer is None:
+            return
+        if self.received - self.hashed >= _HASH_BATCH or (final and self.received > self.hashed):
+            piece = memoryview(self.buffer)[self.hashed : self.received]
+            self.hash_future = self.hash_pool.submit(self.hasher.update, piece)
+            self.hashed = self.received
 
     def fail(self, exc: BaseException) -> None:
         if self.future is not None and not self.future.done():
@@ -347,7 +364,9 @@ class _Link(asyncio.BufferedProtocol):
             self._app_header_done()
         elif had_header and self._kind is proto.Kind.DATA and self._target is not None:
             self._target.received += n
-            if self._target.received == self._target.size:
+            done = self._target.received == self._target.size
+            self._target.feed_hash(final=done)
+            if done:
                 self._complete(self._target)
         self._dest = None  # type: ignore[assignment]  # release views of request buffers promptly
         self._next_segment()
@@ -492,6 +511,8 @@ class WebSocketSource(UnitSource):
         self._next_id = 0
         self.reconnects = 0
         self.retries = 0
+        # One thread, so the pieces of a unit are hashed in order; blake3 releases the GIL while hashing.
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="surfing-verify")
 
     # -------------------------------------------------------------------------------- connection
     async def _connection(self) -> _Link:
@@ -549,13 +570,15 @@ class WebSocketSource(UnitSource):
         return self._next_id
 
     async def _once(self, op: proto.Op, model: str | None, name: str | None,
-                    buffer: bytearray | None, expected_size: int | None) -> _Pending:
+                    buffer: bytearray | None, expected_size: int | None, hash_incremental: bool = False) -> _Pending:
         link = await self._connection()
         loop = asyncio.get_running_loop()
         rid = self._new_id()
         while rid in link.pending:
             rid = self._new_id()
         p = _Pending(rid, op, loop.create_future(), expected_size=expected_size, buffer=buffer)
+        if hash_incremental and buffer is not None:
+            p.hasher, p.hash_pool = blake3.blake3(), self._hash_pool  # a fresh hasher per attempt
         started = time.monotonic()
         link.send(proto.encode(proto.Request(rid, op, model, name)))
         link.pending[rid] = p  # replies are parsed in later callbacks, so registering after send is safe
@@ -588,7 +611,8 @@ class WebSocketSource(UnitSource):
             p.future = None  # type: ignore[assignment]
 
     async def _request(self, op: proto.Op, model: str | None = None, name: str | None = None, *,
-                       buffer: bytearray | None = None, expected_size: int | None = None) -> _Pending:
+                       buffer: bytearray | None = None, expected_size: int | None = None,
+                       hash_incremental: bool = False) -> _Pending:
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -596,7 +620,7 @@ class WebSocketSource(UnitSource):
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
             try:
-                return await self._once(op, model, name, buffer, expected_size)
+                return await self._once(op, model, name, buffer, expected_size, hash_incremental)
             except _LinkLost as exc:
                 last = exc
             except BusyError as exc:
@@ -631,10 +655,20 @@ class WebSocketSource(UnitSource):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         entry = manifest.unit(unit)
-        buf = bytearray(entry.bytes)
-        await self._request(proto.Op.GET_UNIT, manifest.name, unit, buffer=buf, expected_size=entry.bytes)
-        # Hash + header parse: BLAKE3 releases the GIL, so large units verify off the event loop.
-        if entry.bytes >= 1 << 20:
+        buf = self.new_buffer(entry.bytes)
+        p = await self._request(proto.Op.GET_UNIT, manifest.name, unit, buffer=buf, expected_size=entry.bytes,
+                                hash_incremental=True)
+        if p.hasher is not None and p.hashed == entry.bytes:
+            # Hashed while it arrived: wait for the last piece, compare, then parse the header (no re-hash).
+            if p.hash_future is not None:
+                await asyncio.wrap_future(p.hash_future)
+            if p.hasher.hexdigest() != entry.blake3:
+                raise IntegrityError(
+                    f"{entry.path} from {self.uri} does not match its manifest hash (corrupted in storage or in "
+                    "transit); re-chunk the model or check the server's storage"
+                )
+            tensors = decode_verified(entry, buf, self.uri)
+        elif entry.bytes >= 1 << 20:  # BLAKE3 releases the GIL: verify large units off the event loop
             tensors = await asyncio.to_thread(verify_and_decode, entry, buf, self.uri)
         else:
             tensors = verify_and_decode(entry, buf, self.uri)
@@ -651,6 +685,7 @@ class WebSocketSource(UnitSource):
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        self._hash_pool.shutdown(wait=False)
 
     async def __aenter__(self) -> WebSocketSource:
         return self

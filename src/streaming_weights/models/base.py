@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..client.bridge import LoopThread
+from ..client.buffers import BufferPool
 from ..client.cache import UnitCache
 from ..client.policy import make_policy
 from ..client.source import UnitSource, open_unit_source
@@ -154,6 +155,9 @@ class StreamingBaseModel:
         self._check_family()
         self.hf_model = self._build_model()
         streamed = [u.name for u in self.manifest.streamed]
+        largest = max((u.bytes for u in self.manifest.streamed), default=0)
+        # Buffers of dropped units are reused by the next fetches (only once no tensor views them).
+        self.source.buffer_pool = BufferPool(max_bytes=largest * (self.prefetch_count + 1))
         self._cache = UnitCache(
             self._fetch_unit,
             make_policy(opts["policy"], streamed),
@@ -163,6 +167,7 @@ class StreamingBaseModel:
             prefetch_count=self.prefetch_count,
             max_retries=self.max_retries,
             trace=opts["trace"],
+            pool=self.source.buffer_pool,
         )
         self._bindings = [UnitBinding(self.hf_model, n, self._acquire, self._release) for n in streamed]
         self.tokenizer = self._load_tokenizer()

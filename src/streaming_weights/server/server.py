@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,23 @@ class WeightServer:
         async with conn.send_lock:
             await conn.ws.send(data)
 
+    async def _send_data(self, conn: _Conn, rid: int, offset: int, piece: bytes | memoryview) -> None:
+        """Send one DATA message as a single unmasked binary frame, written straight to the transport.
+
+        Equivalent to ``ws.send(proto.encode_data(...))`` on the wire, without the three 1 MiB copies that
+        path makes (header concatenation, frame serialization into a buffer and out of it). websockets'
+        ``send_context`` still checks the connection state and applies flow control (drain) afterwards.
+        """
+        head = proto.encode_header(proto.Kind.DATA, rid, offset)
+        async with conn.send_lock:
+            ws = conn.ws
+            if ws.send_in_progress is not None:  # never the case here; keep websockets' invariants anyway
+                await ws.send(head + piece)
+                return
+            async with ws.send_context():
+                ws.transport.write(_binary_frame_header(len(head) + len(piece)) + head)
+                ws.transport.write(piece)
+
     async def _send_error(self, conn: _Conn, rid: int, code: str, message: str) -> None:
         try:
             await self._send(conn, proto.encode(proto.Error(rid, code, message)))
@@ -414,7 +432,7 @@ class WeightServer:
         view = memoryview(data)
         for off in range(0, len(data), self.chunk_bytes):
             piece = view[off : off + self.chunk_bytes]
-            await self._send(conn, proto.encode_data(rid, off, piece))
+            await self._send_data(conn, rid, off, piece)
             self.metrics.bytes_sent.inc(len(piece))
 
     async def _read(self, hosted: _Hosted, entry: BlobEntry, key: str, start: int, length: int) -> bytes:
@@ -448,7 +466,7 @@ class WeightServer:
             nxt = off + len(piece)
             ahead = asyncio.ensure_future(self._read(hosted, entry, key, nxt, min(step, size - nxt))) if nxt < size else None
             try:
-                await self._send(conn, proto.encode_data(rid, off, piece))
+                await self._send_data(conn, rid, off, piece)
                 self.metrics.bytes_sent.inc(len(piece))
                 piece = await ahead if ahead is not None else b""
             except BaseException:
@@ -456,6 +474,15 @@ class WeightServer:
                     ahead.cancel()
                 raise
             off = nxt
+
+
+def _binary_frame_header(n: int) -> bytes:
+    """RFC 6455 §5.2 header of a final, unmasked (server-to-client) binary frame with an n-byte payload."""
+    if n < 126:
+        return bytes((0x82, n))
+    if n < 1 << 16:
+        return struct.pack("!BBH", 0x82, 126, n)
+    return struct.pack("!BBQ", 0x82, 127, n)
 
 
 async def run_server(server: WeightServer, *, ready=None) -> None:
