@@ -99,7 +99,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- generate / demo
-def _stream_generate(model, prompt: str, *, chat: bool, max_new_tokens: int, out=sys.stdout) -> None:
+def _stream_generate(model, prompt: str, *, chat: bool, max_new_tokens: int, out=None) -> None:
     import time
 
     import torch
@@ -127,14 +127,20 @@ def _stream_generate(model, prompt: str, *, chat: bool, max_new_tokens: int, out
         f"[{s['generated_tokens']} tokens in {dt:.2f} s, {s['generated_tokens'] / dt:.2f} tok/s | "
         f"cache {c['max_cache_size']}/{c['streamed_units']} units, hit rate {c['hit_rate']:.0%}, "
         f"{c['bytes_fetched'] / tokens / 2**20:.1f} MiB fetched/token, stall {s['stall_seconds']:.2f} s]",
-        file=out,
+        file=out or sys.stdout,
     )
+
+
+def _servers(value: str) -> str | list[str]:
+    """``ws://a:1,ws://b:2`` -> a failover list; a single location stays as it is."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return parts if len(parts) > 1 else value
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .models import StreamingBaseModel
 
-    with StreamingBaseModel(args.model, args.server, args.cache_size, prefetch_count=args.prefetch,
+    with StreamingBaseModel(args.model, _servers(args.server), args.cache_size, prefetch_count=args.prefetch,
                             token=args.token, cache_policy=args.policy) as model:
         _stream_generate(model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
     return 0
@@ -145,7 +151,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from .models import StreamingBaseModel
 
-    with StreamingBaseModel(args.model, args.server, args.cache_size, token=args.token) as model:
+    with StreamingBaseModel(args.model, _servers(args.server), args.cache_size, token=args.token) as model:
         if model.tokenizer is None:
             raise SystemExit(f"model {model.model_name!r} has no tokenizer files in its manifest")
         enc = model.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
@@ -186,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _register_client_commands(sub) -> None:
     p = sub.add_parser("generate", help="stream a model from a server and generate text")
     p.add_argument("--server", default=os.environ.get("SURFING_SERVER", "ws://localhost:8765"),
-                   help="ws(s):// URI, s3://bucket/prefix or a chunk directory")
+                   help="ws(s):// URI (comma-separated list: failover), s3://bucket/prefix or a chunk directory")
     p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)

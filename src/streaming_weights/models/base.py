@@ -156,8 +156,10 @@ class StreamingBaseModel:
         self.hf_model = self._build_model()
         streamed = [u.name for u in self.manifest.streamed]
         largest = max((u.bytes for u in self.manifest.streamed), default=0)
-        # Buffers of dropped units are reused by the next fetches (only once no tensor views them).
-        self.source.buffer_pool = BufferPool(max_bytes=largest * (self.prefetch_count + 1))
+        # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
+        # buffer is enough in steady state (a unit is dropped right before the next prefetch starts) and
+        # keeps memory within resident + (cache_size + prefetch_count + 1) units.
+        self.source.buffer_pool = BufferPool(max_bytes=largest)
         self._cache = UnitCache(
             self._fetch_unit,
             make_policy(opts["policy"], streamed),

@@ -1,0 +1,29 @@
+"""CLI: `surfing generate` against a failover list, streamed output and the stats line."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+from streaming_weights import cli
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_generate_fails_over_from_a_dead_server(smollm2_chunks, capsys):
+    servers = f"ws://127.0.0.1:{dead_port()},{smollm2_chunks}"
+    rc = cli.main(["generate", "--server", servers, "--prompt", "What is the capital of France?", "--chat",
+                   "--max-new-tokens", "6", "--cache-size", "30"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Paris" in out
+    assert re.search(r"\[6 tokens in [\d.]+ s, [\d.]+ tok/s \| cache 30/30 units", out)
+
+
+def test_servers_argument_parsing():
+    assert cli._servers("ws://a:1") == "ws://a:1"
+    assert cli._servers("ws://a:1, ws://b:2") == ["ws://a:1", "ws://b:2"]
