@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from srv_helpers import build_model, start_server_process  # noqa: E402
 
 from streaming_weights import protocol as proto  # noqa: E402
+from streaming_weights.benchmarks import _raw_tcp_once  # noqa: E402
 from streaming_weights.client.buffers import BufferPool  # noqa: E402
 from streaming_weights.client.transport import WebSocketSource  # noqa: E402
 from streaming_weights.storage import FilesystemBackend  # noqa: E402
@@ -56,21 +57,7 @@ while True:
 
 
 def raw_tcp(port: int, size: int, repeats: int) -> list[float]:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    out = []
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            s.sendall(b"x")
-            got = 0
-            while got < size:
-                n = s.recv_into(view[got:])
-                if not n:
-                    raise RuntimeError("raw sender closed")
-                got += n
-            out.append(size / (time.perf_counter() - t))
-    return out
+    return [size / _raw_tcp_once(port, size) for _ in range(repeats)]
 
 
 async def websockets_lib(uri: str, unit: str, repeats: int) -> list[float]:
