@@ -855,7 +855,9 @@ def render_report(results: dict[str, Any]) -> str:
              "the background load of this shared box; compare ratios.", "",
              f"Model under test: {results.get('model', '?')}. Mode: {'quick (tiny model, one run)' if results['quick'] else 'full'}. "
              f"Suite wall time {results.get('seconds', 0):.0f} s. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()) + ".", ""]
+             + ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()) + ".", "",
+             "The load test (32 concurrent clients for 60 s: requests/s, p50/p99 unit latency, errors, server "
+             "memory) runs with `make test-slow`; its last measured numbers are in [LOAD.md](LOAD.md).", ""]
     summary = []
     for name, case in results["cases"].items():
         for rname, r in case.get("ratios", {}).items():
