@@ -11,6 +11,7 @@ Run as ``surfing chunk SOURCE --output-dir DIR`` or ``python -m streaming_weight
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections import Counter
 from typing import Any, Callable
@@ -158,8 +159,8 @@ class ModelChunker:
         meta = build_meta_model(cls, config, model_dtype)
         umap = unit_map(meta)
         buffers = {n for n, _ in meta.named_buffers()}
-        base_prefix = getattr(meta, "base_model_prefix", "") if getattr(meta, "base_model_prefix", "") and hasattr(
-            meta, getattr(meta, "base_model_prefix", "")) else ""
+        # Checkpoints of a head model loaded into a base model (or the reverse) differ by this prefix.
+        base_prefix = getattr(meta, "base_model_prefix", "") or ""
         mapping = map_checkpoint_keys(source.keys(), umap.state_keys, umap.tied, buffers, base_prefix)
         meta_state = meta.state_dict(keep_vars=True)
         del meta
@@ -184,7 +185,7 @@ class ModelChunker:
         if self.progress:
             from tqdm.auto import tqdm
 
-            total = sum(math_prod(shape_of(k)) * out_dtype(k).itemsize for ks in by_unit.values() for k in ks)
+            total = sum(math.prod(shape_of(k)) * out_dtype(k).itemsize for ks in by_unit.values() for k in ks)
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"chunking {self.name}")
         entries: list[UnitEntry] = []
         try:
@@ -258,13 +259,6 @@ class ModelChunker:
         role = "resident" if unit == RESIDENT_UNIT else "streamed"
         return UnitEntry(unit, path, len(buf), digests.sha256, digests.blake3, role=role, order=order,
                          tensors=dict(layout.tensors))
-
-
-def math_prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:
