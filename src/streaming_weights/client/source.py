@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..exceptions import IntegrityError, ManifestError, NotFoundError, StorageError, UnitFormatError
-from ..format import MANIFEST_FILE, Manifest, UnitEntry, decode_unit, join_key, verify_blake3
+from ..format import MANIFEST_FILE, Manifest, UnitEntry, blake3_hex, decode_unit, join_key
 from ..format.manifest import BlobEntry
 from ..storage import StorageBackend
 from .buffers import BufferPool
@@ -35,15 +35,20 @@ class FetchedUnit:
     buffer: bytearray | None = field(default=None, repr=False)
 
 
-def verify_blob(entry: BlobEntry, buf: bytes | bytearray | memoryview, where: str) -> None:
-    """Raise IntegrityError unless ``buf`` is exactly the manifest's object."""
-    if len(buf) != entry.bytes:
-        raise IntegrityError(f"{entry.path} from {where}: got {len(buf)} bytes, manifest says {entry.bytes}")
-    if not verify_blake3(buf, entry.blake3):
+def check_blake3(entry: BlobEntry, hexdigest: str, where: str) -> None:
+    """Raise IntegrityError unless ``hexdigest`` is the manifest's BLAKE3 of ``entry``."""
+    if hexdigest != entry.blake3:
         raise IntegrityError(
             f"{entry.path} from {where} does not match its manifest hash (corrupted in storage or in transit); "
             "re-chunk the model or check the server's storage"
         )
+
+
+def verify_blob(entry: BlobEntry, buf: bytes | bytearray | memoryview, where: str) -> None:
+    """Raise IntegrityError unless ``buf`` is exactly the manifest's object."""
+    if len(buf) != entry.bytes:
+        raise IntegrityError(f"{entry.path} from {where}: got {len(buf)} bytes, manifest says {entry.bytes}")
+    check_blake3(entry, blake3_hex(buf), where)
 
 
 def verify_and_decode(entry: UnitEntry, buf: bytearray, where: str) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from ..exceptions import (
     RemoteError,
 )
 from ..format import Manifest
-from .source import FetchedUnit, UnitSource, decode_verified, verify_and_decode, verify_blob
+from .source import FetchedUnit, UnitSource, check_blake3, decode_verified, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
@@ -658,20 +658,12 @@ class WebSocketSource(UnitSource):
         buf = self.new_buffer(entry.bytes)
         p = await self._request(proto.Op.GET_UNIT, manifest.name, unit, buffer=buf, expected_size=entry.bytes,
                                 hash_incremental=True)
-        if p.hasher is not None and p.hashed == entry.bytes:
-            # Hashed while it arrived: wait for the last piece, compare, then parse the header (no re-hash).
-            if p.hash_future is not None:
-                await asyncio.wrap_future(p.hash_future)
-            if p.hasher.hexdigest() != entry.blake3:
-                raise IntegrityError(
-                    f"{entry.path} from {self.uri} does not match its manifest hash (corrupted in storage or in "
-                    "transit); re-chunk the model or check the server's storage"
-                )
-            tensors = decode_verified(entry, buf, self.uri)
-        elif entry.bytes >= 1 << 20:  # BLAKE3 releases the GIL: verify large units off the event loop
-            tensors = await asyncio.to_thread(verify_and_decode, entry, buf, self.uri)
-        else:
-            tensors = verify_and_decode(entry, buf, self.uri)
+        # Hashed while it arrived: wait for the last piece, compare, then parse the header (no re-hash).
+        assert p.hasher is not None and p.hashed == entry.bytes, "every received byte is fed to the hasher"
+        if p.hash_future is not None:
+            await asyncio.wrap_future(p.hash_future)
+        check_blake3(entry, p.hasher.hexdigest(), self.uri)
+        tensors = decode_verified(entry, buf, self.uri)
         return FetchedUnit(unit, tensors, entry.bytes, loop.time() - t0, buf)
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:

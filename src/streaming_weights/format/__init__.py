@@ -4,7 +4,7 @@ Pure data: no torch.nn, no asyncio, no sockets.
 """
 
 from .chunkfile import TensorSpec, UnitLayout, decode_unit, encode_tensors, parse_header, plan_unit
-from .hashing import Digests, blake3_hex, sha256_hex, verify_blake3
+from .hashing import Digests, blake3_hex, sha256_hex
 from .manifest import FORMAT_VERSION, BlobEntry, Manifest, UnitEntry
 from .names import FILES_DIR, MANIFEST_FILE, RESIDENT_UNIT, UNITS_DIR, check_name, file_path, join_key, unit_path
 
@@ -12,5 +12,5 @@ __all__ = [
     "FORMAT_VERSION", "BlobEntry", "Digests", "Manifest", "TensorSpec", "UnitEntry", "UnitLayout",
     "FILES_DIR", "MANIFEST_FILE", "RESIDENT_UNIT", "UNITS_DIR",
     "blake3_hex", "check_name", "decode_unit", "encode_tensors", "file_path", "join_key", "parse_header",
-    "plan_unit", "sha256_hex", "unit_path", "verify_blake3",
+    "plan_unit", "sha256_hex", "unit_path",
 ]

@@ -33,8 +33,3 @@ class Digests:
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> Digests:
         return cls(sha256=sha256_hex(data), blake3=blake3_hex(data))
-
-
-def verify_blake3(data: bytes | bytearray | memoryview, expected: str) -> bool:
-    """True when ``data`` hashes to ``expected`` (hex); digests are public, so ``==`` is fine here."""
-    return blake3_hex(data) == expected
