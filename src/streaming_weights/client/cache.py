@@ -221,9 +221,13 @@ class UnitCache:
             self.active[name] = (unit, refs - 1)
             return
         del self.active[name]
+        self._keep(name, unit, current=name)
+
+    def _keep(self, name: str, unit: FetchedUnit, current: str | None) -> None:
+        """Put ``unit`` in the cache, then evict down to the bounds (possibly ``unit`` itself)."""
         if self.max_units > 0:
             self.cached[name] = unit
-            self._evict(current=name)
+            self._evict(current=current)
         else:
             self._drop(unit)
 
@@ -272,12 +276,8 @@ class UnitCache:
                 unit = await asyncio.shield(task)
                 self.inflight.pop(name, None)
                 self._prefetch_tasks.discard(name)
-            if self.max_units > 0:
-                self.cached[name] = unit
-                self.cached.move_to_end(name)
-                while len(self.cached) > self.max_units:
-                    self._drop(self.cached.popitem(last=False)[1])
-                    self.stats.evictions += 1
+            # No unit is computing: the policy evicts the oldest entries, so later names win.
+            self._keep(name, unit, current=None)
 
     def resize(self, max_units: int, max_bytes: int | None = None) -> None:
         if max_units < 0:

@@ -87,11 +87,12 @@ class LRUPolicy(CachePolicy):
         self.recency.move_to_end(unit)
 
     def victim(self, cached: Iterable[str], current: str | None) -> str:
-        cands = set(cached)
-        for u in self.recency:
-            if u in cands:
-                return u
-        return next(iter(cands))
+        cands = list(cached)
+        unused = [u for u in cands if u not in self.recency]  # never used: older than anything used
+        if unused:
+            return unused[0]
+        rank = {u: i for i, u in enumerate(self.recency)}
+        return min(cands, key=rank.__getitem__)
 
 
 POLICIES: dict[str, type[CachePolicy]] = {"order": ExecutionOrderPolicy, "lru": LRUPolicy}
