@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from ..exceptions import ConnectionFailedError, FetchTimeoutError
 from ..format import Manifest
+from .buffers import BufferPool
 from .source import FetchedUnit, UnitSource
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class FailoverSource(UnitSource):
         if not sources:
             raise ValueError("FailoverSource needs at least one source")
         self.sources = list(sources)
+        self._buffer_pool: BufferPool | None = None
         self.location = " | ".join(s.location for s in self.sources)
         self.base_backoff, self.max_backoff = base_backoff, max_backoff
         self._down_until = [0.0] * len(self.sources)
@@ -73,9 +75,18 @@ class FailoverSource(UnitSource):
     async def get_manifest(self, model_name: str | None) -> Manifest:
         return await self._call("get manifest", lambda s: s.get_manifest(model_name))
 
-    async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
+    @property
+    def buffer_pool(self) -> BufferPool | None:
+        return self._buffer_pool
+
+    @buffer_pool.setter
+    def buffer_pool(self, pool: BufferPool | None) -> None:
+        # The source that answers fills the buffer, so every source shares the engine's pool.
+        self._buffer_pool = pool
         for s in self.sources:
-            s.buffer_pool = self.buffer_pool
+            s.buffer_pool = pool
+
+    async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
         return await self._call(f"fetch {unit}", lambda s: s.fetch_unit(manifest, unit))
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
