@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,25 +33,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from srv_helpers import build_model, start_server_process  # noqa: E402
 
 from streaming_weights import protocol as proto  # noqa: E402
-from streaming_weights.benchmarks import _raw_tcp_once  # noqa: E402
+from streaming_weights.benchmarks import _RAW_SENDER, _process, _raw_tcp_once, free_port  # noqa: E402
 from streaming_weights.client.buffers import BufferPool  # noqa: E402
 from streaming_weights.client.transport import WebSocketSource  # noqa: E402
 from streaming_weights.storage import FilesystemBackend  # noqa: E402
 
-RAW_SENDER = r"""
-import socket, sys
-data = open(sys.argv[1], "rb").read()
-view = memoryview(data)
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(1)
-print(srv.getsockname()[1], flush=True)
-while True:
-    conn, _ = srv.accept()
-    with conn:
-        while conn.recv(1):  # one byte = send the blob once more
-            for off in range(0, len(data), 1 << 20):
-                conn.sendall(view[off : off + (1 << 20)])
-"""
 
 
 def raw_tcp(port: int, size: int, repeats: int) -> list[float]:
@@ -120,22 +104,21 @@ def main() -> None:
         unit_file = d / "units" / "big.safetensors"
         size = unit_file.stat().st_size
         server, port = start_server_process(d, "--cache-size", str(2 * args.mb + 64), "--max-inflight", "4")
-        raw = subprocess.Popen([sys.executable, "-c", RAW_SENDER, str(unit_file)], stdout=subprocess.PIPE, text=True)
+        raw_port = free_port()
         try:
-            raw_port = int(raw.stdout.readline())  # type: ignore[union-attr]
-            uri = f"ws://127.0.0.1:{port}"
-            asyncio.run(transport(uri, "big", 1))  # warm the server's cache and both processes
-            results: dict[str, list[float]] = {"raw": [], "lib": [], "net": [], "e2e": []}
-            for _ in range(args.repeats):  # interleave so background load hits every method alike
-                results["raw"] += raw_tcp(raw_port, size, 1)
-                results["lib"] += asyncio.run(websockets_lib(uri, "big", 1))
-                net, e2e = asyncio.run(transport(uri, "big", 1))
-                results["net"] += net
-                results["e2e"] += e2e
+            with _process([sys.executable, "-c", _RAW_SENDER, str(unit_file), str(raw_port)], raw_port):
+                uri = f"ws://127.0.0.1:{port}"
+                asyncio.run(transport(uri, "big", 1))  # warm the server's cache and both processes
+                results: dict[str, list[float]] = {"raw": [], "lib": [], "net": [], "e2e": []}
+                for _ in range(args.repeats):  # interleave so background load hits every method alike
+                    results["raw"] += raw_tcp(raw_port, size, 1)
+                    results["lib"] += asyncio.run(websockets_lib(uri, "big", 1))
+                    net, e2e = asyncio.run(transport(uri, "big", 1))
+                    results["net"] += net
+                    results["e2e"] += e2e
         finally:
-            for p in (server, raw):
-                p.terminate()
-                p.wait()
+            server.terminate()
+            server.wait()
 
     touch = []
     for _ in range(3):  # what a fresh receive buffer costs before any byte arrives (page faults)

@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from streaming_weights.benchmarks import free_port
+
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [3, 8, 12, 19], [44, 45, 46], [100, 7, 200, 9, 11]]
 NEW_TOKENS = 6
 
@@ -127,17 +129,11 @@ def _worker(uri: str, model: str, n_conn: int, seconds: float, reference: list[l
     queue.put({"lat": lat, "errors": errors, **stats})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_load(chunks_dir: str | os.PathLike[str], reference: list[list[int]], *, model: str | None = None,
              seconds: float = 60.0, connections: int = 32, processes: int = 4, cache_mb: float = 64) -> LoadResult:
     import psutil
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "streaming_weights.weight_server", "--chunks-dir", str(chunks_dir),
                                "--port", str(port), "--cache-size", str(cache_mb),
                                "--max-connections", str(connections + 8)],

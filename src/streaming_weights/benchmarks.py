@@ -65,7 +65,8 @@ def summarize(values: list[float], unit: str) -> dict[str, Any]:
             "values": vals}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers started by benchmarks and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +115,7 @@ def _process(cmd: list[str], port: int) -> Iterator[subprocess.Popen]:
 @contextmanager
 def weight_server_process(chunks_dir: Path, cache_mb: float) -> Iterator[str]:
     """``python -m streaming_weights.weight_server`` in its own process; yields its ws:// URI."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "streaming_weights.weight_server", "--chunks-dir", str(chunks_dir),
            "--port", str(port), "--cache-size", str(int(cache_mb)), "--max-inflight", "32"]
     with _process(cmd, port):
@@ -313,7 +314,7 @@ def case_transfer(ctx: _Suite) -> dict[str, Any]:
     m = _write_one_unit_model(d, mb * MiB)
     unit_file = d / m.unit("big").path
     size = m.unit("big").bytes
-    raw_port, hex_port = _free_port(), _free_port()
+    raw_port, hex_port = free_port(), free_port()
     times: dict[str, list[float]] = {"raw_tcp": [], "e2e": [], "net": [], "hex_json": []}
     with weight_server_process(d, cache_mb=2 * mb + 64) as uri, \
             _process([sys.executable, "-c", _RAW_SENDER, str(unit_file), str(raw_port)], raw_port), \
