@@ -1,23 +1,17 @@
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Before anything imports huggingface_hub/transformers: the suite never touches the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import models as tiny  # noqa: E402
-
-from streaming_weights import ModelChunker  # noqa: E402
-
-
-def chunk(source: Path | str, out: Path, **kw) -> dict:
-    return asyncio.run(ModelChunker(str(source), output_dir=str(out), **kw).chunk_model())
+from tests.support import models as tiny  # noqa: E402
+from tests.support import services  # noqa: E402
+from tests.support.models import chunk  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +79,8 @@ def minilm_chunks(workdir) -> Path:
 
 
 # ------------------------------------------------------------------ real S3 (rclone) and Redis servers
-# Started once per session on loopback by the fixtures below (see tests/services.py); a missing binary
+# Started once per session on loopback by the fixtures below (see tests/support/services.py); a missing binary
 # fails the test with the install command. Tests using them carry the `s3` / `redis` markers.
-import services  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -79,3 +79,62 @@ def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 << 30) == "3.0 GiB"
+
+
+# ---------------------------------------------------------------- per-field parsers, options mapping
+from streaming_weights.config import opt, parse_list, parse_memory  # noqa: E402
+from streaming_weights.exceptions import UnknownOptionError  # noqa: E402
+
+
+@pytest.mark.parametrize("text, want", [("1234", 1234), ("600MB", 600_000_000), ("2GiB", 2 << 30),
+                                        ("1.5 GB", 1_500_000_000), ("64mib", 64 << 20), ("auto", "auto")])
+def test_parse_memory(text, want):
+    assert parse_memory(text) == want
+
+
+@pytest.mark.parametrize("text", ["lots", "12 parsecs", "-5MB", ""])
+def test_parse_memory_rejects(text):
+    with pytest.raises(ValueError):
+        parse_memory(text)
+
+
+def test_parse_list():
+    assert parse_list("a, b,,c ") == ["a", "b", "c"] and parse_list("") == []
+
+
+def test_every_field_declares_its_parser():
+    import dataclasses
+
+    for f in dataclasses.fields(StreamingConfig):
+        assert "parse" in f.metadata, f.name  # declared with opt(): never parsed by its type's name
+
+
+def test_a_new_field_is_one_line_with_its_parser():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Extended(StreamingConfig):
+        memory_budget: int | str | None = opt(None, parse=parse_memory)
+        trusted_keys: list[str] = opt(parse=parse_list, factory=list)
+
+    c = Extended.from_env({"SURFING_MEMORY_BUDGET": "600MB", "SURFING_TRUSTED_KEYS": "k1,k2"})
+    assert (c.memory_budget, c.trusted_keys) == (600_000_000, ["k1", "k2"])
+    with pytest.raises(ConfigurationError, match="SURFING_MEMORY_BUDGET"):
+        Extended.from_env({"SURFING_MEMORY_BUDGET": "lots"})
+
+
+def test_server_uri_from_env_one_or_many():
+    assert StreamingConfig.from_env({"SURFING_SERVER_URI": "ws://a:1"}).location == "ws://a:1"
+    assert StreamingConfig.from_env({"SURFING_SERVER_URI": "ws://a:1, ws://b:2"}).location == ["ws://a:1", "ws://b:2"]
+    assert StreamingConfig.from_env({}).location == "ws://localhost:8765"
+
+
+def test_resolve_explicit_wins_over_config_and_unknown_is_named():
+    base = StreamingConfig(cache_size=4, prefetch_count=2)
+    c = StreamingConfig.resolve(base, cache_size=7, prefetch_count=None)
+    assert (c.cache_size, c.prefetch_count) == (7, 2) and base.cache_size == 4
+    with pytest.raises(UnknownOptionError, match="'cache_sise'") as ei:
+        StreamingConfig.resolve(base, cache_sise=3)
+    assert isinstance(ei.value, TypeError) and isinstance(ei.value, ConfigurationError)
+    with pytest.raises(ConfigurationError, match="max_retries"):
+        StreamingConfig.resolve(base, max_retries=-1)

@@ -9,6 +9,7 @@ Public surface (names from the original project's docs):
   :class:`StreamingT5Model`, :class:`StreamingGPTModel`
 * options and metrics: :class:`StreamingConfig`, :class:`StreamingMonitor`
 * errors: :mod:`streaming_weights.exceptions`
+* test doubles: :class:`streaming_weights.testing.FakeSource` (a unit source answered by a function)
 
 Heavy submodules are imported on first use.
 """

@@ -1,81 +1,182 @@
-"""``StreamingConfig``: the original project's options, overridable from ``SURFING_*`` environment variables."""
+"""``StreamingConfig``: every client and server option in one object, overridable from ``SURFING_*`` variables.
+
+A field is declared with :func:`opt`, which names the parser that reads it from the environment, so
+adding an option is one line::
+
+    memory_budget: int | str | None = opt(None, parse=parse_memory)
+
+Model constructors map their keyword arguments onto this object (:meth:`StreamingConfig.resolve`):
+the issues that add options add fields here, not parameters to a growing ``__init__``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, UnknownOptionError
 
 ENV_PREFIX = "SURFING_"
 
+Parser = Callable[[str], Any]
 
-def _coerce(value: str, typ: Any, name: str) -> Any:
-    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    try:
-        if typ.startswith("bool"):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
-        if typ.startswith("int"):
-            return int(value)
-        if typ.startswith("float"):
-            return float(value)
+
+# ------------------------------------------------------------------------------------- parsers
+# Each parser turns one environment string into the field's value or raises ValueError; the
+# caller turns that into a ConfigurationError naming the variable.
+def parse_str(value: str) -> str:
+    return value
+
+
+def parse_optional_str(value: str) -> str | None:
+    return value or None
+
+
+def parse_bool(value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def parse_int(value: str) -> int:
+    return int(value.strip())
+
+
+def parse_float(value: str) -> float:
+    return float(value.strip())
+
+
+def parse_optional_float(value: str) -> float | None:
+    return None if value.strip().lower() in ("", "none") else float(value)
+
+
+def parse_list(value: str) -> list[str]:
+    """Comma-separated items, blanks dropped (``"a, b,"`` -> ``["a", "b"]``)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_uris(value: str) -> str | list[str] | None:
+    """One location, or several comma-separated servers (failover)."""
+    items = parse_list(value)
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else items
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(value: str | int) -> int | str:
+    """A byte count: ``1234``, ``"600MB"``, ``"2GiB"``, ``"1.5 GB"``, or ``"auto"`` (kept as the string)."""
+    if isinstance(value, int):
         return value
-    except ValueError:
-        raise ConfigurationError(f"environment variable {ENV_PREFIX}{name.upper()}={value!r} is not a valid {typ}") from None
+    if value.strip().lower() == "auto":
+        return "auto"
+    m = _MEMORY.match(value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError("expected a size such as 600MB, 2GiB, 1234 or auto")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def opt(default: Any = None, *, parse: Parser | None = parse_str, repr: bool = True, factory: Any = None) -> Any:
+    """A :class:`StreamingConfig` field read from ``SURFING_<NAME>`` with ``parse`` (``None``: not from the
+    environment, e.g. objects such as an SSL context)."""
+    kw: dict[str, Any] = {"repr": repr, "metadata": {"parse": parse}}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, **kw)
+    return dataclasses.field(default=default, **kw)
 
 
 @dataclass
 class StreamingConfig:
     """Client and server options.
 
-    Every field can be overridden with ``SURFING_<FIELD>`` (e.g. ``SURFING_SERVER_PORT=9000``,
-    ``SURFING_CACHE_SIZE=5``, ``SURFING_TOKEN``) via :meth:`from_env`.
+    Every field with a parser can be overridden with ``SURFING_<FIELD>`` (e.g. ``SURFING_SERVER_PORT=9000``,
+    ``SURFING_CACHE_SIZE=5``, ``SURFING_TOKEN``, ``SURFING_SERVER_URI=ws://a:1,ws://b:2``) via :meth:`from_env`.
     """
 
-    server_host: str = "localhost"
-    server_port: int = 8765
-    use_ssl: bool = False
-    cache_size: int = 3
-    cache_size_mb: float | None = None
-    enable_compression: bool = False  # kept for compatibility: weights go raw (compression costs ~30x throughput)
-    prefetch_layers: bool = True
-    prefetch_count: int = 1
-    timeout_seconds: float = 30.0
-    max_retries: int = 3
-    model_name: str | None = None
-    chunks_dir: str = "./chunks"
-    token: str | None = field(default=None, repr=False)
-    cache_policy: str = "order"
+    server_host: str = opt("localhost", parse=parse_str)
+    server_port: int = opt(8765, parse=parse_int)
+    use_ssl: bool = opt(False, parse=parse_bool)
+    cache_size: int = opt(3, parse=parse_int)
+    cache_size_mb: float | None = opt(None, parse=parse_optional_float)
+    enable_compression: bool = opt(False, parse=parse_bool)  # compatibility only: weights go raw
+    prefetch_layers: bool = opt(True, parse=parse_bool)
+    prefetch_count: int = opt(1, parse=parse_int)
+    timeout_seconds: float = opt(30.0, parse=parse_float)
+    max_retries: int = opt(3, parse=parse_int)
+    model_name: str | None = opt(None, parse=parse_optional_str)
+    chunks_dir: str = opt("./chunks", parse=parse_str)
+    token: str | None = opt(None, parse=parse_optional_str, repr=False)
+    cache_policy: Any = opt("order", parse=parse_str)  # "order", "lru" or a client.policy.CachePolicy
+    #: where a model streams from: ws(s):// URI, a list of them, s3://, a chunk directory or a UnitSource
+    #: (``None``: :attr:`websocket_uri`).
+    server_uri: Any = opt(None, parse=parse_uris)
+    ssl_context: Any = opt(None, parse=None, repr=False)
+    monitor: Any = opt(None, parse=None, repr=False)
+    trace: bool = opt(False, parse=parse_bool)
+    #: ``generate`` drafting: "auto" (prompt lookup for greedy single-sequence calls), "off", or a draft
+    #: length N (validated by ``models.generation.parse_speculation`` where it is used).
+    speculation: Any = opt("auto", parse=parse_str)
 
     def __post_init__(self) -> None:
-        if self.cache_size < 0:
-            raise ConfigurationError(f"cache_size must be >= 0, got {self.cache_size}")
-        if self.prefetch_count < 0:
-            raise ConfigurationError(f"prefetch_count must be >= 0, got {self.prefetch_count}")
-        if self.timeout_seconds <= 0:
-            raise ConfigurationError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
-        if not 0 < self.server_port < 65536:
-            raise ConfigurationError(f"server_port must be in 1..65535, got {self.server_port}")
+        checks = [("cache_size", self.cache_size >= 0, ">= 0"), ("prefetch_count", self.prefetch_count >= 0, ">= 0"),
+                  ("timeout_seconds", self.timeout_seconds > 0, "> 0"), ("max_retries", self.max_retries >= 0, ">= 0"),
+                  ("server_port", 0 < self.server_port < 65536, "in 1..65535"),
+                  ("cache_size_mb", self.cache_size_mb is None or self.cache_size_mb >= 0, ">= 0")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigurationError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
     @property
     def websocket_uri(self) -> str:
         scheme = "wss" if self.use_ssl else "ws"
         return f"{scheme}://{self.server_host}:{self.server_port}"
 
+    @property
+    def location(self) -> Any:
+        """Where a model streams from: :attr:`server_uri` if set, else :attr:`websocket_uri`."""
+        return self.server_uri if self.server_uri is not None else self.websocket_uri
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> StreamingConfig:
-        """Defaults, then ``SURFING_*`` variables, then explicit ``overrides``."""
+        """Defaults, then ``SURFING_*`` variables, then explicit ``overrides`` (``None`` means not given)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = ENV_PREFIX + f.name.upper()
-            if key in env:
-                values[f.name] = _coerce(env[key], f.type, f.name)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+            parse = f.metadata.get("parse")
+            if parse is None or key not in env:
+                continue
+            try:
+                values[f.name] = parse(env[key])
+            except ValueError as exc:
+                raise ConfigurationError(f"environment variable {key}={env[key]!r} is not a valid {f.name}: {exc}") from None
+        return cls(**values).replace(**overrides)
+
+    def replace(self, **overrides: Any) -> StreamingConfig:
+        """A copy with every non-``None`` override applied (validated again)."""
+        unknown = sorted(set(overrides) - set(self.option_names()))
+        if unknown:
+            raise UnknownOptionError(f"unknown option {unknown[0]!r}; options are {self.option_names()}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+    @classmethod
+    def resolve(cls, config: StreamingConfig | None = None, **options: Any) -> StreamingConfig:
+        """The options a model runs with: ``config`` (default: :meth:`from_env`) with every explicit
+        (non-``None``) keyword winning. An unknown keyword raises :class:`UnknownOptionError` naming it."""
+        base = config if config is not None else cls.from_env()
+        return base.replace(**options)

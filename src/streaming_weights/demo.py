@@ -34,12 +34,22 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def demo_chunks_dir() -> Path:
+    """Where the demo keeps its chunked SmolLM2 (under :func:`cache_dir`)."""
+    return cache_dir() / "chunks" / SMOLLM2_NAME
+
+
+def demo_chunks_ready() -> bool:
+    """True when :func:`ensure_demo_chunks` has nothing to do (the chunks are cached)."""
+    return (demo_chunks_dir() / "manifest.json").is_file()
+
+
 def ensure_demo_chunks(progress: bool = True) -> Path:
     """Chunk the packaged SmolLM2 into the cache directory once; later calls reuse it."""
     from .chunker import ModelChunker
 
-    out = cache_dir() / "chunks" / SMOLLM2_NAME
-    if not (out / "manifest.json").is_file():
+    out = demo_chunks_dir()
+    if not demo_chunks_ready():
         asyncio.run(ModelChunker(str(packaged_smollm2()), output_dir=str(out), name=SMOLLM2_NAME,
                                  progress=progress).chunk_model())
     return out

@@ -4,6 +4,7 @@
 
     StreamingWeightsError
     ├── ConfigurationError            bad option / environment value
+    │   └── UnknownOptionError        an option name that does not exist (also TypeError)
     ├── FormatError                   chunk format problems
     │   ├── ManifestError             missing / malformed / inconsistent manifest.json
     │   └── UnitFormatError           a unit file that does not match its manifest entry
@@ -26,6 +27,7 @@
     ├── CacheError                    unit cache misuse (e.g. a negative size)
     ├── ModelError                    model construction / architecture problems
     │   ├── UnsupportedArchitectureError
+    │   ├── SyncCallInEventLoopError  a blocking method called inside a running event loop (also RuntimeError)
     │   └── UnitUnavailableError      a unit could not be fetched or verified after retries
     └── ChunkingError                 the chunker could not read or map a source
 """
@@ -39,6 +41,10 @@ class StreamingWeightsError(Exception):
 
 class ConfigurationError(StreamingWeightsError, ValueError):
     pass
+
+
+class UnknownOptionError(ConfigurationError, TypeError):
+    """An option (keyword argument or config field) that does not exist; the message names it."""
 
 
 class FormatError(StreamingWeightsError):
@@ -135,6 +141,10 @@ class ModelError(StreamingWeightsError):
 
 class UnsupportedArchitectureError(ModelError):
     pass
+
+
+class SyncCallInEventLoopError(ModelError, RuntimeError):
+    """A blocking model method was called from inside a running event loop; use its ``_async`` variant."""
 
 
 class UnitUnavailableError(ModelError):

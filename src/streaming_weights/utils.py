@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
+
+from .format.hashing import sha256_file
 
 
 def calculate_chunk_hash(path: str | os.PathLike[str]) -> str:
     """sha256 hex digest of a file (the manifest's identity hash; same as ``sha256sum``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def format_bytes(n: float) -> str:

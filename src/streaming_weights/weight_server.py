@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .server import WeightServer  # noqa: F401  (the original module exported the class from here)
+from .server import WeightServer  # noqa: F401  (compatibility: the original module exported the class here)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,38 +7,30 @@ State (all touched only on the I/O loop thread):
 * ``prefetched`` units fetched ahead and not used yet — at most the prefetch window
 * ``inflight``   running fetches; a demand miss joins a running prefetch instead of fetching twice
 
-So at most ``max_units + prefetch_count + 1`` units are alive. Buffers are never reused: a unit's
-tensors are views into its own receive buffer, which lives exactly as long as any of them.
+So at most ``max_units + prefetch_count + 1`` units are alive. A unit's tensors are views into its own
+receive buffer, which lives exactly as long as any of them (then it may go back to the buffer pool).
+
+The cache makes one fetch per miss and never retries: the source it fetches from does (one retry
+policy, in ``retry.RetryingSource``), so a failure here is already final.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..exceptions import (
-    AuthenticationError,
-    CacheError,
-    IntegrityError,
-    NotFoundError,
-    StreamingWeightsError,
-    UnitFormatError,
-    UnitUnavailableError,
-)
+from ..exceptions import CacheError
 from .buffers import BufferPool
 from .policy import CachePolicy
-from .source import FetchedUnit
+from .base import FetchedUnit
 
 log = logging.getLogger(__name__)
 
 Fetcher = Callable[[str], Awaitable[FetchedUnit]]
-# Errors retrying cannot fix (the server will answer the same).
-_FATAL = (AuthenticationError, NotFoundError)
 
 
 @dataclass
@@ -52,7 +44,6 @@ class CacheStats:
     bytes_fetched: int = 0
     fetch_seconds: float = 0.0
     stall_seconds: float = 0.0
-    retries: int = 0
     prefetches_wasted: int = 0
     events: list = field(default_factory=list)  # (t, kind, unit) when tracing
 
@@ -72,12 +63,12 @@ class UnitCache:
         max_units: streamed units kept between uses (``cache_size``).
         max_bytes: optional byte bound for kept units.
         prefetch_count: units fetched ahead of the one computing.
-        max_retries: attempts after the first for a failing fetch (transient errors only).
+        max_retries, retry_base_delay: ignored (deprecated): retries belong to the source (``RetryingSource``).
     """
 
     def __init__(self, fetch: Fetcher, policy: CachePolicy, sizes: dict[str, int], *, max_units: int = 3,
-                 max_bytes: int | None = None, prefetch_count: int = 1, max_retries: int = 3,
-                 retry_base_delay: float = 0.05, trace: bool = False, pool: BufferPool | None = None) -> None:
+                 max_bytes: int | None = None, prefetch_count: int = 1, max_retries: int | None = None,
+                 retry_base_delay: float | None = None, trace: bool = False, pool: BufferPool | None = None) -> None:
         if max_units < 0:
             raise CacheError(f"cache_size must be >= 0, got {max_units}")
         self._fetch = fetch
@@ -86,8 +77,6 @@ class UnitCache:
         self.max_units = max_units
         self.max_bytes = max_bytes
         self.prefetch_count = prefetch_count
-        self.max_retries = max_retries
-        self.retry_base_delay = retry_base_delay
         self.trace = trace
         self.stats = CacheStats()
         self.active: dict[str, tuple[FetchedUnit, int]] = {}
@@ -126,37 +115,18 @@ class UnitCache:
     def _note_live(self) -> None:
         self.peak_live = max(self.peak_live, self.live_units)
 
-    async def _fetch_with_retries(self, name: str) -> FetchedUnit:
-        attempt = 0
-        while True:
-            t0 = time.perf_counter()
-            self._event("fetch_start", name)
-            try:
-                unit = await self._fetch(name)
-            except asyncio.CancelledError:
-                raise
-            except _FATAL:
-                raise
-            except (StreamingWeightsError, OSError) as exc:
-                if attempt >= self.max_retries:
-                    kind = "failed verification" if isinstance(exc, (IntegrityError, UnitFormatError)) else "could not be fetched"
-                    raise UnitUnavailableError(
-                        f"unit {name!r} {kind} after {attempt + 1} attempts: {exc}"
-                    ) from exc
-                attempt += 1
-                self.stats.retries += 1
-                delay = self.retry_base_delay * (2 ** (attempt - 1)) * (1 + random.random())
-                log.warning("fetching %s failed (%s); retry %d/%d in %.2fs", name, exc, attempt, self.max_retries, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._event("fetch_end", name)
-            self.stats.fetches += 1
-            self.stats.bytes_fetched += unit.nbytes
-            self.stats.fetch_seconds += time.perf_counter() - t0
-            return unit
+    async def _fetch_once(self, name: str) -> FetchedUnit:
+        t0 = time.perf_counter()
+        self._event("fetch_start", name)
+        unit = await self._fetch(name)
+        self._event("fetch_end", name)
+        self.stats.fetches += 1
+        self.stats.bytes_fetched += unit.nbytes
+        self.stats.fetch_seconds += time.perf_counter() - t0
+        return unit
 
     def _start_fetch(self, name: str, prefetch: bool) -> asyncio.Task[FetchedUnit]:
-        task = asyncio.get_running_loop().create_task(self._fetch_with_retries(name), name=f"fetch:{name}")
+        task = asyncio.get_running_loop().create_task(self._fetch_once(name), name=f"fetch:{name}")
         self.inflight[name] = task
         if prefetch:
             self._prefetch_tasks.add(name)
@@ -170,7 +140,7 @@ class UnitCache:
         del self.inflight[name]
         self._prefetch_tasks.discard(name)
         if task.cancelled() or task.exception() is not None:
-            return  # a demand fetch will retry and report the error
+            return  # a demand fetch will try again and report the error
         self.prefetched[name] = task.result()
 
     # --------------------------------------------------------------------------------------- API
@@ -308,7 +278,6 @@ class UnitCache:
             "joined_inflight": s.joined_inflight,
             "prefetches_wasted": s.prefetches_wasted,
             "fetches": s.fetches,
-            "retries": s.retries,
             "bytes_fetched": s.bytes_fetched,
             "fetch_seconds": s.fetch_seconds,
             "stall_seconds": s.stall_seconds,

@@ -1,8 +1,10 @@
 """Client-side failover over several weight servers (or any unit sources) serving the same models.
 
-Requests go to the first healthy source; one that fails with a connection-level error is skipped for
-an exponentially growing, jittered back-off and the request completes on the next. Every unit is still
-verified against the manifest's hash, so results are identical whichever server answered.
+``FailoverSource`` only chooses and orders servers: each call makes one pass over them, healthy ones
+first; one that fails with a transient error (see ``retry.is_transient``) is skipped for an
+exponentially growing, jittered back-off and the call moves on to the next. It never retries a server
+within a call: ``RetryingSource`` around it does that. Every unit is still verified against the
+manifest's hash, so results are identical whichever server answered.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import random
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from ..exceptions import ConnectionFailedError, FetchTimeoutError
+from ..exceptions import ConnectionFailedError
 from ..format import Manifest
+from .base import FetchedUnit, UnitSource
 from .buffers import BufferPool
-from .source import FetchedUnit, UnitSource
+from .retry import is_transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Errors that say "this server is unwell", not "this request is wrong".
-_FAILOVER = (ConnectionFailedError, FetchTimeoutError, ConnectionError, OSError)
 
 
 class FailoverSource(UnitSource):
@@ -42,6 +43,7 @@ class FailoverSource(UnitSource):
         self._down_until = [0.0] * len(self.sources)
         self._failures = [0] * len(self.sources)
         self.failovers = 0
+        self.attempt_span = sum(s.attempt_span for s in self.sources)
 
     def _order(self) -> list[int]:
         now = time.monotonic()
@@ -50,16 +52,20 @@ class FailoverSource(UnitSource):
                          key=lambda i: self._down_until[i])
         return healthy + resting  # if all are resting, still try them (soonest first) rather than fail
 
-    async def _call(self, what: str, fn: Callable[[UnitSource], Awaitable[T]]) -> T:
-        errors = []
+    async def _call(self, what: str, fn: Callable[[UnitSource], Awaitable[T]], *, unit: bool = False) -> T:
+        errors: list[str] = []
+        last: Exception | None = None
         for attempt, i in enumerate(self._order()):
             try:
                 result = await fn(self.sources[i])
-            except _FAILOVER as exc:
+            except Exception as exc:
+                if not is_transient(exc, unit=unit):
+                    raise  # "this request is wrong": every server would answer the same
                 self._failures[i] += 1
                 delay = min(self.max_backoff, self.base_backoff * 2 ** (self._failures[i] - 1))
                 self._down_until[i] = time.monotonic() + delay * (0.5 + random.random())
                 errors.append(f"{self.sources[i].location}: {exc}")
+                last = exc
                 log.warning("%s failed on %s (%s); failing over", what, self.sources[i].location, exc)
                 if attempt + 1 < len(self.sources):
                     self.failovers += 1
@@ -67,7 +73,7 @@ class FailoverSource(UnitSource):
             self._failures[i] = 0
             self._down_until[i] = 0.0
             return result
-        raise ConnectionFailedError(f"{what}: every server failed: " + "; ".join(errors))
+        raise ConnectionFailedError(f"{what}: every server failed: " + "; ".join(errors)) from last
 
     async def list_models(self) -> list[str]:
         return await self._call("list models", lambda s: s.list_models())
@@ -87,7 +93,7 @@ class FailoverSource(UnitSource):
             s.buffer_pool = pool
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
-        return await self._call(f"fetch {unit}", lambda s: s.fetch_unit(manifest, unit))
+        return await self._call(f"fetch {unit}", lambda s: s.fetch_unit(manifest, unit), unit=True)
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
         return await self._call(f"fetch {name}", lambda s: s.fetch_file(manifest, name))

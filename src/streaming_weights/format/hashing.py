@@ -7,6 +7,7 @@ each fetched unit is never the bottleneck of a transfer.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import blake3
@@ -23,6 +24,15 @@ def blake3_hex(data: bytes | bytearray | memoryview) -> str:
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file, read in blocks (equals ``sha256sum`` and a unit's manifest ``sha256``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

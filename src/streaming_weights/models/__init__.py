@@ -2,6 +2,11 @@
 
 Public surface: :class:`StreamingBaseModel` (any mappable architecture), :class:`StreamingLlamaModel`,
 :class:`StreamingBertModel`, :class:`StreamingT5Model`, :class:`StreamingGPTModel`.
+
+Modules: :mod:`.base` (the facade: options, explicit loading, sync/async API, stats, lifecycle),
+:mod:`.engine` (I/O thread, retrying source, unit cache, bindings, counters), :mod:`.loader` (meta
+model, resident parts, ties, tokenizer), :mod:`.hooks` (the one tensor-assign path), :mod:`.architecture`
+(which modules stream), :mod:`.families` (the seed-named classes).
 """
 
 from .base import StreamingBaseModel

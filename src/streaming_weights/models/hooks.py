@@ -38,6 +38,17 @@ def assign_tensor(module: nn.Module, rel: str, tensor: torch.Tensor) -> None:
         raise ModelError(f"{type(module).__name__} has no parameter or buffer {rel!r}")
 
 
+def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Put every tensor of a unit (names are full model paths starting with ``prefix``) into ``module``.
+
+    The one assign path: resident parts (``prefix=""``, ``module`` = the model) and streamed units
+    (``prefix`` = the unit's module path) go through it alike.
+    """
+    cut = len(prefix)
+    for full, t in tensors.items():
+        assign_tensor(module, full[cut:], t)
+
+
 class UnitBinding:
     """Hooks streaming one unit (module path ``name``) through ``acquire``/``release`` callbacks."""
 
@@ -66,8 +77,7 @@ class UnitBinding:
         # torch runs always_call forward hooks even when a pre-hook raises, so _post cleans up both ways.
         tensors = self._acquire(self.name)
         self._held = True
-        for full, t in tensors.items():
-            assign_tensor(self.module, full[len(self._prefix):], t)
+        assign_unit(self.module, tensors, self._prefix)
         return None
 
     def _post(self, module: nn.Module, args, output):

@@ -7,6 +7,7 @@ behind a shared Redis cache: the scale-out setup), :class:`ByteLRU` (a server's 
 
 from .advanced import AdvancedWeightServer
 from .cache import ByteLRU
-from .server import WeightServer, run_server
+from .run import run_server
+from .server import WeightServer
 
 __all__ = ["AdvancedWeightServer", "ByteLRU", "WeightServer", "run_server"]

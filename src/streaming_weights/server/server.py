@@ -1,6 +1,8 @@
 """``WeightServer``: serves chunked models' bytes over WebSocket (protocol v1, see docs/protocol.md).
 
-The server never deserializes tensors: it validates each request against the hosted manifests, reads
+This module is the asyncio pump: websockets runs the connections, :class:`~.handler.RequestHandler`
+decides what each message gets (sans-I/O), and this code executes that plan. The server never
+deserializes tensors: the handler validates each request against the hosted manifests; the pump reads
 the blob from storage (through a byte-bounded LRU for blobs that fit it, or in ``chunk_bytes`` ranged
 reads for larger ones) and sends it as raw DATA messages. Every send is awaited, one message at a time
 per connection, so a client that stops reading stalls only its own requests and the server holds at
@@ -10,40 +12,30 @@ most about one chunk per in-flight request plus ``write_limit`` for it.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import http
 import json
 import logging
 import os
 import ssl
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HTTPRequest
 from websockets.http11 import Response as HTTPResponse
 
 from .. import protocol as proto
-from ..client.source import discover_models, pick_model
-from ..exceptions import (
-    BadRequestError,
-    ConfigurationError,
-    KeyNotFoundError,
-    ManifestError,
-    NotFoundError,
-    ProtocolError,
-    RemoteError,
-    StorageError,
-)
-from ..format import Manifest, check_name, join_key
+from ..exceptions import ConfigurationError, KeyNotFoundError, NotFoundError, RemoteError, StorageError
+from ..format import join_key
 from ..format.manifest import BlobEntry
+from ..protocol.frames import binary_frame_header
 from ..storage import StorageBackend, open_storage
+from ..storage.catalog import discover_models
 from .cache import ByteLRU
+from .endpoint import bind_error, bracket, server_tls, check_token, http_response, is_loopback, is_wildcard, peer
+from .handler import Answer, Cancel, Hosted, Reject, RequestHandler, error_reply
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("streaming_weights.server")
@@ -51,28 +43,15 @@ logger = logging.getLogger("streaming_weights.server")
 TOKEN_ENV = "SURFING_TOKEN"
 
 
-@dataclass
-class _Hosted:
-    prefix: str
-    manifest: Manifest
-    manifest_bytes: bytes
+_Hosted = Hosted  # compatibility alias
 
 
 @dataclass(eq=False)
 class _Conn:
     ws: ServerConnection
+    peer: str = "?"
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inflight: dict[int, asyncio.Task] = field(default_factory=dict)
-
-
-def _tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str] | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(cert), str(key) if key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"cannot load TLS certificate {cert!r} / key {key!r}: {exc}") from exc
-    return ctx
 
 
 class WeightServer:
@@ -128,35 +107,15 @@ class WeightServer:
         ping_timeout: float | None = 20.0,
         close_timeout: float = 2.0,
     ) -> None:
-        given = [x for x in (source, chunks_dir, storage_backend) if x is not None]
-        if len(given) > 1:
-            raise ConfigurationError("pass only one of source, chunks_dir, storage_backend")
-        location = given[0] if given else None
-        if location is None:
-            raise ConfigurationError("WeightServer needs a chunk directory or a storage backend (source=...)")
-        if isinstance(location, StorageBackend):
-            self.storage, extra = location, ""
-        else:
-            self.storage, extra = open_storage(str(Path(location)) if isinstance(location, os.PathLike) else location)
-        self.prefix = join_key(extra, prefix.strip("/")).strip("/") if prefix else extra
+        self.storage, self.prefix = _resolve_storage(source, chunks_dir, storage_backend, prefix)
         if min(max_connections, max_inflight_per_connection, max_request_bytes, chunk_bytes) <= 0:
             raise ConfigurationError("server limits must be positive")
         if max_request_bytes < proto.HEADER_SIZE + 64:
             raise ConfigurationError(f"max_request_bytes must be at least {proto.HEADER_SIZE + 64}")
         self.host = host
         self.port = port
-        self.token = os.environ.get(TOKEN_ENV) if token is None else token
-        self.token = self.token or None
-        cert = tls_cert or ssl_cert_path
-        key = tls_key or ssl_key_path
-        if ssl_context is not None:
-            self.ssl_context: ssl.SSLContext | None = ssl_context
-        elif cert:
-            self.ssl_context = _tls_context(cert, key)
-        elif use_ssl:
-            raise ConfigurationError("use_ssl=True needs ssl_cert_path/ssl_key_path (or tls_cert/tls_key)")
-        else:
-            self.ssl_context = None
+        self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
+        self.ssl_context = server_tls(ssl_context, tls_cert or ssl_cert_path, tls_key or ssl_key_path, use_ssl)
         cache_bytes = int(cache_size_mb * 2**20)
         max_item = int(max_cached_blob_mb * 2**20) if max_cached_blob_mb is not None else cache_bytes // 4
         self.cache = ByteLRU(cache_bytes, max_item_bytes=max_item)
@@ -169,7 +128,8 @@ class WeightServer:
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
         self.metrics = ServerMetrics(storage=self.storage)
-        self.models: dict[str, _Hosted] = {}
+        self.models: dict[str, Hosted] = {}
+        self.handler = RequestHandler(self.models, max_inflight=self.max_inflight)
         self._server: Server | None = None
         self._conns: set[_Conn] = set()
         #: Most requests seen in flight on one connection (diagnostics and tests).
@@ -182,40 +142,49 @@ class WeightServer:
 
     @property
     def uri(self) -> str:
-        host = "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        """An address clients on this machine can connect to (``localhost`` for a wildcard bind)."""
+        host = "localhost" if is_wildcard(self.host) else self.host
+        return f"{self.scheme}://{bracket(host)}:{self.port}"
 
-    async def load_models(self) -> dict[str, _Hosted]:
+    @property
+    def listen_uri(self) -> str:
+        """The address really listened on (``ws://0.0.0.0:8765`` for all interfaces)."""
+        return f"{self.scheme}://{bracket(self.host or '0.0.0.0')}:{self.port}"
+
+    async def load_models(self) -> dict[str, Hosted]:
         """(Re)discover the hosted models' manifests. Raises ConfigurationError if there are none."""
         found = await discover_models(self.storage, self.prefix)
         if not found:
             raise ConfigurationError(f"no chunked model (manifest.json) under {self.storage.location}/{self.prefix}")
-        self.models = {name: _Hosted(p, m, m.to_bytes()) for name, (p, m) in found.items()}
+        self.models = {name: Hosted(p, m, m.to_bytes()) for name, (p, m) in found.items()}
+        self.handler.models = self.models
         return self.models
 
     async def start(self) -> WeightServer:
-        """Load manifests and start listening; returns once the port is bound."""
+        """Load manifests and start listening; returns once the port is bound.
+
+        Raises:
+            ConfigurationError: no models, the port is in use, or ``host`` cannot be bound (one-line message).
+        """
         if self._server is not None:
             return self
         await self.load_models()
-        self._server = await serve(
-            self._handle,
-            self.host,
-            self.port,
-            ssl=self.ssl_context,
-            process_request=self._process_request,
-            compression=None,
-            max_size=self.max_request_bytes,
-            max_queue=max(16, self.max_inflight),
-            write_limit=self.write_limit,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            close_timeout=self.close_timeout,
-            server_header="surfing-weights",
-            logger=logging.getLogger("streaming_weights.server.websockets"),
-        )
+        try:
+            self._server = await serve(
+                self._handle, self.host, self.port, ssl=self.ssl_context, process_request=self._process_request,
+                compression=None, max_size=self.max_request_bytes, max_queue=max(16, self.max_inflight),
+                write_limit=self.write_limit, ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                close_timeout=self.close_timeout, server_header="surfing-weights",
+                logger=logging.getLogger("streaming_weights.server.websockets"),
+            )
+        except OSError as exc:
+            raise bind_error(exc, self.host, self.port) from None
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.port
-        logger.info("serving %s on %s (%s)", sorted(self.models), self.uri, self.storage.location)
+        logger.info("serving %s on %s (%s, %s)", ", ".join(sorted(self.models)), self.listen_uri,
+                    self.storage.location, "token auth" if self.token else "no auth")
+        if self.token is None and not is_loopback(self.host):
+            logger.warning("listening beyond loopback (%s) without a token: anyone who can reach port %d can read "
+                           "the weights; set a token", self.host or "0.0.0.0", self.port)
         return self
 
     async def stop(self) -> None:
@@ -261,41 +230,32 @@ class WeightServer:
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if path == "/healthz" and not upgrade:
             body = json.dumps({"status": "ok", "models": sorted(self.models), "connections": len(self._conns)})
-            return self._http(connection, 200, body.encode(), "application/json")
+            return http_response(200, body.encode(), "application/json")
         if path == "/metrics" and not upgrade:
             self.metrics.cache_bytes.set(self.cache.bytes)
-            return self._http(connection, 200, self.metrics.render(), self.metrics.content_type)
+            return http_response(200, self.metrics.render(), self.metrics.content_type)
         if not upgrade:
-            return self._http(connection, 404, b"not found: use a WebSocket client, /healthz or /metrics\n")
+            return http_response(404, b"not found: use a WebSocket client, /healthz or /metrics\n")
         if self.token is not None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if not auth:
-                self.metrics.rejected_handshakes.labels("missing_token").inc()
-                resp = self._http(connection, 401, b"missing bearer token\n")
-                resp.headers["WWW-Authenticate"] = 'Bearer realm="surfing-weights"'
-                return resp
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                self.metrics.rejected_handshakes.labels("bad_token").inc()
-                return self._http(connection, 403, b"invalid bearer token\n")
+            refusal = check_token(self.token, request.headers.get("Authorization", ""), self.metrics)
+            if refusal is not None:
+                logger.warning("rejected connection from %s: %s", peer(connection), refusal.body.decode().strip())
+                return refusal
         # Authenticate first: a client without the token learns nothing, not even that the server is full.
         if len(self._conns) >= self.max_connections:
             self.metrics.rejected_handshakes.labels("busy").inc()
-            resp = self._http(connection, 503, b"server busy: too many connections\n")
+            logger.warning("refused connection from %s: %d connections already open", peer(connection), len(self._conns))
+            resp = http_response(503, b"server busy: too many connections\n")
             resp.headers["Retry-After"] = "1"
             return resp
         return None
 
-    @staticmethod
-    def _http(connection: ServerConnection, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> HTTPResponse:
-        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")])
-        return HTTPResponse(status, http.HTTPStatus(status).phrase, headers, body)
-
     # ------------------------------------------------------------------------------------- serving
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Conn(ws)
+        conn = _Conn(ws, peer(ws))
         self._conns.add(conn)
         self.metrics.active_connections.inc()
+        logger.info("connection from %s", conn.peer)
         try:
             async for raw in ws:
                 self._dispatch(conn, raw)
@@ -311,41 +271,25 @@ class WeightServer:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
-        if isinstance(raw, str):
-            self.metrics.protocol_errors.inc()
-            self._spawn_error(conn, 0, proto.ErrorCode.BAD_REQUEST, "text messages are not part of the protocol; send binary")
-            return
-        try:
-            msg = proto.decode(raw)
-        except ProtocolError as exc:
-            self.metrics.protocol_errors.inc()
-            rid = proto.HEADER.unpack_from(raw, 0)[3] if len(raw) >= proto.HEADER_SIZE else 0
-            self._spawn_error(conn, rid, proto.ErrorCode.BAD_REQUEST, f"malformed message: {exc}")
-            return
-        if isinstance(msg, proto.Cancel):
-            task = conn.inflight.get(msg.request_id)
+        plan = self.handler.plan(raw, conn.inflight)
+        if isinstance(plan, Cancel):
+            task = conn.inflight.get(plan.request_id)
             if task is not None:
                 task.cancel()
             return
-        if not isinstance(msg, proto.Request):
-            self.metrics.protocol_errors.inc()
-            self._spawn_error(conn, msg.request_id, proto.ErrorCode.BAD_REQUEST, f"clients may not send {type(msg).__name__} messages")
+        loop = asyncio.get_running_loop()
+        if isinstance(plan, Reject):
+            if plan.reason == "protocol":
+                self.metrics.protocol_errors.inc()
+            elif plan.op is not None:
+                self.metrics.requests.labels(plan.op.value, plan.code).inc()
+            logger.info("refused a message from %s: %s", conn.peer, plan.message)
+            loop.create_task(self._send_error(conn, plan.request_id, plan.code, plan.message))
             return
-        if msg.request_id in conn.inflight:
-            self._spawn_error(conn, msg.request_id, proto.ErrorCode.BAD_REQUEST, f"request id {msg.request_id} is already in flight")
-            return
-        if len(conn.inflight) >= self.max_inflight:
-            self.metrics.requests.labels(msg.op.value, "busy").inc()
-            self._spawn_error(conn, msg.request_id, proto.ErrorCode.BUSY,
-                              f"more than {self.max_inflight} requests in flight on one connection; wait for some to finish")
-            return
-        task = asyncio.get_running_loop().create_task(self._serve_request(conn, msg))
-        conn.inflight[msg.request_id] = task
+        task = loop.create_task(self._serve_request(conn, plan))
+        conn.inflight[plan.request_id] = task
         self.peak_inflight = max(self.peak_inflight, len(conn.inflight))
-        task.add_done_callback(lambda _t, rid=msg.request_id: conn.inflight.pop(rid, None))
-
-    def _spawn_error(self, conn: _Conn, rid: int, code: proto.ErrorCode, message: str) -> None:
-        asyncio.get_running_loop().create_task(self._send_error(conn, rid, code.value, message))
+        task.add_done_callback(lambda _t, rid=plan.request_id: conn.inflight.pop(rid, None))
 
     async def _send(self, conn: _Conn, data: bytes) -> None:
         # One message at a time per connection: each send waits for the transport to drain below
@@ -367,7 +311,7 @@ class WeightServer:
                 await ws.send(head + piece)
                 return
             async with ws.send_context():
-                ws.transport.write(_binary_frame_header(len(head) + len(piece)) + head)
+                ws.transport.write(binary_frame_header(len(head) + len(piece)) + head)
                 ws.transport.write(piece)
 
     async def _send_error(self, conn: _Conn, rid: int, code: str, message: str) -> None:
@@ -376,56 +320,47 @@ class WeightServer:
         except ConnectionClosed:
             pass
 
-    async def _serve_request(self, conn: _Conn, req: proto.Request) -> None:
+    async def _serve_request(self, conn: _Conn, plan: Answer) -> None:
         t0 = time.perf_counter()
         self.metrics.inflight.inc()
         status = "ok"
         try:
-            await self._answer(conn, req)
+            status = await self._execute(conn, plan)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
         except ConnectionClosed:
             status = "disconnected"
         except Exception as exc:
-            if isinstance(exc, (RemoteError,)):
-                code, message = proto.code_for_exception(exc), str(exc)
-            else:
-                logger.exception("request %s failed", req)
-                code, message = proto.ErrorCode.INTERNAL.value, f"internal server error: {type(exc).__name__}: {exc}"
+            code, message, expected = error_reply(exc)
             status = code
-            await self._send_error(conn, req.request_id, code, message)
+            logger.debug("%s failed", plan.op.value, exc_info=not expected)
+            await self._fail(conn, plan, code, message, expected)
         finally:
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(req.op.value, status).inc()
-            self.metrics.request_seconds.labels(req.op.value).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(plan.op.value, status).inc()
+            self.metrics.request_seconds.labels(plan.op.value).observe(time.perf_counter() - t0)
 
-    def _model(self, name: str | None) -> _Hosted:
-        return self.models[pick_model(self.models, name, "this server")]
+    async def _fail(self, conn: _Conn, plan: Answer, code: str, message: str, expected: bool) -> None:
+        what = " ".join(x for x in (plan.op.value, plan.entry.path if plan.entry else plan.model) if x)
+        level = logging.INFO if expected else logging.WARNING
+        logger.log(level, "%s for %s failed: %s", what, conn.peer, message)
+        await self._send_error(conn, plan.request_id, code, message)
 
-    async def _answer(self, conn: _Conn, req: proto.Request) -> None:
-        rid = req.request_id
-        if req.op is proto.Op.PING:
-            await self._send(conn, proto.encode(proto.Result(rid, {"pong": True, "version": proto.PROTOCOL_VERSION})))
-            return
-        if req.op is proto.Op.LIST_MODELS:
-            await self._send(conn, proto.encode(proto.Result(rid, {"models": sorted(self.models)})))
-            return
-        hosted = self._model(req.model)
-        if req.op is proto.Op.GET_MANIFEST:
-            await self._send_bytes(conn, rid, hosted.manifest_bytes)
-            return
-        assert req.name is not None  # decode() guarantees it for get_unit / get_file
-        what = "unit" if req.op is proto.Op.GET_UNIT else "file"
-        try:
-            check_name(req.name, f"{what} name")
-        except ManifestError as exc:
-            raise BadRequestError(str(exc)) from None
-        try:
-            entry = hosted.manifest.unit(req.name) if what == "unit" else hosted.manifest.file(req.name)
-        except ManifestError:
-            raise NotFoundError(f"model {hosted.manifest.name!r} has no {what} {req.name!r}") from None
-        await self._send_blob(conn, rid, hosted, entry)
+    async def _execute(self, conn: _Conn, plan: Answer) -> str:
+        """Carry out ``plan``; return its status for the metrics (``ok`` or the error code sent)."""
+        if plan.error is not None:
+            code, message = plan.error
+            await self._fail(conn, plan, code, message, True)
+            return code
+        if plan.body is not None:
+            await self._send(conn, proto.encode(proto.Result(plan.request_id, plan.body)))
+        elif plan.data is not None:
+            await self._send_bytes(conn, plan.request_id, plan.data)
+        else:
+            assert plan.entry is not None
+            await self._send_blob(conn, plan.request_id, plan.model, plan.entry, plan.key)
+        return "ok"
 
     async def _send_bytes(self, conn: _Conn, rid: int, data: bytes) -> None:
         await self._send(conn, proto.encode(proto.Result(rid, {"size": len(data)})))
@@ -435,23 +370,22 @@ class WeightServer:
             await self._send_data(conn, rid, off, piece)
             self.metrics.bytes_sent.inc(len(piece))
 
-    async def _read(self, hosted: _Hosted, entry: BlobEntry, key: str, start: int, length: int) -> bytes:
+    async def _read(self, model: str, entry: BlobEntry, key: str, start: int, length: int) -> bytes:
         try:
             data = await self.storage.read_range(key, start, length)
         except KeyNotFoundError:
-            raise NotFoundError(f"{entry.path} of model {hosted.manifest.name!r} is listed in the manifest but missing from storage") from None
+            raise NotFoundError(f"{entry.path} of model {model!r} is listed in the manifest but missing from storage") from None
         except StorageError as exc:
             raise RemoteError(f"storage error reading {entry.path}: {exc}", code="internal") from exc
-        self.metrics.storage_reads.labels(hosted.manifest.name, entry.path).inc()
-        self.metrics.storage_read_bytes.labels(hosted.manifest.name, entry.path).inc(len(data))
+        self.metrics.storage_reads.labels(model, entry.path).inc()
+        self.metrics.storage_read_bytes.labels(model, entry.path).inc(len(data))
         if len(data) != length:
             raise RemoteError(f"{entry.path} in storage is shorter than the manifest's {entry.bytes} bytes (truncated?)", code="internal")
         return data
 
-    async def _send_blob(self, conn: _Conn, rid: int, hosted: _Hosted, entry: BlobEntry) -> None:
-        key = join_key(hosted.prefix, entry.path)
+    async def _send_blob(self, conn: _Conn, rid: int, model: str, entry: BlobEntry, key: str) -> None:
         if self.cache.cacheable(entry.bytes):
-            data, hit = await self.cache.get_or_load(key, lambda: self._read(hosted, entry, key, 0, entry.bytes))
+            data, hit = await self.cache.get_or_load(key, lambda: self._read(model, entry, key, 0, entry.bytes))
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             self.metrics.cache_bytes.set(self.cache.bytes)
             await self._send_bytes(conn, rid, data)
@@ -459,12 +393,12 @@ class WeightServer:
         # Too big for the cache: stream it in ranged reads; read-ahead of one chunk overlaps storage
         # latency with the send while holding at most two chunks for this request.
         size, step = entry.bytes, self.chunk_bytes
-        first = await self._read(hosted, entry, key, 0, min(step, size)) if size else b""
+        first = await self._read(model, entry, key, 0, min(step, size)) if size else b""
         await self._send(conn, proto.encode(proto.Result(rid, {"size": size})))
         off, piece = 0, first
         while off < size:
             nxt = off + len(piece)
-            ahead = asyncio.ensure_future(self._read(hosted, entry, key, nxt, min(step, size - nxt))) if nxt < size else None
+            ahead = asyncio.ensure_future(self._read(model, entry, key, nxt, min(step, size - nxt))) if nxt < size else None
             try:
                 await self._send_data(conn, rid, off, piece)
                 self.metrics.bytes_sent.inc(len(piece))
@@ -476,38 +410,17 @@ class WeightServer:
             off = nxt
 
 
-def _binary_frame_header(n: int) -> bytes:
-    """RFC 6455 §5.2 header of a final, unmasked (server-to-client) binary frame with an n-byte payload."""
-    if n < 126:
-        return bytes((0x82, n))
-    if n < 1 << 16:
-        return struct.pack("!BBH", 0x82, 126, n)
-    return struct.pack("!BBQ", 0x82, 127, n)
-
-
-async def run_server(server: WeightServer, *, ready=None) -> None:
-    """Run ``server`` until SIGINT/SIGTERM, then close connections gracefully.
-
-    ``ready`` (optional) is called with the server once it listens (the CLI prints the address).
-    """
-    import signal
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread / not supported
-            pass
-    try:
-        await server.start()
-        if ready is not None:
-            ready(server)
-        await stop.wait()
-        logger.info("shutting down")
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await server.stop()
+def _resolve_storage(source: Any, chunks_dir: Any, storage_backend: StorageBackend | None,
+                     prefix: str) -> tuple[StorageBackend, str]:
+    """(backend, key prefix) from the constructor's three spellings of "where the models are"."""
+    given = [x for x in (source, chunks_dir, storage_backend) if x is not None]
+    if len(given) > 1:
+        raise ConfigurationError("pass only one of source, chunks_dir, storage_backend")
+    if not given:
+        raise ConfigurationError("WeightServer needs a chunk directory or a storage backend (source=...)")
+    location = given[0]
+    if isinstance(location, StorageBackend):
+        storage, extra = location, ""
+    else:
+        storage, extra = open_storage(str(Path(location)) if isinstance(location, os.PathLike) else location)
+    return storage, (join_key(extra, prefix.strip("/")).strip("/") if prefix else extra)

@@ -2,12 +2,14 @@
 
 Public surface: :class:`StorageBackend` (the interface), :class:`FilesystemBackend` (default),
 :class:`MemoryBackend` (for tests), :class:`S3Backend` (``pip install surfing-weights[s3]``),
-and :func:`open_storage` which turns a location (path or ``s3://bucket/prefix``) into a backend.
+:func:`open_storage` which turns a location (path or ``s3://bucket/prefix``) into a backend, and
+:func:`discover_models` / :func:`pick_model` (:mod:`.catalog`: which models a storage holds).
 """
 
 from __future__ import annotations
 
 from .base import StorageBackend, normalize_key
+from .catalog import discover_models, pick_model
 from .filesystem import FilesystemBackend
 from .memory import MemoryBackend
 
@@ -32,4 +34,5 @@ def open_storage(location: str | StorageBackend) -> tuple[StorageBackend, str]:
     return FilesystemBackend(location), ""
 
 
-__all__ = ["FilesystemBackend", "MemoryBackend", "S3Backend", "StorageBackend", "normalize_key", "open_storage"]
+__all__ = ["FilesystemBackend", "MemoryBackend", "S3Backend", "StorageBackend", "discover_models", "normalize_key",
+           "open_storage", "pick_model"]

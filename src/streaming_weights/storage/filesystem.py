@@ -5,17 +5,44 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from ..exceptions import InvalidKeyError, KeyNotFoundError, StorageError
 from .base import StorageBackend, normalize_key
 
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set it and put it back. 0o077 in the meantime errs on the private
+    # side for a file another thread creates in that instant; the lock keeps our own writers out.
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
 class FilesystemBackend(StorageBackend):
     """Keys are paths under ``base_dir``; nothing outside it is ever read or written.
 
     Writes go to a temporary file in the same directory, are fsynced, then renamed over the target,
-    so readers never see a partial object.
+    so readers never see a partial object. Files get the mode any tool would create them with (0644
+    under umask 022), so another account (a service running ``surfing serve``) can read them.
     """
 
     def __init__(self, base_dir: str | os.PathLike[str] = "./chunks") -> None:
@@ -56,6 +83,7 @@ class FilesystemBackend(StorageBackend):
             p.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
             try:
+                os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would hide the file from other users
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()

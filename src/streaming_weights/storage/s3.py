@@ -39,6 +39,48 @@ _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
+def _check_args(bucket_name: Any, max_concurrency: int, part_size: int, key_id: str | None, secret: str | None) -> None:
+    if not bucket_name or not isinstance(bucket_name, str) or "/" in bucket_name:
+        raise ConfigurationError(f"invalid S3 bucket name {bucket_name!r}")
+    if max_concurrency < 1:
+        raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    if part_size < 64 * 1024:
+        raise ConfigurationError(f"part_size must be at least 64 KiB, got {part_size}")
+    if (key_id is None) != (secret is None):
+        raise ConfigurationError("pass both aws_access_key_id and aws_secret_access_key, or neither")
+
+
+def _make_client(location: str, endpoint_url: str | None, max_concurrency: int, connect_timeout: float,
+                 read_timeout: float, max_attempts: int, **session_kw: Any) -> Any:
+    """A boto3 S3 client; ``session_kw`` are ``boto3.session.Session``'s credential/profile/region arguments."""
+    import boto3
+    import botocore.exceptions
+    from botocore.config import Config
+
+    try:
+        session = boto3.session.Session(**session_kw)
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise ConfigurationError(
+            f"AWS profile {session_kw.get('profile_name')!r} not found in ~/.aws/config or ~/.aws/credentials"
+        ) from exc
+    config = Config(
+        s3={"addressing_style": "path"},
+        # S3-compatible servers do not all implement the newer default CRC checksums (ranged GETs fail).
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        max_pool_connections=max(10, 2 * max_concurrency),
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    try:
+        # endpoint_url=None lets boto3 apply AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / config-file endpoints.
+        return session.client("s3", endpoint_url=endpoint_url, config=config,
+                              region_name=session.region_name or "us-east-1")
+    except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+        raise ConfigurationError(f"cannot configure the S3 client for {location}: {exc}") from exc
+
+
 class S3Backend(StorageBackend):
     """Chunked models in ``s3://bucket_name/prefix/…``.
 
@@ -80,19 +122,10 @@ class S3Backend(StorageBackend):
         max_attempts: int = 3,
     ) -> None:
         try:
-            import boto3
             import botocore.exceptions
-            from botocore.config import Config
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError("S3Backend needs boto3: pip install 'surfing-weights[s3]'") from exc
-        if not bucket_name or not isinstance(bucket_name, str) or "/" in bucket_name:
-            raise ConfigurationError(f"invalid S3 bucket name {bucket_name!r}")
-        if max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        if part_size < 64 * 1024:
-            raise ConfigurationError(f"part_size must be at least 64 KiB, got {part_size}")
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            raise ConfigurationError("pass both aws_access_key_id and aws_secret_access_key, or neither")
+        _check_args(bucket_name, max_concurrency, part_size, aws_access_key_id, aws_secret_access_key)
         prefix = (prefix or "").strip("/")
         if prefix:
             prefix = normalize_key(prefix)
@@ -108,30 +141,11 @@ class S3Backend(StorageBackend):
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._bucket_ok = False
-
-        try:
-            session = boto3.session.Session(
-                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
-                aws_session_token=aws_session_token, profile_name=profile_name, region_name=region_name,
-            )
-        except botocore.exceptions.ProfileNotFound as exc:
-            raise ConfigurationError(f"AWS profile {profile_name!r} not found in ~/.aws/config or ~/.aws/credentials") from exc
-        config = Config(
-            s3={"addressing_style": "path"},
-            # S3-compatible servers do not all implement the newer default CRC checksums (ranged GETs fail).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            max_pool_connections=max(10, 2 * max_concurrency),
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+        self._client = _make_client(
+            self.location, endpoint_url, max_concurrency, connect_timeout, read_timeout, max_attempts,
+            aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token, profile_name=profile_name, region_name=region_name,
         )
-        try:
-            # endpoint_url=None lets boto3 apply AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / config-file endpoints.
-            self._client = session.client("s3", endpoint_url=endpoint_url, config=config,
-                                          region_name=session.region_name or "us-east-1")
-        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
-            raise ConfigurationError(f"cannot configure the S3 client for {self.location}: {exc}") from exc
         self.endpoint_url: str = self._client.meta.endpoint_url
         self._ClientError = botocore.exceptions.ClientError
         self._NoCredentials = (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)
@@ -217,10 +231,9 @@ class S3Backend(StorageBackend):
         try:
             resp = self._client.get_object(Bucket=self.bucket_name, Key=full, Range=rng)
         except self._ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                self._count(get_requests=1)
-                return 0, None
             self._count(get_requests=1)
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return 0, None
             raise self._error(exc, "GetObject", key) from exc
         except (self._BotoError, *self._NoCredentials) as exc:
             raise self._error(exc, "GetObject", key) from exc
@@ -280,10 +293,8 @@ class S3Backend(StorageBackend):
             self._count(list_requests=1)
             resp = self._call("ListObjectsV2", full_prefix or None, self._client.list_objects_v2, **kw)
             out.extend(obj["Key"][strip:] for obj in resp.get("Contents", ()))
-            if not resp.get("IsTruncated"):
-                break
             token = resp.get("NextContinuationToken")
-            if not token:
+            if not resp.get("IsTruncated") or not token:
                 break
         return sorted(k for k in out if k and not k.endswith("/"))
 

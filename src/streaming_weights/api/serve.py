@@ -1,0 +1,111 @@
+"""Running the app: uvicorn in the foreground (the CLI), or in a background thread (tests, notebooks)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from ..exceptions import ConfigurationError
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    return sock
+
+
+class ApiServer:
+    """uvicorn serving ``app`` on a socket bound at construction (so ``port=0`` is known right away).
+
+    Args:
+        app: the ASGI app (:func:`~.app.create_app`).
+        host, port: where to listen (``port=0``: any free port; read :attr:`port`).
+        log_level: uvicorn's log level (the CLI sets it; the library default keeps uvicorn quiet).
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+        self._sock = _bind(host, port)
+        self.host, self.port = host, int(self._sock.getsockname()[1])
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                     timeout_graceful_shutdown=5))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve in this thread until interrupted (Ctrl-C) or :meth:`stop`."""
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self._sock.close()
+
+    def start(self, timeout: float = 60.0) -> ApiServer:
+        """Serve in a daemon thread; returns once the app has started (its lifespan ran)."""
+        self._thread = threading.Thread(target=self.run, name="surfing-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        # uvicorn has no started-callback: poll its `started` flag (bounded; join returns early if it died).
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the API server exited while starting (see its log)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the API server did not start within {timeout:.0f} s")
+            self._thread.join(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ApiServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve_api(model: Any, *, host: str = "127.0.0.1", port: int = 8000, tokens: list[str] | None = None,
+              settings: Any = None, log_level: str = "warning", ready: Any = None) -> None:
+    """Serve ``model`` in the foreground until Ctrl-C; closes the model afterwards.
+
+    Args:
+        model: a loaded streaming model (see :func:`~.app.create_app`).
+        host, port: where to listen.
+        tokens: accepted bearer tokens (``None``: no authentication; a warning is logged off loopback).
+        settings: :class:`~.app.ApiSettings`.
+        log_level: uvicorn's log level.
+        ready: called with the :class:`ApiServer` once the socket is bound (the CLI prints the URL).
+
+    Raises:
+        ConfigurationError: the address cannot be bound.
+    """
+    from .app import create_app
+
+    if not tokens and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning(
+            "serving on %s without --token-file: anyone who can reach it can use the model", host)
+    try:
+        server = ApiServer(create_app(model, tokens=tokens, settings=settings), host=host, port=port,
+                           log_level=log_level)
+        if ready is not None:
+            ready(server)
+        server.run()
+    finally:
+        model.close()

@@ -1,0 +1,23 @@
+"""The benchmark suite behind ``surfing bench``: the physical limit, the peers, and the cache policy.
+
+Every figure is measured side by side in one run on the machine at hand, repeated, and reported as median
+with min–max spread. Absolute numbers drift with background load; the ratios measured in one run are the
+result. The report and plots land in ``bench/REPORT.md`` and ``bench/*.png`` by default.
+
+Public surface: :func:`run_suite`, :data:`CASES` (and ``free_port``, kept for older callers). One module
+per case: ``transfer``, ``overlap``, ``cache_policy`` (case ``cache``), ``memory``, ``cold_start``,
+``peers``, ``chunking`` (case ``chunker``); ``report`` renders REPORT.md, ``plots`` the PNGs, ``load`` is
+the concurrent-clients load test. Child programs are modules run with ``python -m``:
+``benchmarks.child`` (fresh-process measurements), ``benchmarks.rawsender`` and ``benchmarks.hexjson``
+(the transfer case's reference senders).
+
+The library never prints: :func:`run_suite` returns a dict and reports progress through a callback.
+"""
+
+from __future__ import annotations
+
+from ..netutil import free_port
+from .common import summarize
+from .suite import CASES, run_suite
+
+__all__ = ["CASES", "free_port", "run_suite", "summarize"]

@@ -1,0 +1,79 @@
+"""Models the benchmarks run on: random-init checkpoints, chunked copies, re-exported HF directories."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def build_random_llama(path: Path, *, layers: int, hidden: int, intermediate: int, vocab: int,
+                       heads: int = 4, kv_heads: int = 2, seed: int = 1234) -> Path:
+    """Save a random-init LlamaForCausalLM checkpoint (safetensors) to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def chunk_source(source: str | Path, out: Path, name: str) -> Path:
+    """Chunk ``source`` into the directory ``out`` (model name ``name``); returns ``out``."""
+    from ..chunker import ModelChunker
+
+    asyncio.run(ModelChunker(str(source), output_dir=str(out), name=name, force=True).chunk_model())
+    return out
+
+
+def load_manifest(chunks_dir: Path) -> Any:
+    from ..format import MANIFEST_FILE, Manifest
+
+    return Manifest.from_bytes((Path(chunks_dir) / MANIFEST_FILE).read_bytes())
+
+
+def export_hf_dir(chunks_dir: Path, out: Path) -> Path:
+    """Reassemble a chunked model as a transformers directory (one safetensors file + config + files),
+    the "full checkpoint" the peers load. Tied aliases are not stored; the config re-ties them."""
+    from safetensors.torch import load_file, save_file
+
+    from ..models.architecture import build_config
+
+    m = load_manifest(chunks_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {}
+    for u in m.units:
+        state.update(load_file(str(Path(chunks_dir) / u.path)))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del state
+    cfg = build_config(m.model_type, m.config)
+    cfg.architectures = [m.architecture]
+    cfg.save_pretrained(str(out))
+    for f in m.files:
+        if f.name != "config.json":
+            shutil.copyfile(Path(chunks_dir) / f.path, out / f.name)
+    return out
+
+
+def write_one_unit_model(d: Path, unit_bytes: int) -> Any:
+    """A chunk directory whose only streamed unit ``big`` holds ``unit_bytes`` of float32 data (through the
+    one manifest writer, :func:`streaming_weights.format.builder.write_model`); returns its manifest."""
+    import torch
+
+    from ..format.builder import write_model
+    from ..storage import FilesystemBackend
+
+    def tensors(name: str, size: int) -> dict[str, Any]:
+        n = max(2, size // 4)
+        return {f"{name}.weight": torch.arange(n, dtype=torch.float32).remainder_(977.0)}
+
+    d.mkdir(parents=True, exist_ok=True)
+    units = {"resident": tensors("resident", 4096), "big": tensors("big", unit_bytes)}
+    return asyncio.run(write_model(FilesystemBackend(str(d)), name="bench-transfer", units=units,
+                                   architecture="BenchArch", model_type="bench", config={}, dtype="float32",
+                                   force=True))

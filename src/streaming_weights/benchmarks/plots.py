@@ -1,0 +1,149 @@
+"""PNG figures (matplotlib, Agg) of a results dict: one or two per case, written next to REPORT.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .common import MiB
+from .report import fmt
+
+
+class _Plotter:
+    """Draws the figures of one results dict into ``out``; ``made`` maps case -> file names."""
+
+    def __init__(self, results: dict[str, Any], out: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.plt = plt
+        self.results = results
+        self.cases = results["cases"]
+        self.out = out
+        self.made: dict[str, list[str]] = {}
+        self.mach = "shared 2-core box" if os.cpu_count() == 2 else f"{os.cpu_count()} cores, shared"
+
+    def ok(self, case: str) -> dict[str, Any] | None:
+        c = self.cases.get(case)
+        return c if c and "error" not in c else None
+
+    def save(self, fig: Any, case: str, fname: str) -> None:
+        fig.tight_layout()
+        fig.savefig(self.out / fname, dpi=110)
+        self.plt.close(fig)
+        self.made.setdefault(case, []).append(fname)
+
+    @staticmethod
+    def annotate(ax: Any, values: list[float]) -> None:
+        for i, v in enumerate(values):
+            ax.annotate(fmt(v), (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                        textcoords="offset points")
+
+    def bars(self, case: str, fname: str, keys: list[tuple[str, str]], ylabel: str, title: str) -> None:
+        """Median bars with min–max error bars for the metrics ``keys`` ([(metric, label)]) of ``case``."""
+        c = self.ok(case)
+        if c is None:
+            return
+        ms = {**c.get("metrics", {}), **c.get("ratios", {})}
+        keys = [(k, lbl) for k, lbl in keys if k in ms]
+        if not keys:
+            return
+        med = [ms[k]["median"] for k, _ in keys]
+        err = [[ms[k]["median"] - ms[k]["min"] for k, _ in keys], [ms[k]["max"] - ms[k]["median"] for k, _ in keys]]
+        fig, ax = self.plt.subplots(figsize=(7, 3.8))
+        ax.bar([lbl for _, lbl in keys], med, yerr=err, capsize=4, color="#4878a8")
+        self.annotate(ax, med)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        self.save(fig, case, fname)
+
+    def overlap_stall(self) -> None:
+        c = self.ok("overlap")
+        if c is None or not c.get("stall_per_layer_s"):
+            return
+        per = c["stall_per_layer_s"]
+        fig, ax = self.plt.subplots(figsize=(8, 3.5))
+        ax.bar(range(len(per)), [v * 1000 for v in per.values()], color="#c0504d")
+        ax.set_xlabel("streamed layer (execution order)")
+        ax.set_ylabel("stall (ms, median)")
+        ax.set_title(f"Compute waiting on weights, per layer, cache 0 + prefetch ({self.mach})", fontsize=10)
+        self.save(fig, "overlap", "overlap_stall.png")
+
+    def cache_curve(self) -> None:
+        c = self.ok("cache")
+        if c is None:
+            return
+        cv = c["curve"]
+        total = cv["streamed_bytes"]
+        fig, ax = self.plt.subplots(figsize=(7, 4))
+        ax.plot(cv["sizes"], [b / total for b in cv["lru_bytes_per_token"]], "o-", label="lru (original)")
+        ax.plot(cv["sizes"], [b / total for b in cv["order_bytes_per_token"]], "s-", label="order (default)")
+        ks = list(range(0, cv["L"] + 1))
+        ax.plot(ks, [(cv["L"] - k) / cv["L"] for k in ks], "k--", lw=1, label="(L−k)/L")
+        ax.set_xlabel(f"cache_size k (units kept between uses; L = {cv['L']})")
+        ax.set_ylabel("bytes fetched per token / streamed model bytes")
+        ax.set_title(f"Cache policy: bytes per generated token ({total / cv['L'] / MiB:.1f} MiB per layer)",
+                     fontsize=10)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        self.save(fig, "cache", "cache_policy.png")
+
+    def peers(self) -> None:
+        c = self.ok("peers")
+        if c is None:
+            return
+        ms = c["metrics"]
+        labels = {"transformers_in_memory": "transformers\nin memory",
+                  "accelerate_disk_offload": "accelerate\ndisk offload", "airllm": "AirLLM",
+                  "streaming_loopback": "streaming\n(loopback)"}
+        names = [n for n in labels if f"{n}_generate_s" in ms]
+        fig, axes = self.plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, ylabel, log in ((axes[0], "generate_s", "generate() seconds", True),
+                                     (axes[1], "peak_over_baseline_MiB", "peak RSS over baseline (MiB)", False)):
+            vals = [ms[f"{n}_{key}"] for n in names]
+            med = [v["median"] for v in vals]
+            err = [[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]]
+            ax.bar([labels[n] for n in names], med, yerr=err, capsize=4,
+                   color=["#808080", "#4878a8", "#9b59b6", "#2e8b57"][: len(names)])
+            self.annotate(ax, med)
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.tick_params(axis="x", labelsize=8)
+        fig.suptitle(f"Peers: {self.results.get('model', '')}, same weight budget ({self.mach})", fontsize=9)
+        self.save(fig, "peers", "peers.png")
+
+
+def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
+    """Draw the figures for the cases that ran (failed ones are skipped); returns {case: [file names]}."""
+    p = _Plotter(results, out)
+    p.bars("transfer", "transfer.png",
+           [("raw_tcp_GBps", "raw TCP\nrecv_into"),
+            ("websocketsource_network_only_GBps", "WebSocketSource\nnetwork only"),
+            ("websocketsource_end_to_end_GBps", "WebSocketSource\n+verify+decode"),
+            ("original_hex_json_GBps", "original\nhex-in-JSON")],
+           "GB/s (median, min–max)", f"Transfer of one large unit over loopback ({p.mach})")
+    p.bars("overlap", "overlap.png",
+           [("streamed_forward_s", "streamed\n(prefetch)"), ("compute_only_s", "compute only"),
+            ("fetch_only_s", "fetch only"), ("stall_total_s", "stall total")],
+           "seconds per forward pass", f"Overlap of fetch and compute ({p.mach})")
+    p.overlap_stall()
+    p.cache_curve()
+    p.bars("memory", "memory.png",
+           [("streaming_peak_over_baseline_MiB", "streaming\npeak"), ("weight_bound_MiB", "bound\n(weights)"),
+            ("full_model_peak_over_baseline_MiB", "full model\n(transformers)")],
+           "MiB over import baseline", f"Peak RSS, fresh processes ({p.mach})")
+    p.bars("cold_start", "cold_start.png",
+           [("streaming_time_to_first_token_s", "streaming"),
+            ("download_then_load_time_to_first_token_s", "download + load")],
+           "seconds to first token", f"Cold start over loopback ({p.mach})")
+    p.peers()
+    chunker = p.ok("chunker")
+    if chunker is not None:
+        p.bars("chunker", "chunker.png", [(f"{r['key']}_MBps", r["key"]) for r in chunker.get("sources", [])],
+               "MB/s written", f"Chunker throughput ({p.mach})")
+    return p.made

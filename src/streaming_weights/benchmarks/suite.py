@@ -1,0 +1,194 @@
+"""The suite: shared state of one run (model under test, its server, child results) and :func:`run_suite`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import cache_policy, chunking, cold_start, memory, overlap, peers, transfer
+from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
+from .fixtures import build_random_llama, chunk_source, export_hf_dir, load_manifest
+from .plots import write_plots
+from .report import render_report
+
+CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "transfer": transfer.run, "overlap": overlap.run, "cache": cache_policy.run, "memory": memory.run,
+    "cold_start": cold_start.run, "peers": peers.run, "chunker": chunking.run,
+}
+CASES = tuple(CASE_FUNCS)
+# Fresh-process measurements each case needs (with --quick they share one process).
+_NEEDS = {"memory": ["stream", "hf_memory"], "cold_start": ["stream", "download"],
+          "peers": ["hf_memory", "accelerate", "stream"]}
+
+
+def _default_chunks(tmp: Path, quick: bool, say: Progress) -> tuple[Path, Path | None]:
+    if quick:
+        say("building a tiny random-init LLaMA")
+        src = build_random_llama(tmp / "tiny-llama", layers=6, hidden=128, intermediate=256, vocab=512)
+        return chunk_source(src, tmp / "tiny-chunks", "tiny-llama"), src
+    from ..demo import ensure_demo_chunks
+
+    say("preparing SmolLM2-135M-Instruct chunks (cached after the first run)")
+    return ensure_demo_chunks(progress=False), None
+
+
+class Suite:
+    """Shared state of one suite run: the model under test, its server, child results reused by cases."""
+
+    def __init__(self, *, quick: bool, tmp: Path, progress: Progress | None, chunks_dir: Path | None,
+                 source_path: Path | None) -> None:
+        self.quick, self.tmp, self._progress = quick, tmp, progress
+        self.repeats = 1 if quick else 3
+        self.gen_tokens = 4 if quick else 8
+        self.prompt_len = 8
+        self.stream_cache = 2 if quick else 4
+        self.stream_prefetch = 1 if quick else 2
+        self.overlap_seq = 16 if quick else 128
+        self.child_errors: dict[str, str] = {}
+        self._children: dict[str, list[dict[str, Any]]] = {}
+        self._planned: list[str] = []
+        if chunks_dir is None:
+            chunks_dir, source_path = _default_chunks(tmp, quick, self.say)
+        self.chunks_dir = Path(chunks_dir)
+        self.manifest = load_manifest(self.chunks_dir)
+        self.source_path = Path(source_path) if source_path is not None else None
+        self.vocab = int(self.manifest.config.get("vocab_size", 100))
+        m = self.manifest
+        self.model_label = (f"{m.name} ({m.architecture}, {len(m.streamed)} streamed layers, "
+                            f"{m.total_bytes / MiB:.0f} MiB {m.dtype})")
+        self._hf_dir: Path | None = None
+        self.uri = ""
+
+    def say(self, msg: str) -> None:
+        if self._progress is not None:
+            self._progress(msg)
+
+    @property
+    def hf_dir(self) -> Path:
+        if self._hf_dir is None:
+            self.say("exporting the chunked model as a transformers directory (for the peers)")
+            self._hf_dir = export_hf_dir(self.chunks_dir, self.tmp / "hf-export")
+        return self._hf_dir
+
+    def _child_args(self, kind: str) -> dict[str, Any]:
+        common = {"tokens": self.gen_tokens, "prompt_len": self.prompt_len, "vocab": self.vocab,
+                  "name": self.manifest.name, "uri": self.uri}
+        if kind == "stream":
+            return common | {"cache": self.stream_cache, "prefetch": self.stream_prefetch}
+        if kind == "download":
+            return common | {"tmp": str(self.tmp / "download")}
+        if kind == "hf_memory":
+            return common | {"path": str(self.hf_dir)}
+        if kind == "accelerate":
+            budget = unit_bound(self.manifest, self.stream_cache, self.stream_prefetch)
+            return common | {"path": str(self.hf_dir), "budget": budget, "offload": str(self.tmp / "offload")}
+        if kind == "airllm":
+            return common | {"path": str(self.hf_dir), "shards": str(self.tmp / "airllm-shards")}
+        if kind == "chunk":
+            return {"source": str(self.source_path or self.hf_dir), "out": str(self.tmp / "chunk-out-quick")}
+        raise ValueError(kind)
+
+    def plan(self, cases: list[str]) -> None:
+        """Fresh-process measurements the selected cases need (run together in one process with --quick)."""
+        need = dict(_NEEDS, chunker=["chunk"] if self.quick else [])
+        self._planned = list(dict.fromkeys(k for c in cases for k in need.get(c, [])))
+
+    def _run_planned_together(self) -> None:
+        todo = [k for k in self._planned if k not in self._children]
+        self.say(f"one fresh process (--quick): {', '.join(todo)}")
+        r = run_child("multi", {"runs": [[k, self._child_args(k)] for k in todo]}, timeout=600)
+        if "error" in r:
+            raise RuntimeError(f"{'+'.join(todo)}: {r['error']}")
+        for k in todo:
+            self._children[k] = [r["results"][k]]
+
+    def child_runs(self, kind: str, repeats: int | None = None) -> list[dict[str, Any]]:
+        """Results of ``repeats`` fresh-process runs of ``kind`` (run once, shared by every case)."""
+        if kind not in self._children and self.quick and kind in self._planned:
+            self._run_planned_together()
+        if kind not in self._children:
+            n = self.repeats if repeats is None else repeats
+            res = []
+            for i in range(n):
+                self.say(f"fresh process: {kind} ({i + 1}/{n})")
+                r = run_child(kind, self._child_args(kind), timeout=180 if kind == "airllm" else 600)
+                if "error" in r:
+                    self.child_errors[kind] = r["error"]
+                    if kind == "airllm":  # optional peer: its absence is reported, not fatal
+                        break
+                    raise RuntimeError(f"{kind}: {r['error']}")
+                res.append(r)
+            self._children[kind] = res
+        return self._children[kind]
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any]) -> None:
+    server_mb = suite.manifest.total_bytes / MiB * 1.2 + 64
+    with weight_server_process(suite.chunks_dir, cache_mb=server_mb) as uri:
+        suite.uri = uri
+        for name in selected:
+            suite.say(f"case {name}")
+            t0 = time.perf_counter()
+            try:
+                res = CASE_FUNCS[name](suite)
+            except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+                res = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
+            res["seconds"] = time.perf_counter() - t0
+            results["cases"][name] = res
+
+
+def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False, cases: list[str] | None = None,
+              progress: Progress | None = None, chunks_dir: str | os.PathLike[str] | None = None,
+              source_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark cases and write ``results.json``, ``REPORT.md`` and PNG plots into ``out_dir``.
+
+    Args:
+        out_dir: output directory (created).
+        quick: a tiny random-init model and one run per case (about a minute), for smoke tests.
+        cases: subset of :data:`CASES` (default: all).
+        progress: called with a short message as the suite advances.
+        chunks_dir: benchmark this chunked LLaMA-family model instead of the default (SmolLM2, or a tiny
+            random-init LLaMA with ``quick``); ``source_path`` is its original checkpoint (for the
+            chunker case in quick mode).
+
+    Returns:
+        The results dict also written to ``results.json``. A case that fails records ``{"error": ...}``.
+
+    Raises:
+        ValueError: an unknown case name.
+    """
+    selected = list(CASES) if not cases else list(cases)
+    unknown = [c for c in selected if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_description(), "quick": quick,
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": {},
+                               "versions": _versions()}
+    with tempfile.TemporaryDirectory(prefix="surfing-bench-") as tmp:
+        suite = Suite(quick=quick, tmp=Path(tmp), progress=progress,
+                      chunks_dir=Path(chunks_dir) if chunks_dir else None,
+                      source_path=Path(source_path) if source_path else None)
+        if quick and suite.source_path is None and "chunker" in selected:
+            suite.source_path = suite.hf_dir
+        results["model"] = suite.model_label
+        suite.plan(selected)
+        _run_cases(suite, selected, results)
+    results["seconds"] = time.perf_counter() - t_start
+    results["plots"] = write_plots(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "REPORT.md").write_text(render_report(results))
+    return results

@@ -1,0 +1,200 @@
+"""Chunk a Hugging Face checkpoint into one safetensors file per unit plus ``manifest.json``.
+
+Public surface: :class:`ModelChunker`, :class:`ChunkProgress`, :func:`default_model_name`,
+:func:`parse_dtype`, :func:`map_checkpoint_keys`. Submodules: ``readers`` (checkpoint readers),
+``plan`` (what goes where, before any tensor is read). Writing goes through
+:class:`~streaming_weights.format.builder.ModelBuilder`: units first, the manifest last and atomically,
+so an interrupted run never leaves a manifest pointing at missing or partial units; rerunning completes
+it and produces byte-identical files. Peak memory is about one unit plus its largest tensor (GGUF input
+excepted: transformers dequantizes it whole).
+
+Run as ``surfing chunk SOURCE --output-dir DIR`` (or ``python -m streaming_weights.chunker``, the same
+command). This package never imports the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..exceptions import ChunkingError, ConfigurationError
+from ..format.builder import ModelBuilder
+from ..format.chunkfile import tensor_view
+from ..format.hashing import Digests
+from ..format.manifest import Manifest, UnitEntry
+from ..format.names import MANIFEST_FILE, join_key
+from ..storage.base import StorageBackend
+from ..storage.filesystem import FilesystemBackend
+from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, plan_model
+from .readers import Source, anon_buffer, default_model_name, open_source
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    """Reported after each unit is written (``on_progress``)."""
+
+    unit: str
+    units_done: int
+    units_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+class ModelChunker:
+    """Split a model into per-unit safetensors files and a manifest.
+
+    Args:
+        model_name: local HF directory, ``.gguf`` file, or hub id (when the hub is reachable).
+        output_dir: the model directory to write (``DIR/manifest.json``, ``DIR/units/…``).
+        storage_backend: write there instead (under ``prefix``), e.g. an :class:`S3Backend`.
+        dtype: cast floating tensors to ``float32``/``float16``/``bfloat16``; ``None`` keeps the source's.
+        compress: the original project's flag: ``True`` means ``dtype="float16"``.
+        name: the model name recorded in the manifest (default: :func:`default_model_name` of the source).
+        force: replace a *different* model stored at the target (its files are deleted first); without
+            it, :meth:`chunk_model` raises ChunkingError there. Re-chunking the same name always works.
+        progress: show a progress bar (units and bytes) on stderr.
+        on_unit: called with each unit's name once it is written.
+        on_progress: called with a :class:`ChunkProgress` once each unit is written.
+        s3_bucket, s3_prefix, s3_region, s3_endpoint, aws_*: chunk straight to S3 (original keywords).
+    """
+
+    def __init__(
+        self,
+        model_name: str | os.PathLike[str],
+        output_dir: str | os.PathLike[str] | None = None,
+        *,
+        storage_backend: StorageBackend | None = None,
+        prefix: str = "",
+        dtype: str | torch.dtype | None = None,
+        compress: bool = False,
+        name: str | None = None,
+        force: bool = False,
+        progress: bool = False,
+        s3_bucket: str | None = None,
+        s3_prefix: str = "",
+        s3_region: str | None = None,
+        s3_endpoint: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        aws_profile: str | None = None,
+        on_unit: Callable[[str], None] | None = None,
+        on_progress: Callable[[ChunkProgress], None] | None = None,
+    ) -> None:
+        if compress and dtype is not None and parse_dtype(dtype) != torch.float16:
+            raise ConfigurationError("compress=True means float16; do not also pass another dtype")
+        self.model_name = str(model_name)
+        self.name = name or default_model_name(self.model_name)
+        self.dtype = torch.float16 if compress else parse_dtype(dtype)
+        self.force = force
+        self.progress = progress
+        self._on_unit = on_unit
+        self._on_progress = on_progress
+        if sum(x is not None for x in (output_dir, storage_backend, s3_bucket)) > 1:
+            raise ConfigurationError("pass only one of output_dir, storage_backend, s3_bucket")
+        if s3_bucket is not None:
+            from ..storage.s3 import S3Backend  # boto3 is optional
+
+            storage_backend = S3Backend(
+                s3_bucket, prefix=s3_prefix, region_name=s3_region, endpoint_url=s3_endpoint,
+                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+                aws_session_token=aws_session_token, profile_name=aws_profile,
+            )
+        self.storage = storage_backend or FilesystemBackend(output_dir if output_dir is not None else "./chunks")
+        self.prefix = prefix.strip("/")
+
+    async def chunk_model(self) -> dict[str, Any]:
+        """Write every unit, then the manifest. Returns a summary dict.
+
+        Returns:
+            ``{"name", "manifest", "storage", "chunks": [unit names], "num_units", "num_streamed",
+            "total_size_mb", "largest_unit_mb", "dtype", "architecture"}``
+
+        Raises:
+            ChunkingError: an unreadable or mismatched source, or a different model at the target
+                (before the source is even opened) without ``force``.
+            UnsafeFormatError: pickle files that are not plain tensor state dicts.
+        """
+        builder = ModelBuilder(self.storage, self.prefix, name=self.name, force=self.force)
+        await builder.check()
+        source = await asyncio.to_thread(open_source, self.model_name)
+        try:
+            plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name)
+            manifest = await self._write(builder, source, plan)
+        finally:
+            source.close()
+        return self._summary(manifest)
+
+    async def _write(self, builder: ModelBuilder, source: Source, plan: ModelPlan) -> Manifest:
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"chunking {self.name}")
+        done = 0
+        try:
+            for i, unit in enumerate(plan.units):
+                entry = await self._write_unit(builder, unit, source, plan)
+                done += entry.data_bytes
+                if bar is not None:
+                    bar.update(entry.data_bytes)
+                    bar.set_postfix_str(f"unit {i + 1}/{len(plan.units)}")
+                if self._on_unit is not None:
+                    self._on_unit(unit)
+                if self._on_progress is not None:
+                    self._on_progress(ChunkProgress(unit, i + 1, len(plan.units), done, plan.total_bytes))
+        finally:
+            if bar is not None:
+                bar.close()
+        for fname, data in sorted(source.aux_files().items()):
+            await builder.add_file(fname, data)
+        return await builder.finish(
+            architecture=plan.architecture, model_type=plan.config.model_type, config=plan.config.to_dict(),
+            dtype=str(plan.dtype).removeprefix("torch."), tied=plan.tied,
+            source=os.path.basename(self.model_name.rstrip("/")),
+        )
+
+    @staticmethod
+    async def _write_unit(builder: ModelBuilder, unit: str, source: Source, plan: ModelPlan) -> UnitEntry:
+        keys = plan.units[unit]
+        layout = plan.layout(unit)
+        back = {plan.mapping[k]: k for k in keys}
+
+        def fill() -> tuple[Any, Digests]:
+            buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
+            buf[: layout.data_start] = layout.header
+            for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
+                spec = layout.tensors[back[ck]]
+                if tuple(tensor.shape) != spec.shape:
+                    raise ChunkingError(
+                        f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {spec.shape}"
+                    )
+                if tensor.numel():
+                    tensor_view(buf, layout, back[ck], spec).copy_(tensor)
+                del tensor  # one source tensor at a time
+            return buf, Digests.of(buf)  # hashed here too: off the event loop, BLAKE3 without the GIL
+
+        buf, digests = await asyncio.to_thread(fill)
+        return await builder.add_encoded_unit(unit, buf, digests=digests)
+
+    def _summary(self, manifest: Manifest) -> dict[str, Any]:
+        return {
+            "name": manifest.name,
+            "manifest": join_key(self.prefix, MANIFEST_FILE),
+            "storage": self.storage.location,
+            "chunks": [u.name for u in manifest.units],
+            "num_units": len(manifest.units),
+            "num_streamed": len(manifest.streamed),
+            "total_size_mb": manifest.total_bytes / (1 << 20),
+            "largest_unit_mb": max(u.bytes for u in manifest.units) / (1 << 20),
+            "dtype": manifest.dtype,
+            "architecture": manifest.architecture,
+        }
+
+
+__all__ = ["ChunkProgress", "ModelChunker", "default_model_name", "map_checkpoint_keys", "parse_dtype"]

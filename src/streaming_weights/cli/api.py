@@ -1,0 +1,59 @@
+"""``surfing api``: an OpenAI-compatible HTTP endpoint over one streamed model (logic in :mod:`..api`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+
+from ..config import StreamingConfig
+from .options import add_common, open_model, positive_int, read_token_file
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from ..api import ApiSettings
+    from ..api.serve import serve_api
+
+    extra = {}
+    if args.memory is not None:
+        if "memory_budget" in {f.name for f in dataclasses.fields(StreamingConfig)}:
+            extra["memory_budget"] = args.memory
+        else:
+            logging.getLogger(__name__).warning("--memory is not supported by this version; ignored")
+    tokens = [read_token_file(args.api_token_file)] if args.api_token_file else None
+    settings = ApiSettings(window=args.batch_window_ms / 1000, max_batch=args.max_batch, max_queue=args.max_queue,
+                           speculation=args.speculation)
+    model = open_model(args, **extra)
+    auth = "bearer token auth" if tokens else "NO auth"
+
+    def ready(server) -> None:
+        print(f"serving {model.model_name} at {server.url}/v1 ({auth}); Ctrl-C to stop", flush=True)
+
+    serve_api(model, host=args.host, port=args.port, tokens=tokens, settings=settings, ready=ready,
+              log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("api", help="OpenAI-compatible HTTP API (completions, chat, embeddings) over a streamed model")
+    p.add_argument("--server", default=os.environ.get("SURFING_SERVER", "ws://localhost:8765"),
+                   help="weight server URI (comma-separated: failover), s3://bucket/prefix or a chunk directory")
+    p.add_argument("--ca-cert", default=None, metavar="FILE", help="PEM CA certificate(s) to trust for wss://")
+    # --token-file is the token the API's own clients must send; the weight server's is --server-token(-file).
+    p.add_argument("--server-token", dest="token", default=None, help="bearer token for the weight server")
+    p.add_argument("--server-token-file", dest="token_file", default=None, metavar="FILE",
+                   help="read the weight server's bearer token from FILE")
+    p.add_argument("--token-file", dest="api_token_file", default=None, metavar="FILE",
+                   help="require `Authorization: Bearer <token>` with the token in FILE (the weight server's format)")
+    p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
+    p.add_argument("--cache-size", type=int, default=4, help="streamed layers kept between uses")
+    p.add_argument("--memory", default=None, metavar="auto|SIZE", help="client memory budget (e.g. 2GB, auto)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", "-p", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="most requests in one batch (default 8)")
+    p.add_argument("--batch-window-ms", type=float, default=30.0, help="wait for more requests (default 30 ms)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--speculation", default=None, help="auto | off | N, for single greedy requests")
+    add_common(p)
+    p.set_defaults(func=cmd_api)

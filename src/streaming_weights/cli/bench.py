@@ -1,0 +1,53 @@
+"""``surfing bench``: the benchmark suite (writes results.json, REPORT.md and plots into --out)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..exceptions import ConfigurationError
+from .options import add_common
+
+
+def _print_summary(results: dict, out: str) -> int:
+    failed = 0
+    for name, case in results["cases"].items():
+        if "error" in case:
+            failed += 1
+            print(f"{name:11} FAILED: {case['error']}")
+            continue
+        for rname, r in case.get("ratios", {}).items():
+            goal = f"  (goal {r['goal']})" if "goal" in r else ""
+            print(f"{name:11} {rname:45} {r['median']:9.3g}  [{r['min']:.3g}..{r['max']:.3g}, n={r['n']}]{goal}")
+    print(f"wrote {out}/results.json, {out}/REPORT.md and {sum(len(v) for v in results['plots'].values())} "
+          f"plots in {results['seconds']:.0f} s")
+    return failed
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..benchmarks import CASES, run_suite
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    unknown = [c for c in cases or [] if c not in CASES]
+    if unknown:
+        raise ConfigurationError(f"unknown --cases {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    results = run_suite(args.out, quick=args.quick, cases=cases, progress=progress, chunks_dir=args.chunks_dir)
+    return 1 if _print_summary(results, args.out) else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark suite: transfer, overlap, cache policy, memory, peers (writes bench/)")
+    p.add_argument("--quick", action="store_true", help="tiny random-init model, one run per case (~1 min)")
+    p.add_argument("--out", default="bench", help="output directory (default bench/)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of: transfer,overlap,cache,memory,cold_start,peers,chunker")
+    p.add_argument("--chunks-dir", default=None, help="benchmark this chunked LLaMA-family model instead")
+    add_common(p)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,104 @@
+"""``surfing chunk`` (split a model into units + manifest) and ``surfing inspect`` (summarize one)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from .options import add_common, add_connection_args, add_s3_args, resolve_token, s3_backend, ssl_context
+
+
+class PlainProgress:
+    """Chunk progress as a few plain stderr lines (each quarter of the bytes), for logs that are not a TTY."""
+
+    def __init__(self, steps: int = 4) -> None:
+        self.steps = steps
+        self._shown = 0
+
+    def __call__(self, p: Any) -> None:
+        step = p.bytes_done * self.steps // max(p.bytes_total, 1)
+        if step > self._shown or p.units_done == p.units_total:
+            self._shown = step
+            print(f"chunking: {p.units_done}/{p.units_total} units, {p.bytes_done / 2**20:.1f}/"
+                  f"{p.bytes_total / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+
+
+def cmd_chunk(args: argparse.Namespace) -> int:
+    from ..chunker import ModelChunker, default_model_name
+
+    backend = s3_backend(args)
+    name = args.name or default_model_name(args.source)
+    tty = sys.stderr.isatty()
+    chunker = ModelChunker(
+        args.source,
+        output_dir=None if backend else (args.output_dir or str(Path("chunks") / name)),
+        storage_backend=backend, dtype=args.dtype, compress=args.compress, name=name, force=args.force,
+        progress=tty and not args.quiet, on_progress=None if tty or args.quiet else PlainProgress(),
+    )
+    result = asyncio.run(chunker.chunk_model())
+    print(
+        f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}): {result['num_units']} units, "
+        f"{result['total_size_mb']:.1f} MiB total, largest {result['largest_unit_mb']:.1f} MiB -> "
+        f"{result['storage']}/{result['manifest']}"
+    )
+    return 0
+
+
+def _print_manifest(m: Any) -> None:
+    print(f"model        {m.name}")
+    print(f"architecture {m.architecture} ({m.model_type}), dtype {m.dtype}, format v{m.format_version}")
+    print(f"units        {len(m.units)} ({len(m.streamed)} streamed), {m.total_bytes / 2**20:.1f} MiB")
+    print(f"files        {', '.join(f.name for f in m.files) or '-'}")
+    if m.tied:
+        print(f"tied         {', '.join(f'{a} -> {t}' for a, t in m.tied.items())}")
+    print(f"{'order':>5}  {'role':9} {'unit':32} {'MiB':>9}  {'tensors':>7}  sha256")
+    for u in m.units:
+        print(f"{u.order:>5}  {u.role:9} {u.name:32} {u.bytes / 2**20:9.2f}  {len(u.tensors):>7}  {u.sha256}")
+    print()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..client.source import open_unit_source
+    from .options import parse_servers
+
+    location = parse_servers(args.location)
+
+    async def run() -> list[Any]:
+        source = open_unit_source(location, token=resolve_token(args), ssl_context=ssl_context(args))
+        try:
+            names = [args.model] if args.model else await source.list_models()
+            return [await source.get_manifest(n) for n in names]
+        finally:
+            await source.close()
+
+    for m in asyncio.run(run()):
+        if args.json:
+            print(m.to_bytes().decode())
+        else:
+            _print_manifest(m)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chunk", help="split a model into per-layer safetensors units + manifest")
+    p.add_argument("source", help="HF model directory, .gguf file, or hub id")
+    p.add_argument("--output-dir", "-o", help="model directory to write (default chunks/NAME)")
+    p.add_argument("--name", help="model name recorded in the manifest (default: SOURCE's base name)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different model already in the output directory (clears it first)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--compress", action="store_true", help="store float16 (same as --dtype float16)")
+    add_common(p)
+    add_s3_args(p)
+    p.set_defaults(func=cmd_chunk)
+
+    p = sub.add_parser("inspect", help="summarize a chunked model (directory, s3:// or ws:// server)")
+    p.add_argument("location", help="chunk directory, s3://bucket/prefix, ws(s)://host:port or host:port")
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    add_connection_args(p, with_server=False)
+    add_common(p)
+    p.set_defaults(func=cmd_inspect)

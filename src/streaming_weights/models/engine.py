@@ -1,0 +1,320 @@
+"""The streaming engine: I/O thread, unit source, unit cache, hook bindings and the inference counters.
+
+One :class:`StreamingEngine` serves one model. All network and storage I/O runs on its private event
+loop (a daemon thread, so a script that never closes still exits); synchronous compute code blocks on
+that loop through :meth:`StreamingEngine.run`, whose timeout is the retry policy's deadline (the
+longest one operation may take, retries and backoff included). Blocking calls made from a thread that
+runs an event loop raise :class:`SyncCallInEventLoopError` at once instead of stalling that loop.
+
+The engine knows nothing about tokenizers, generation or transformers' classes: the loader builds the
+model and the facade (:mod:`.base`) exposes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+import torch
+
+from ..client.bridge import LoopThread
+from ..client.buffers import BufferPool
+from ..client.cache import UnitCache
+from ..client.policy import make_policy
+from ..client.base import FetchedUnit, UnitSource
+from ..client.open import open_unit_source
+from ..client.retry import RetryingSource, RetryPolicy
+from ..config import StreamingConfig
+from ..exceptions import SyncCallInEventLoopError
+from ..format import Manifest
+from ..monitoring import InferenceRecord
+from .hooks import UnitBinding
+
+T = TypeVar("T")
+
+#: seconds a graceful close may take at interpreter exit (a script that never closes exits promptly)
+EXIT_CLOSE_SECONDS = 1.0
+
+
+def in_running_loop() -> bool:
+    """Whether the calling thread is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def guard_sync(what: str, alternative: str | None = None) -> None:
+    """Raise :class:`SyncCallInEventLoopError` if ``what`` (a blocking call) runs inside an event loop."""
+    if in_running_loop():
+        hint = f"use `{alternative}`" if alternative else "run it in a thread (`await asyncio.to_thread(...)`)"
+        raise SyncCallInEventLoopError(
+            f"{what} blocks on network I/O and was called inside a running event loop, which it would stall "
+            f"(and deadlock a weight server running on that loop); {hint} instead")
+
+
+@dataclass
+class InferenceCounters:
+    """Totals over every counted inference; ``compute + stall == time`` by construction."""
+
+    total_inferences: int = 0
+    total_time: float = 0.0
+    stall_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class _Frame:
+    kind: str
+    t0: float
+    before: dict[str, Any]
+    tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamingEngine:
+    """Streams one model's units: owns the I/O loop, the (retrying) source and, once bound, the cache.
+
+    Args:
+        config: the resolved options (location, token, timeouts, retries, cache bounds, trace…).
+
+    Raises:
+        ConfigurationError: the location cannot be opened (bad URI…).
+    """
+
+    def __init__(self, config: StreamingConfig) -> None:
+        self.config = config
+        self.io = LoopThread()
+        self.policy = RetryPolicy(max_retries=config.max_retries, timeout_seconds=config.timeout_seconds)
+        try:
+            self.source: RetryingSource = self._open_source(config)
+        except BaseException:
+            self.io.close()
+            raise
+        self.manifest: Manifest | None = None
+        self.cache: UnitCache | None = None
+        self.bindings: list[UnitBinding] = []
+        self.prefetch_enabled = True
+        self.counters = InferenceCounters()
+        self.monitor = config.monitor
+        self.lock = threading.RLock()  # one inference at a time; re-entrant for nested scopes
+        self._frames: list[_Frame] = []
+        self._root_handles: list[Any] = []
+        self.closed = False
+        ref = weakref.ref(self)
+        self._atexit = lambda: _close_at_exit(ref)
+        atexit.register(self._atexit)
+
+    def _open_source(self, cfg: StreamingConfig) -> UnitSource:
+        kw: dict[str, Any] = {"token": cfg.token, "timeout_seconds": cfg.timeout_seconds,
+                              "ssl_context": cfg.ssl_context}
+        if getattr(cfg, "ca_cert", None):
+            kw["ca_cert"] = cfg.ca_cert
+        # The one place retries happen: every layer below makes one attempt per call.
+        return RetryingSource(open_unit_source(cfg.location, **kw), self.policy)
+
+    # --------------------------------------------------------------------------------- the bridge
+    @property
+    def deadline(self) -> float:
+        """Longest one operation may take, retries and backoff included (the bridge's timeout)."""
+        return self.source.deadline()
+
+    def run(self, coro: Awaitable[T], what: str = "this call", alternative: str | None = None) -> T:
+        """Run ``coro`` on the I/O loop and block until it finishes (at most :attr:`deadline`)."""
+        if in_running_loop():
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never started: no "was never awaited" warning
+            guard_sync(what, alternative)
+        return self.io.run(coro, self.deadline)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain (non-blocking) function on the I/O loop thread, serialized with its work."""
+        return self.io.call(fn, *args)
+
+    async def call_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call` awaited from another event loop (which keeps running meanwhile)."""
+        async def wrapper() -> T:
+            return fn(*args)
+
+        return await self.io.wrap(wrapper())
+
+    async def wrap(self, coro: Awaitable[T]) -> T:
+        """Await ``coro`` (run on the I/O loop) from another event loop."""
+        return await self.io.wrap(coro)
+
+    # -------------------------------------------------------------------------------- the binding
+    def bind(self, manifest: Manifest, root: torch.nn.Module) -> None:
+        """Create the unit cache for ``manifest`` and hook every streamed unit of ``root`` to it."""
+        cfg = self.config
+        streamed = [u.name for u in manifest.streamed]
+        largest = max((u.bytes for u in manifest.streamed), default=0)
+        # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
+        # buffer is enough in steady state and keeps memory within resident + (cache + prefetch + 1) units.
+        self.source.buffer_pool = BufferPool(max_bytes=largest)
+        self.cache = UnitCache(
+            self._fetch, make_policy(cfg.cache_policy, streamed), {u.name: u.bytes for u in manifest.streamed},
+            max_units=cfg.cache_size,
+            max_bytes=None if cfg.cache_size_mb is None else int(cfg.cache_size_mb * (1 << 20)),
+            prefetch_count=cfg.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
+        self.manifest = manifest
+        self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in streamed]
+        self._count_direct_calls(root)
+
+    def _count_direct_calls(self, root: torch.nn.Module) -> None:
+        """Count calls of the model itself (``hf_model(...)``, ``hf_model.base_model(...)``) as inferences.
+
+        Only the outermost call counts: the facade's own calls and transformers' nested calls (a
+        ``*ForCausalLM`` calling its base model, ``generate`` calling forward) are inside one scope.
+        """
+        modules = {id(root): root}
+        base = getattr(root, "base_model", root)
+        modules.setdefault(id(base), base)
+        for module in modules.values():
+            self._root_handles += [
+                module.register_forward_pre_hook(lambda *_: self.enter("forward")),
+                module.register_forward_hook(lambda *_: self.exit(), always_call=True),
+            ]
+
+    async def _fetch(self, name: str) -> FetchedUnit:
+        return await self.source.fetch_unit(self.manifest, name)
+
+    def acquire(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of streamed unit ``name`` for the compute about to run (blocks until fetched)."""
+        unit = self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled), "a forward pass",
+                        "await model.forward_async(...)` / `await model.generate_async(...)")
+        self.cache._event("compute_start", name)
+        return unit.tensors
+
+    def release(self, name: str) -> None:
+        self.cache._event("compute_end", name)
+        self.call(self.cache.release, name)
+
+    # ------------------------------------------------------------------------------- the counters
+    def _snapshot(self) -> dict[str, Any]:
+        if self.cache is None or self.closed:
+            return {}
+        try:
+            return self.call(lambda: dict(vars(self.cache.stats)))
+        except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to count against
+            return {}
+
+    def enter(self, kind: str) -> None:
+        """Open a counted inference scope (nested scopes belong to the outermost one). Never raises:
+        it runs as a forward pre-hook, and the matching :meth:`exit` runs even when the forward fails."""
+        self.lock.acquire()
+        outermost = not self._frames
+        self._frames.append(_Frame(kind, time.perf_counter(), self._snapshot() if outermost else {}))
+
+    def exit(self, tokens: int = 0) -> None:
+        """Close the innermost scope; closing the outermost one adds its time, stall and tokens."""
+        try:
+            frame = self._frames.pop()
+            if self._frames:
+                self._frames[0].tokens += tokens
+                return
+            self._account(frame, time.perf_counter() - frame.t0, tokens + frame.tokens)
+        finally:
+            self.lock.release()
+
+    def _account(self, frame: _Frame, seconds: float, tokens: int) -> None:
+        after = self._snapshot()
+        delta = {k: after[k] - frame.before[k] for k in ("fetch_seconds", "stall_seconds", "bytes_fetched",
+                                                          "hits", "misses")} if frame.before and after else {}
+        # Stall is time this scope waited inside it, so it never exceeds the scope's time.
+        stall = min(delta.get("stall_seconds", 0.0), seconds)
+        c = self.counters
+        c.total_inferences += 1
+        c.total_time += seconds
+        c.stall_seconds += stall
+        c.fetch_seconds += delta.get("fetch_seconds", 0.0)
+        c.tokens += tokens
+        if self.monitor is not None:
+            self.monitor.record(InferenceRecord(
+                seconds=seconds, kind=frame.kind, tokens=tokens, fetch_seconds=delta.get("fetch_seconds", 0.0),
+                stall_seconds=stall, bytes_fetched=delta.get("bytes_fetched", 0), hits=delta.get("hits", 0),
+                misses=delta.get("misses", 0)))
+
+    def cache_info(self) -> dict[str, Any]:
+        """The cache's counters plus the requested and effective cache sizes."""
+        info = self.call(self.cache.info)
+        n_streamed = len(self.manifest.streamed)
+        info["requested_cache_size"] = self.cache.max_units
+        # More than every streamed unit cannot be kept: the size that actually bounds the cache.
+        info["effective_cache_size"] = min(self.cache.max_units, n_streamed)
+        info["resident_mb"] = sum(u.bytes for u in self.manifest.resident) / (1 << 20)
+        info["streamed_units"] = n_streamed
+        return info
+
+    def inference_stats(self) -> dict[str, Any]:
+        c, info = self.counters, self.cache_info()
+        n, total = c.total_inferences, c.total_time
+        return {
+            "total_inferences": n,
+            "total_time": total,
+            "avg_inference_time": total / n if n else 0.0,
+            "cache_hit_rate": info["hit_rate"],
+            "fetch_seconds": c.fetch_seconds,
+            "stall_seconds": c.stall_seconds,
+            "compute_seconds": total - c.stall_seconds,
+            "bytes_fetched": info["bytes_fetched"],
+            "generated_tokens": c.tokens,
+            "tokens_per_second": c.tokens / total if total and c.tokens else 0.0,
+        }
+
+    # ------------------------------------------------------------------------------- the lifecycle
+    async def _shutdown(self) -> None:
+        if self.cache is not None:
+            await self.cache.clear()
+        await self.source.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drop cached units, close connections and stop the I/O thread (idempotent).
+
+        Inside a running event loop this does not wait for a graceful close (that would stall the loop):
+        connections are dropped with the I/O loop.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._atexit)
+        if not in_running_loop():
+            try:
+                self.io.run(self._shutdown(), timeout)
+            except Exception:  # noqa: BLE001 - best effort: the connections die with the loop anyway
+                pass
+        self.io.close()
+
+    def close_nowait(self) -> None:
+        """Start closing without waiting (for ``__del__``, which must never block)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._atexit)
+
+        async def finish() -> None:
+            try:
+                await self._shutdown()
+            finally:
+                asyncio.get_running_loop().stop()
+
+        try:
+            self.io.submit(finish())
+        except RuntimeError:  # the loop is already closed
+            pass
+
+    async def close_async(self) -> None:
+        if not self.closed:
+            await asyncio.to_thread(self.close)
+
+
+def _close_at_exit(ref: weakref.ReferenceType[StreamingEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close(EXIT_CLOSE_SECONDS)

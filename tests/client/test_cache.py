@@ -1,0 +1,147 @@
+"""Unit cache and policies, with an in-process fake fetcher (no sockets, no models)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from streaming_weights.client.cache import UnitCache
+from streaming_weights.client.policy import ExecutionOrderPolicy, LRUPolicy, make_policy
+from streaming_weights.client.source import FetchedUnit
+from streaming_weights.exceptions import ConfigurationError, NotFoundError
+
+UNITS = [f"layer.{i}" for i in range(8)]
+
+
+class FakeFetch:
+    def __init__(self, delay: float = 0.0, fail: dict[str, int] | None = None, error=ConnectionResetError):
+        self.delay, self.calls, self.fail, self.error = delay, [], dict(fail or {}), error
+
+    async def __call__(self, name: str) -> FetchedUnit:
+        self.calls.append(name)
+        await asyncio.sleep(self.delay)
+        if self.fail.get(name, 0) > 0:
+            self.fail[name] -= 1
+            raise self.error(f"boom {name}")
+        return FetchedUnit(name, {"w": torch.zeros(4)}, 100)
+
+
+def make_cache(policy="order", units=UNITS, **kw):
+    fetch = FakeFetch(kw.pop("delay", 0.0), kw.pop("fail", None), kw.pop("error", ConnectionResetError))
+    cache = UnitCache(fetch, make_policy(policy, units), {u: 100 for u in units}, **kw)
+    return cache, fetch
+
+
+async def run_passes(cache: UnitCache, passes: int, units=UNITS) -> None:
+    for _ in range(passes):
+        for u in units:
+            await cache.acquire(u)
+            cache.release(u)
+
+
+def test_order_policy_predicts_and_learns():
+    p = ExecutionOrderPolicy(["a", "b", "c", "d"])
+    assert p.predict("b", 2) == ["c", "d"]
+    assert p.predict("d", 1) == ["a"]  # cyclic
+    # Learn a decoder-only loop (T5 generate): c -> d -> c
+    for u in ["a", "b", "c", "d", "c", "d", "c"]:
+        p.observe(u)
+    assert p.predict("d", 3) == ["c"]
+    assert p.distance("d", "a") == float("inf")
+    assert p.victim(["a", "c"], current="d") == "a"
+
+
+async def test_order_policy_beats_lru_on_cycles():
+    results = {}
+    for policy in ("order", "lru"):
+        cache, fetch = make_cache(policy, max_units=4, prefetch_count=0)
+        await run_passes(cache, 1)
+        first = len(fetch.calls)
+        await run_passes(cache, 3)
+        results[policy] = (len(fetch.calls) - first) / 3
+    L, k = len(UNITS), 4
+    assert results["lru"] == L  # LRU with fewer slots than units never hits on a cycle
+    # Belady on a cycle: the k kept units are all reused (the computing unit is not counted in k).
+    assert results["order"] == L - k
+    assert results["order"] < results["lru"]
+
+
+async def test_cache_as_large_as_model_fetches_nothing_on_second_pass():
+    cache, fetch = make_cache(max_units=len(UNITS), prefetch_count=2)
+    await run_passes(cache, 1)
+    n = len(fetch.calls)
+    await run_passes(cache, 2)
+    assert len(fetch.calls) == n == len(UNITS)
+    assert cache.info()["hits"] == 2 * len(UNITS)
+
+
+async def test_demand_fetch_joins_inflight_prefetch():
+    cache, fetch = make_cache(max_units=0, prefetch_count=1, delay=0.02)
+    await cache.acquire(UNITS[0])  # starts the prefetch of UNITS[1]
+    cache.release(UNITS[0])
+    await cache.acquire(UNITS[1])  # still in flight: must join it
+    assert fetch.calls.count(UNITS[1]) == 1
+    assert cache.stats.joined_inflight + cache.stats.prefetch_hits == 1
+
+
+async def test_live_units_bounded():
+    cache, _ = make_cache(max_units=2, prefetch_count=3, delay=0.001)
+    peak = 0
+    for _ in range(3):
+        for u in UNITS:
+            await cache.acquire(u)
+            peak = max(peak, cache.live_units)
+            if cache.inflight:  # let the prefetches land (their done-callbacks move them to prefetched)
+                await asyncio.wait(list(cache.inflight.values()))
+            peak = max(peak, cache.live_units)
+            cache.release(u)
+    assert peak <= 2 + 3 + 1
+
+
+async def test_resize_evicts_down():
+    cache, _ = make_cache(max_units=6, prefetch_count=0)
+    await run_passes(cache, 1)
+    assert len(cache.cached) == 6
+    cache.resize(2)
+    assert len(cache.cached) == 2
+
+
+async def test_a_failed_fetch_is_reported_once_and_not_held():
+    # The cache never retries (RetryingSource does, see test_retry.py): one fetch, one error, nothing kept,
+    # and the next acquire fetches again.
+    cache, fetch = make_cache(max_units=1, prefetch_count=0, fail={UNITS[0]: 1})
+    with pytest.raises(ConnectionResetError):
+        await cache.acquire(UNITS[0])
+    assert fetch.calls == [UNITS[0]]
+    assert UNITS[0] not in cache.cached and UNITS[0] not in cache.active and not cache.inflight
+    unit = await cache.acquire(UNITS[0])
+    assert unit.name == UNITS[0] and fetch.calls == [UNITS[0], UNITS[0]]
+    cache2, fetch2 = make_cache(max_units=1, prefetch_count=0, fail={UNITS[0]: 1}, error=NotFoundError)
+    with pytest.raises(NotFoundError):
+        await cache2.acquire(UNITS[0])
+    assert fetch2.calls == [UNITS[0]]
+
+
+
+def test_lru_victim_and_bad_policy():
+    p = LRUPolicy(["a", "b", "c"])
+    for u in ["a", "b", "c", "a"]:
+        p.observe(u)
+    assert p.victim(["a", "b", "c"], "a") == "b"
+    with pytest.raises(ConfigurationError):
+        make_policy("fifo", ["a"])
+
+
+def test_buffer_pool_reuses_only_unviewed_buffers():
+    from streaming_weights.client.buffers import BufferPool
+
+    pool = BufferPool(max_bytes=1 << 20)
+    buf = pool.take(1024)
+    view = torch.frombuffer(buf, dtype=torch.uint8)
+    assert not pool.give(buf)  # a live tensor views it: never reused
+    del view
+    assert pool.give(buf)
+    assert pool.take(1024) is buf and pool.reused == 1
+    assert pool.take(1024) is not buf  # the pool handed it out once only
