@@ -126,6 +126,9 @@ class StreamingConfig:
     #: ``generate`` drafting: "auto" (prompt lookup for greedy single-sequence calls), "off", or a draft
     #: length N (validated by ``models.generation.parse_speculation`` where it is used).
     speculation: Any = opt("auto", parse=parse_str)
+    ca_cert: str | None = opt(None, parse=parse_optional_str)  # PEM file of a private CA (wss://)
+    #: what the client may hold for the model: bytes, "600MB", "2GiB" or "auto" (see models.planner)
+    memory_budget: int | str | None = opt(None, parse=parse_memory)
 
     def __post_init__(self) -> None:
         checks = [("cache_size", self.cache_size >= 0, ">= 0"), ("prefetch_count", self.prefetch_count >= 0, ">= 0"),

@@ -7,13 +7,15 @@
     │   └── UnknownOptionError        an option name that does not exist (also TypeError)
     ├── FormatError                   chunk format problems
     │   ├── ManifestError             missing / malformed / inconsistent manifest.json
+    │   │   └── ManifestLimitError    a manifest beyond a hard limit (sizes, counts, depth; also SecurityError)
     │   └── UnitFormatError           a unit file that does not match its manifest entry
     ├── StorageError                  storage backend failures
     │   ├── KeyNotFoundError          the key does not exist
     │   └── InvalidKeyError           key escapes the backend root or is malformed  (also SecurityError)
     ├── SecurityError                 anything refused for safety reasons
     │   ├── UnsafeFormatError         pickle or other code-executing formats
-    │   └── AuthenticationError       missing / wrong token
+    │   ├── AuthenticationError       missing / wrong token
+    │   └── SignatureError            unsigned / wrongly signed / unpinned manifest while trust is configured
     ├── IntegrityError                fetched bytes do not match the manifest's hash
     ├── WeightServerError             failures reported by or talking to a weight server
     │   ├── ProtocolError             malformed / unexpected messages
@@ -59,6 +61,8 @@ class UnitFormatError(FormatError):
     pass
 
 
+
+
 class StorageError(StreamingWeightsError):
     pass
 
@@ -82,6 +86,14 @@ class UnsafeFormatError(SecurityError):
 
 class AuthenticationError(SecurityError):
     pass
+
+
+class ManifestLimitError(ManifestError, SecurityError):
+    """A manifest declares more than a hard limit allows (refused before anything is allocated for it)."""
+
+
+class SignatureError(SecurityError):
+    """A manifest whose signature (or pinned SHA-256) does not check out against the trusted keys."""
 
 
 class IntegrityError(StreamingWeightsError):

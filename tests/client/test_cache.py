@@ -145,3 +145,43 @@ def test_buffer_pool_reuses_only_unviewed_buffers():
     assert pool.give(buf)
     assert pool.take(1024) is buf and pool.reused == 1
     assert pool.take(1024) is not buf  # the pool handed it out once only
+
+
+@pytest.mark.parametrize("wait_for_prefetch", [True, False])
+async def test_a_failed_prefetch_is_surfaced_not_retried_again(tmp_path, wait_for_prefetch):
+    # A prefetch spends the whole retry policy (RetryingSource); the demand miss for that unit must report
+    # that failure instead of starting a second full set of attempts: exactly max_retries + 1 fetches.
+    from tests.support.servers import build_model
+
+    from streaming_weights.client.retry import RetryingSource, RetryPolicy
+    from streaming_weights.exceptions import FetchTimeoutError, UnitUnavailableError
+    from streaming_weights.storage import FilesystemBackend
+    from streaming_weights.testing import FakeSource
+
+    build_model(FilesystemBackend(tmp_path), "m", {"resident": 200, "layer.0": 500, "layer.1": 500})
+
+    def handler(req):
+        if req.op == "fetch_unit" and req.name == "layer.1":
+            raise FetchTimeoutError("slow")
+
+    fake = FakeSource(handler, chunks_dir=tmp_path)
+    source = RetryingSource(fake, RetryPolicy(max_retries=2, base_delay=0.001, max_delay=0.002))
+    manifest = await source.get_manifest(None)
+    names = ["layer.0", "layer.1"]
+
+    async def fetch(name):
+        return await source.fetch_unit(manifest, name)
+
+    cache = UnitCache(fetch, make_policy("order", names), {n: 500 for n in names}, max_units=0, prefetch_count=1)
+    await cache.acquire("layer.0")  # starts the prefetch of layer.1
+    cache.release("layer.0")
+    if wait_for_prefetch:  # the prefetch has failed for good before the demand miss comes
+        await asyncio.gather(cache.inflight["layer.1"], return_exceptions=True)
+        assert "layer.1" in cache.failed
+    with pytest.raises(UnitUnavailableError, match="after 3 attempts"):
+        await cache.acquire("layer.1")
+    assert fake.fetched().count("layer.1") == 3 and not cache.failed and not cache.inflight
+    # The failure was reported once: the next miss is a fresh operation with its own attempts.
+    with pytest.raises(UnitUnavailableError):
+        await cache.acquire("layer.1", prefetch=False)
+    assert fake.fetched().count("layer.1") == 6

@@ -26,6 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .detok import RowText
+from ..exceptions import ModelError
 from .errors import ApiError, from_exception
 from .schemas import Sampling
 
@@ -167,10 +168,13 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: list[GenRequest] = []
-        tok = model.tokenizer
-        self._tok = tok
-        self._pad = tok.pad_token_id if tok.pad_token_id is not None else self._eos_list()[0]
-        self._eos = frozenset(self._eos_list())
+        self._busy: asyncio.Future | None = None  # the worker thread's batch, while one runs
+        self._tok = tok = model.tokenizer
+        eos = self._eos_list()
+        if tok.pad_token_id is None and not eos:
+            raise ModelError(f"{model.model_name!r}: the tokenizer has neither a pad nor an EOS token to batch with")
+        self._pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]  # padding is masked out
+        self._eos = frozenset(eos)
         self._extra: dict[str, Any] = {}
         if speculation is not None and "speculation" in inspect.signature(model.generate).parameters:
             self._extra["speculation"] = speculation
@@ -214,11 +218,16 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="surfing-api-batcher")
 
     async def stop(self) -> None:
+        """Refuse what waits, stop the running rows at their next token, and wait for that batch to end (so
+        the model is idle when the caller closes it)."""
         for req in [*self._pending, *self._running]:
             req.cancelled = True
+        closing = ApiError(503, "the server is shutting down", type="server_error")
         for req in self._pending:
-            req.events.put_nowait((req.index, Failed(ApiError(503, "the server is shutting down", type="server_error"))))
+            req.events.put_nowait((req.index, Failed(closing)))
         self._pending.clear()
+        if self._busy is not None:
+            await asyncio.wait({self._busy})
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,10 +238,11 @@ class Batcher:
         while True:
             batch = await self._next_batch(loop)
             self._running = batch
+            self._busy = asyncio.ensure_future(asyncio.to_thread(self._run_batch, batch, loop))
             try:
-                await asyncio.to_thread(self._run_batch, batch, loop)
+                await asyncio.shield(self._busy)  # stop() cancels this task, never the batch in its thread
             finally:
-                self._running = []
+                self._running, self._busy = [], None
 
     async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[GenRequest]:
         while True:
@@ -255,7 +265,8 @@ class Batcher:
     # ---------------------------------------------------------------------------- worker thread side
     def _run_batch(self, batch: list[GenRequest], loop: asyncio.AbstractEventLoop) -> None:
         def emit(req: GenRequest, ev: Event) -> None:
-            loop.call_soon_threadsafe(req.events.put_nowait, (req.index, ev))
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped, nobody listens
+                loop.call_soon_threadsafe(req.events.put_nowait, (req.index, ev))
 
         rows = [_Row(r, self._tok, emit) for r in batch]
         stats = self.model.get_inference_stats

@@ -11,7 +11,9 @@ So at most ``max_units + prefetch_count + 1`` units are alive. A unit's tensors 
 receive buffer, which lives exactly as long as any of them (then it may go back to the buffer pool).
 
 The cache makes one fetch per miss and never retries: the source it fetches from does (one retry
-policy, in ``retry.RetryingSource``), so a failure here is already final.
+policy, in ``retry.RetryingSource``), so a failure here is already final. That holds for prefetches
+too: a prefetch that failed is remembered, and the demand miss for that unit raises its error instead
+of fetching again (which would spend a second full set of attempts).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class UnitCache:
         self.prefetched: dict[str, FetchedUnit] = {}
         self.inflight: dict[str, asyncio.Task[FetchedUnit]] = {}
         self._prefetch_tasks: set[str] = set()
+        #: prefetches that failed for good (the source already retried): the demand miss raises it
+        self.failed: dict[str, BaseException] = {}
         self.peak_live = 0
         self.pool = pool
 
@@ -138,9 +142,14 @@ class UnitCache:
         if self.inflight.get(name) is not task:
             return
         del self.inflight[name]
+        unclaimed = name in self._prefetch_tasks  # no demand miss joined it (one that did gets the error)
         self._prefetch_tasks.discard(name)
-        if task.cancelled() or task.exception() is not None:
-            return  # a demand fetch will try again and report the error
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            if unclaimed:
+                self.failed[name] = task.exception()  # final: the coming demand miss reports it
+            return
         self.prefetched[name] = task.result()
 
     # --------------------------------------------------------------------------------------- API
@@ -162,6 +171,9 @@ class UnitCache:
             self.stats.prefetch_hits += 1
         else:
             self.stats.misses += 1
+            failure = self.failed.pop(name, None)
+            if failure is not None:
+                raise failure
             task = self.inflight.get(name)
             if task is not None:
                 self.stats.joined_inflight += 1
@@ -220,6 +232,8 @@ class UnitCache:
         for stale in [n for n in self.prefetched if n not in window]:
             self._drop(self.prefetched.pop(stale))
             self.stats.prefetches_wasted += 1
+        for stale in [n for n in self.failed if n not in window]:
+            del self.failed[stale]  # not needed next after all: a later miss fetches it afresh
         for stale in [n for n in self._prefetch_tasks if n not in window]:
             self._prefetch_tasks.discard(stale)
             task = self.inflight.pop(stale, None)
@@ -228,7 +242,7 @@ class UnitCache:
                 self.stats.prefetches_wasted += 1
         started = []
         for name in window:
-            if name in self.active or name in self.cached or name in self.prefetched or name in self.inflight:
+            if any(name in held for held in (self.active, self.cached, self.prefetched, self.inflight, self.failed)):
                 continue
             self._start_fetch(name, prefetch=True)
             self._event("prefetch", name)
@@ -262,6 +276,7 @@ class UnitCache:
         await asyncio.gather(*self.inflight.values(), return_exceptions=True)
         self.inflight.clear()
         self._prefetch_tasks.clear()
+        self.failed.clear()
         while self.cached:
             self._drop(self.cached.popitem()[1])
         while self.prefetched:

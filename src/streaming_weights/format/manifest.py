@@ -1,18 +1,87 @@
-"""``manifest.json``: what a chunked model directory holds. Specified byte by byte in docs/format.md."""
+"""``manifest.json``: what a chunked model directory holds. Specified byte by byte in docs/format.md.
+
+A manifest may come from a hostile storage or network path, so parsing is bounded (:class:`ManifestLimits`):
+the byte size and JSON nesting depth are checked before ``json.loads``; unit/file/tensor counts, tensor
+ranks and every declared byte size are checked before anything is built or allocated from them. A breach
+raises :class:`~streaming_weights.exceptions.ManifestLimitError` naming the limit.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..exceptions import ManifestError, UnitFormatError
+from ..exceptions import ManifestError, ManifestLimitError, UnitFormatError
 from .chunkfile import TensorSpec
 from .names import RESIDENT_UNIT, check_name, file_path, unit_path
 
 FORMAT_VERSION = 1
 ROLES = ("resident", "streamed")
 _HEX64 = set("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class ManifestLimits:
+    """Hard bounds on what one manifest may declare. Defaults fit any real checkpoint with room to spare
+    (a 405B-parameter model's largest unit is ~7 GB in bf16; its manifest well under 10 MB)."""
+
+    max_manifest_bytes: int = 64 << 20
+    max_json_depth: int = 32  # real manifests nest 6 deep (units -> unit -> tensors -> tensor -> shape)
+    max_units: int = 100_000
+    max_files: int = 1_000
+    max_tensors: int = 1_000_000  # in the whole manifest
+    max_ndim: int = 8
+    max_unit_bytes: int = 64 << 30
+    max_file_bytes: int = 4 << 30
+    max_total_bytes: int = 16 << 40
+
+    def check_bytes(self, data: bytes | bytearray) -> None:
+        """Size and nesting depth of the raw JSON, before it is parsed."""
+        if len(data) > self.max_manifest_bytes:
+            raise ManifestLimitError(f"manifest.json is {len(data)} bytes; the limit is {self.max_manifest_bytes}")
+        if json_depth(bytes(data), self.max_json_depth) > self.max_json_depth:
+            raise ManifestLimitError(f"manifest.json nests deeper than {self.max_json_depth} levels")
+
+    def check_size(self, size: int, limit: int, what: str, where: str) -> None:
+        if size > limit:
+            raise ManifestLimitError(f"{where}: declares {what} of {size} bytes; the limit is {limit} bytes "
+                                     f"({_human(limit)}): refusing the manifest")
+
+    def check_count(self, count: int, limit: int, what: str, where: str) -> None:
+        if count > limit:
+            raise ManifestLimitError(f"{where}: {count} {what}; the limit is {limit}")
+
+
+LIMITS = ManifestLimits()
+
+# A JSON string (escapes included): stripped before counting brackets, so '[' inside names does not count.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INNERMOST = re.compile(rb"\{[^\[\]{}]*\}|\[[^\[\]{}]*\]")
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """Nesting depth of JSON text, or ``limit + 1`` if deeper: one C-speed regex pass per level, so a
+    hostile ``[[[[...`` costs at most ``limit`` passes and never recurses."""
+    text = _NOT_BRACKET.sub(b"", _STRING.sub(b"", data))
+    depth = 0
+    while text:
+        if depth > limit:
+            return limit + 1
+        text, n = _INNERMOST.subn(b"", text)
+        if not n:  # unbalanced: json.loads will say where
+            return depth
+        depth += 1
+    return depth
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
 
 
 def _require(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
