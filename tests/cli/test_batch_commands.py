@@ -11,7 +11,7 @@ import torch
 
 from streaming_weights import StreamingBertModel, cli
 
-SMOL = ["--cache-size", "30", "--max-new-tokens", "5"]  # whole model cached: the flags are under test here
+SMOL = ["--cache-size", "30", "--max-new-tokens", "8"]  # whole model cached: the flags are under test here
 
 
 def test_generate_prompt_from_stdin(smollm2_chunks, capsys, monkeypatch):

@@ -159,6 +159,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Na
            "Give me a synonym for happy.", "Who wrote Romeo and Juliet?"]
 
 
+@pytest.mark.slow  # 8 x 6 one-prompt steps plus a batch: minutes on a shared 2-core runner
 def test_generate_text_batch_equals_single_calls_for_a_quarter_of_the_bytes(smollm2_chunks):
     """8 prompts in one left-padded batch vs 8 one-prompt calls (default settings each): identical texts,
     and since every forward fetches the streamed layers once, under 1/4 of the bytes per token."""
@@ -198,7 +199,8 @@ EIFFEL = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars
 
 
 @pytest.mark.parametrize("prompt, new, bound", [
-    ("Repeat this text exactly:\n\n" + EIFFEL, 32, 0.4),  # input-grounded: drafts from the prompt get accepted
+    pytest.param("Repeat this text exactly:\n\n" + EIFFEL, 32, 0.4,  # input-grounded: drafts get accepted
+                 marks=pytest.mark.slow),  # 32 plain steps for the "off" baseline
     ("Write a short poem about autumn.", 12, 1.0),        # open-ended: "auto" must never cost more than "off"
 ], ids=["grounded", "open-ended"])
 def test_smollm2_default_speculation_bytes(smollm2_chunks, prompt, new, bound):

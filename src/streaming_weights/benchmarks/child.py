@@ -62,38 +62,60 @@ class TokenClock:
         pass
 
 
+def _prompt(a: dict[str, Any]) -> Any:
+    """The prompt as a (batch, length) id tensor: ``a["prompt"]`` (ids) or a fixed random one; batch rows
+    after the first are random prompts of the same length (same cost per row, no padding)."""
+    import torch
+
+    first = torch.tensor([a["prompt"]]) if a.get("prompt") else prompt_ids(a["vocab"], a["prompt_len"])
+    rows = [first] + [prompt_ids(a["vocab"], first.shape[1], seed=100 + i) for i in range(a.get("batch", 1) - 1)]
+    return torch.cat(rows)
+
+
 def _gen_kwargs(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    ids = prompt_ids(a["vocab"], a["prompt_len"])
+    ids = _prompt(a)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a["tokens"],
                 min_new_tokens=a["tokens"], do_sample=False)
 
 
-def _timed_generate(model: Any, a: dict[str, Any], t_origin: float) -> dict[str, Any]:
+def _timed_generate(model: Any, a: dict[str, Any], t_origin: float, **extra: Any) -> dict[str, Any]:
     import torch
 
-    clock = TokenClock()
+    kw = _gen_kwargs(a) | extra
+    clock = TokenClock() if kw["input_ids"].shape[0] == 1 else None  # streamers take batch 1 only
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(**_gen_kwargs(a), streamer=clock)
+        out = model.generate(**kw, streamer=clock) if clock else model.generate(**kw)
     dt = time.perf_counter() - t0
-    return {"generate_s": dt, "tokens_per_s": a["tokens"] / dt,
-            "ttft": (clock.times[0] if clock.times else time.perf_counter()) - t_origin}
+    new = int(out.shape[0] * (out.shape[1] - kw["input_ids"].shape[1]))
+    return {"generate_s": dt, "tokens_per_s": new / dt, "new_tokens": new,
+            "ttft": (clock.times[0] if clock and clock.times else float("nan")) - t_origin}
+
+
+def _stream_kwargs(a: dict[str, Any]) -> dict[str, Any]:
+    if "model_kwargs" in a:
+        return dict(a["model_kwargs"])
+    return {"cache_size": a["cache"], "prefetch_count": a["prefetch"]}
 
 
 def child_stream(a: dict[str, Any]) -> dict[str, Any]:
     from ..models import StreamingLlamaModel
 
     t_origin = time.perf_counter()
-    model = StreamingLlamaModel(a["name"], a["uri"], a["cache"], prefetch_count=a["prefetch"])
+    model = StreamingLlamaModel(a["name"], a["uri"], **_stream_kwargs(a))
     load = time.perf_counter() - t_origin
-    r = _timed_generate(model, a, t_origin)
+    extra = {"speculation": a["speculation"]} if "speculation" in a else {}
+    r = _timed_generate(model, a, t_origin, **extra)
     stats, info = model.get_inference_stats(), model.get_cache_info()
     model.close()
-    return r | {"load_s": load, "bytes_fetched_per_token": stats["bytes_fetched"] / a["tokens"],
-                "stall_seconds": stats["stall_seconds"], "peak_live_units": info["peak_live_units"],
-                "hit_rate": info["hit_rate"]}
+    plan = info.get("plan")
+    return r | {"load_s": load, "bytes_fetched_per_token": stats["bytes_fetched"] / max(1, r["new_tokens"]),
+                "bytes_fetched": stats["bytes_fetched"], "stall_seconds": stats["stall_seconds"],
+                "peak_live_units": info["peak_live_units"], "hit_rate": info["hit_rate"],
+                "drafted_tokens": stats.get("drafted_tokens"), "accepted_tokens": stats.get("accepted_tokens"),
+                "plan": plan if isinstance(plan, dict) else None}
 
 
 async def _download(a: dict[str, Any], out: Path) -> tuple[Any, dict[str, Any]]:
@@ -140,8 +162,12 @@ def child_hf(a: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 
 def child_accelerate(a: dict[str, Any]) -> dict[str, Any]:
+    """accelerate's big-model inference: weights beyond ``max_memory`` offloaded to disk. Under a cap, its
+    CPU budget is what the cap leaves after this process's runtime and a margin for activations."""
     Path(a["offload"]).mkdir(parents=True, exist_ok=True)
-    return child_hf(a, device_map="auto", max_memory={"cpu": int(a["budget"])}, offload_folder=a["offload"])
+    budget = int(a["budget"]) if a.get("budget") else max(32 << 20, int(a["cap"]) - _rss() - a["margin"])
+    r = child_hf(a, device_map="auto", max_memory={"cpu": budget}, offload_folder=a["offload"])
+    return r | {"max_memory_cpu": budget}
 
 
 def child_airllm(a: dict[str, Any]) -> dict[str, Any]:
@@ -152,9 +178,20 @@ def child_airllm(a: dict[str, Any]) -> dict[str, Any]:
     load = time.perf_counter() - t_origin
     kw = _gen_kwargs(a)
     t0 = time.perf_counter()
-    model.generate(kw["input_ids"], max_new_tokens=a["tokens"], use_cache=True, return_dict_in_generate=True)
+    model.generate(kw["input_ids"], max_new_tokens=a["tokens"], min_new_tokens=a["tokens"], do_sample=False,
+                   use_cache=True, return_dict_in_generate=True)
     dt = time.perf_counter() - t0
-    return {"generate_s": dt, "tokens_per_s": a["tokens"] / dt, "ttft": float("nan"), "load_s": load}
+    return {"generate_s": dt, "tokens_per_s": a["tokens"] / dt, "new_tokens": a["tokens"], "ttft": float("nan"),
+            "load_s": load}
+
+
+def child_airllm_prepare(a: dict[str, Any]) -> dict[str, Any]:
+    """Let AirLLM split the checkpoint into its per-layer shards (once, uncapped, before the timed runs)."""
+    from airllm import AutoModel  # type: ignore[import-not-found]
+
+    t0 = time.perf_counter()
+    AutoModel.from_pretrained(a["path"], device="cpu", layer_shards_saving_path=a["shards"])
+    return {"seconds": time.perf_counter() - t0}
 
 
 def child_chunk(a: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +207,7 @@ def child_chunk(a: dict[str, Any]) -> dict[str, Any]:
 
 MEASUREMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "stream": child_stream, "download": child_download, "hf_memory": child_hf, "accelerate": child_accelerate,
-    "airllm": child_airllm, "chunk": child_chunk,
+    "airllm": child_airllm, "airllm_prepare": child_airllm_prepare, "chunk": child_chunk,
 }
 
 
@@ -200,7 +237,7 @@ def _import_baseline(kinds: list[str]) -> None:
 
     if "accelerate" in kinds:
         import accelerate  # noqa: F401
-    if "airllm" in kinds:
+    if "airllm" in kinds or "airllm_prepare" in kinds:
         import airllm  # noqa: F401  # type: ignore[import-not-found]
     if "chunk" in kinds:
         from .. import chunker  # noqa: F401
@@ -215,8 +252,12 @@ def main(argv: list[str]) -> int:
         return 0
     kinds = [k for k, _ in args["runs"]] if kind == "multi" else [kind]
     _import_baseline(kinds)
+    if args.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(args["threads"]))  # one compute thread: the client owns one core
     if kind == "multi":
-        res: dict[str, Any] = {"results": {k: measure(k, a) for k, a in args["runs"]}}
+        res: dict[str, Any] = {"results": [measure(k, a) for k, a in args["runs"]]}  # in the order given
     else:
         res = measure(kind, args)
     out.write_text(json.dumps(res))

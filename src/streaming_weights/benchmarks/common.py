@@ -9,11 +9,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..netutil import free_port, wait_for_port
+from .sandbox import MemoryCap, pinned
 
 Progress = Callable[[str], None]
 MiB = 1 << 20
@@ -52,11 +53,14 @@ def module_command(module: str, *args: str) -> list[str]:
 
 
 @contextmanager
-def process(cmd: list[str], port: int, timeout: float = 90.0) -> Iterator[subprocess.Popen]:
-    """Run ``cmd`` until the block ends; yields once it listens on ``port``. Its output goes to a temporary
-    file (a pipe nobody reads would block a chatty child) whose tail is shown if it exits early."""
+def process(cmd: list[str], port: int, timeout: float = 90.0,
+            cpus: list[int] | None = None) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` (pinned to ``cpus`` if given) until the block ends; yields once it listens on ``port``.
+    Its output goes to a temporary file (a pipe nobody reads would block a chatty child) whose tail is
+    shown if it exits early."""
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=pinned(cpus))
         try:
             try:
                 wait_for_port(port, proc=proc, timeout=timeout)
@@ -75,31 +79,43 @@ def process(cmd: list[str], port: int, timeout: float = 90.0) -> Iterator[subpro
 
 
 @contextmanager
-def weight_server(chunks_dir: Path | str, cache_mb: float, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``python -m streaming_weights.weight_server`` in its own process; yields (its ws:// URI, the process)."""
+def weight_server(chunks_dir: Path | str, cache_mb: float, *extra: str,
+                  cpus: list[int] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m streaming_weights.weight_server`` in its own process (pinned to ``cpus`` if given);
+    yields (its ws:// URI, the process). ``extra``: more ``surfing serve`` flags (``--max-rate 1Gbit``)."""
     port = free_port()
     cmd = [sys.executable, "-m", "streaming_weights.weight_server", "--chunks-dir", str(chunks_dir),
            "--port", str(port), "--cache-size", str(int(cache_mb)), "--max-inflight", "32", "--quiet", *extra]
-    with process(cmd, port) as proc:
+    with process(cmd, port, cpus=cpus) as proc:
         yield f"ws://127.0.0.1:{port}", proc
 
 
 @contextmanager
-def weight_server_process(chunks_dir: Path | str, cache_mb: float, *extra: str) -> Iterator[str]:
+def weight_server_process(chunks_dir: Path | str, cache_mb: float, *extra: str,
+                          cpus: list[int] | None = None) -> Iterator[str]:
     """Like :func:`weight_server`, yielding only the URI."""
-    with weight_server(chunks_dir, cache_mb, *extra) as (uri, _):
+    with weight_server(chunks_dir, cache_mb, *extra, cpus=cpus) as (uri, _):
         yield uri
 
 
-def run_child(kind: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run measurement ``kind`` in a fresh interpreter (``benchmarks.child``); returns its JSON result."""
-    with tempfile.TemporaryDirectory(prefix="surfing-bench-child-") as tmp:
+def run_child(kind: str, args: dict[str, Any], timeout: float, *, cap: int | None = None,
+              cpus: list[int] | None = None) -> dict[str, Any]:
+    """Run measurement ``kind`` in a fresh interpreter (``benchmarks.child``); returns its JSON result.
+
+    ``cap``: bytes of a cgroup memory limit the child runs inside (from exec on; None = uncapped);
+    ``cpus``: CPUs it is pinned to. A child the cap OOM-kills returns ``{"error": ..., "oom": True}``.
+    """
+    with tempfile.TemporaryDirectory(prefix="surfing-bench-child-") as tmp, \
+            (MemoryCap(cap) if cap is not None else nullcontext()) as cgroup:
         out = Path(tmp) / "result.json"
         cmd = module_command("child", kind, json.dumps(args), str(out))
         try:
-            proc = subprocess.run(cmd, env=child_env(), capture_output=True, timeout=timeout)
+            proc = subprocess.run(cmd, env=child_env(), capture_output=True, timeout=timeout,
+                                  preexec_fn=pinned(cpus, cgroup))
         except subprocess.TimeoutExpired:
-            return {"error": f"{kind} did not finish within {timeout:.0f} s"}
+            return {"error": f"{kind} did not finish within {timeout:.0f} s", "timeout": timeout}
+        if cgroup is not None and cgroup.oom_kills:
+            return {"error": f"{kind} was OOM-killed by the {cap / MiB:.0f} MiB memory cap", "oom": True}
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or b"").decode(errors="replace").strip().splitlines()[-8:]
             return {"error": f"{kind} exited with {proc.returncode}: " + " | ".join(tail)}

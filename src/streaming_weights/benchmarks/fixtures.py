@@ -77,3 +77,27 @@ def write_one_unit_model(d: Path, unit_bytes: int) -> Any:
     return asyncio.run(write_model(FilesystemBackend(str(d)), name="bench-transfer", units=units,
                                    architecture="BenchArch", model_type="bench", config={}, dtype="float32",
                                    force=True))
+
+
+GROUNDED_TEXT = ("The weight server keeps every unit of the model in its memory cache and sends each one as raw "
+                 "binary frames. The client verifies the BLAKE3 digest of every unit before it decodes the "
+                 "tensors without a copy, and it keeps only a few layers at a time.")
+
+
+def grounded_prompt(hf_dir: Path, vocab: int) -> tuple[list[int], str]:
+    """(prompt ids, description): an input-grounded prompt (repeat a paragraph) through the model's chat
+    template when ``hf_dir`` has a tokenizer; else a fixed random prompt whose second half repeats its
+    first (tiny test models have no tokenizer)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        msgs = [{"role": "user", "content": "Repeat the following text exactly, word for word.\n\n" + GROUNDED_TEXT}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return [int(i) for i in ids], "chat-templated 'repeat this paragraph', input-grounded"
+    except Exception:  # noqa: BLE001 - no (usable) tokenizer: tiny random-init models
+        from .common import prompt_ids
+
+        half = prompt_ids(vocab, 16)[0].tolist()
+        return half + half, "random ids, second half repeating the first (no tokenizer)"

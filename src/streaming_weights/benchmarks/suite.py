@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cache_policy, chunking, cold_start, memory, overlap, peers, transfer
+from . import cache_policy, chunking, cold_start, generation, memory, overlap, peers, transfer
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
-from .fixtures import build_random_llama, chunk_source, export_hf_dir, load_manifest
+from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
+from .sandbox import cap_support, evict, usable_cpus
 from .plots import write_plots
 from .report import render_report
 
 CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "transfer": transfer.run, "overlap": overlap.run, "cache": cache_policy.run, "memory": memory.run,
+    "generation": generation.run, "transfer": transfer.run, "overlap": overlap.run, "cache": cache_policy.run, "memory": memory.run,
     "cold_start": cold_start.run, "peers": peers.run, "chunker": chunking.run,
 }
 CASES = tuple(CASE_FUNCS)
@@ -61,7 +62,17 @@ class Suite:
         self.model_label = (f"{m.name} ({m.architecture}, {len(m.streamed)} streamed layers, "
                             f"{m.total_bytes / MiB:.0f} MiB {m.dtype})")
         self._hf_dir: Path | None = None
+        self._airllm_shards: Path | None = None
         self.uri = ""
+        self.cap_kind, self.cap_reason = cap_support()
+        cpus = usable_cpus()
+        # the client (one compute thread) on the first core, the weight server on the next: it stands for
+        # another host, so it must not take the client's core
+        self.client_cpus, self.server_cpus = [cpus[0]], [cpus[1] if len(cpus) > 1 else cpus[0]]
+        self.headline_tokens = 4 if quick else 8
+        self.airllm_tokens, self.airllm_timeout = 3, 600
+        self.generation_rounds = 3
+        self._prompt: tuple[list[int], str] | None = None
 
     def say(self, msg: str) -> None:
         if self._progress is not None:
@@ -74,9 +85,54 @@ class Suite:
             self._hf_dir = export_hf_dir(self.chunks_dir, self.tmp / "hf-export")
         return self._hf_dir
 
+    @property
+    def method_line(self) -> str:
+        cap = (f"Each contender in a fresh process inside a cgroup memory cap ({self.cap_reason})"
+               if self.cap_kind else f"Each contender in a fresh process, UNCAPPED ({self.cap_reason})")
+        return (f"{cap}, its files evicted from the page cache (posix_fadvise DONTNEED) before each run, "
+                f"pinned to CPU {self.client_cpus[0]} with one compute thread; the weight server pinned to "
+                f"CPU {self.server_cpus[0]}.")
+
+    def prompt_info(self) -> tuple[list[int], str]:
+        if self._prompt is None:
+            self._prompt = grounded_prompt(self.hf_dir, self.vocab)
+        return self._prompt
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.prompt_info()[0]
+
+    @property
+    def prompt_kind(self) -> str:
+        return self.prompt_info()[1]
+
+    def airllm_shards(self) -> Path:
+        """AirLLM's per-layer split of the checkpoint (made once, uncapped, outside any timing)."""
+        if self._airllm_shards is None:
+            shards = self.tmp / "airllm-shards"
+            self.say("AirLLM: splitting the checkpoint into its per-layer shards (once)")
+            r = run_child("airllm_prepare", {"path": str(self.hf_dir), "shards": str(shards)}, timeout=600)
+            if "error" in r:
+                self.child_errors["airllm"] = r["error"]
+            self._airllm_shards = shards
+        return self._airllm_shards
+
+    def gen_args(self, kind: str) -> dict[str, Any]:
+        """A headline-generation child's arguments: the grounded prompt, one thread, this suite's server."""
+        return {"tokens": self.headline_tokens, "prompt": self.prompt, "prompt_len": len(self.prompt),
+                "vocab": self.vocab, "name": self.manifest.name, "uri": self.uri, "threads": 1}
+
+    def sandboxed(self, kind: str, args: dict[str, Any], *, cap: int | None, evict_paths: list[Any] = (),
+                  timeout: float = 600) -> dict[str, Any]:
+        """One fresh-process run of ``kind`` in the product's setting: ``evict_paths`` dropped from the page
+        cache, capped (when this machine allows), pinned to the client core. Errors come back as
+        ``{"error": ...}``."""
+        evict(evict_paths)
+        return run_child(kind, args, timeout, cap=cap if self.cap_kind else None, cpus=self.client_cpus)
+
     def _child_args(self, kind: str) -> dict[str, Any]:
         common = {"tokens": self.gen_tokens, "prompt_len": self.prompt_len, "vocab": self.vocab,
-                  "name": self.manifest.name, "uri": self.uri}
+                  "name": self.manifest.name, "uri": self.uri, "threads": 1}
         if kind == "stream":
             return common | {"cache": self.stream_cache, "prefetch": self.stream_prefetch}
         if kind == "download":
@@ -100,11 +156,12 @@ class Suite:
     def _run_planned_together(self) -> None:
         todo = [k for k in self._planned if k not in self._children]
         self.say(f"one fresh process (--quick): {', '.join(todo)}")
-        r = run_child("multi", {"runs": [[k, self._child_args(k)] for k in todo]}, timeout=600)
+        r = run_child("multi", {"runs": [[k, self._child_args(k)] for k in todo], "threads": 1}, timeout=600,
+                      cpus=self.client_cpus)
         if "error" in r:
             raise RuntimeError(f"{'+'.join(todo)}: {r['error']}")
-        for k in todo:
-            self._children[k] = [r["results"][k]]
+        for k, res in zip(todo, r["results"]):
+            self._children[k] = [res]
 
     def child_runs(self, kind: str, repeats: int | None = None) -> list[dict[str, Any]]:
         """Results of ``repeats`` fresh-process runs of ``kind`` (run once, shared by every case)."""
@@ -115,7 +172,8 @@ class Suite:
             res = []
             for i in range(n):
                 self.say(f"fresh process: {kind} ({i + 1}/{n})")
-                r = run_child(kind, self._child_args(kind), timeout=180 if kind == "airllm" else 600)
+                r = run_child(kind, self._child_args(kind), timeout=self.airllm_timeout if kind == "airllm" else 600,
+                              cpus=self.client_cpus)
                 if "error" in r:
                     self.child_errors[kind] = r["error"]
                     if kind == "airllm":  # optional peer: its absence is reported, not fatal
@@ -135,7 +193,7 @@ def _versions() -> dict[str, str]:
 
 def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any]) -> None:
     server_mb = suite.manifest.total_bytes / MiB * 1.2 + 64
-    with weight_server_process(suite.chunks_dir, cache_mb=server_mb) as uri:
+    with weight_server_process(suite.chunks_dir, cache_mb=server_mb, cpus=suite.server_cpus) as uri:
         suite.uri = uri
         for name in selected:
             suite.say(f"case {name}")

@@ -27,6 +27,8 @@ from ..format.chunkfile import tensor_view
 from ..format.hashing import Digests
 from ..format.manifest import Manifest, UnitEntry
 from ..format.names import MANIFEST_FILE, join_key
+from ..format.quant import SCHEMES
+from ..format.quant import encode as quant_encode
 from ..storage.base import StorageBackend
 from ..storage.filesystem import FilesystemBackend
 from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, plan_model
@@ -53,6 +55,8 @@ class ModelChunker:
         storage_backend: write there instead (under ``prefix``), e.g. an :class:`S3Backend`.
         dtype: cast floating tensors to ``float32``/``float16``/``bfloat16``; ``None`` keeps the source's.
         compress: the original project's flag: ``True`` means ``dtype="float16"``.
+        quantize: ``None`` (default), ``"int8"`` or ``"int4"``: store linear and embedding weights
+            quantized (:mod:`streaming_weights.format.quant`; lossy, see docs/format.md for the errors).
         name: the model name recorded in the manifest (default: :func:`default_model_name` of the source).
         force: replace a *different* model stored at the target (its files are deleted first); without
             it, :meth:`chunk_model` raises ChunkingError there. Re-chunking the same name always works.
@@ -71,6 +75,7 @@ class ModelChunker:
         prefix: str = "",
         dtype: str | torch.dtype | None = None,
         compress: bool = False,
+        quantize: str | None = None,
         name: str | None = None,
         force: bool = False,
         progress: bool = False,
@@ -90,6 +95,9 @@ class ModelChunker:
         self.model_name = str(model_name)
         self.name = name or default_model_name(self.model_name)
         self.dtype = torch.float16 if compress else parse_dtype(dtype)
+        if quantize is not None and quantize not in SCHEMES:
+            raise ConfigurationError(f"quantize must be one of {list(SCHEMES)} or None, got {quantize!r}")
+        self.quantize = quantize
         self.force = force
         self.progress = progress
         self._on_unit = on_unit
@@ -112,7 +120,7 @@ class ModelChunker:
 
         Returns:
             ``{"name", "manifest", "storage", "chunks": [unit names], "num_units", "num_streamed",
-            "total_size_mb", "largest_unit_mb", "dtype", "architecture"}``
+            "total_size_mb", "largest_unit_mb", "dtype", "quantize", "architecture"}``
 
         Raises:
             ChunkingError: an unreadable or mismatched source, or a different model at the target
@@ -123,7 +131,7 @@ class ModelChunker:
         await builder.check()
         source = await asyncio.to_thread(open_source, self.model_name)
         try:
-            plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name)
+            plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name, self.quantize)
             manifest = await self._write(builder, source, plan)
         finally:
             source.close()
@@ -169,14 +177,17 @@ class ModelChunker:
             buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
             buf[: layout.data_start] = layout.header
             for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
-                spec = layout.tensors[back[ck]]
-                if tuple(tensor.shape) != spec.shape:
+                want = plan.quant[back[ck]].shape if back[ck] in plan.quant else layout.tensors[back[ck]].shape
+                if tuple(tensor.shape) != want:
                     raise ChunkingError(
-                        f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {spec.shape}"
+                        f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}"
                     )
-                if tensor.numel():
-                    tensor_view(buf, layout, back[ck], spec).copy_(tensor)
-                del tensor  # one source tensor at a time
+                name = back[ck]
+                parts = quant_encode(tensor, plan.quant[name]) if name in plan.quant else {"": tensor}
+                for suffix, part in parts.items():
+                    if part.numel():
+                        tensor_view(buf, layout, name + suffix, layout.tensors[name + suffix]).copy_(part)
+                del tensor, parts  # one source tensor at a time
             return buf, Digests.of(buf)  # hashed here too: off the event loop, BLAKE3 without the GIL
 
         buf, digests = await asyncio.to_thread(fill)
@@ -193,6 +204,7 @@ class ModelChunker:
             "total_size_mb": manifest.total_bytes / (1 << 20),
             "largest_unit_mb": max(u.bytes for u in manifest.units) / (1 << 20),
             "dtype": manifest.dtype,
+            "quantize": self.quantize,
             "architecture": manifest.architecture,
         }
 

@@ -2,11 +2,13 @@
 
 From a checkpoint's config the model class is built on ``meta`` (no memory), its unit map says which
 tensor goes in which unit, the checkpoint's tensor names are mapped onto the model's, and each tensor's
-stored dtype is fixed (the source's, or the requested cast for floating tensors).
+stored dtype is fixed (the source's, or the requested cast for floating tensors), and, with ``quantize``,
+which linear / embedding weights are stored quantized (:mod:`streaming_weights.format.quant`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from ..exceptions import ChunkingError, ConfigurationError
 from ..format.chunkfile import UnitLayout, dtype_name, itemsize, plan_unit
+from ..format.quant import QuantSpec, metadata_entry, quant_spec
 from ..models.architecture import build_meta_model, resolve_architecture, unit_map
 from .readers import Source
 
@@ -90,6 +93,8 @@ class ModelPlan:
         mapping: ``{model tensor name: checkpoint tensor name}``.
         specs: ``{model tensor name: (safetensors dtype, shape)}`` as stored.
         tied: ``{alias: stored tensor}`` (e.g. ``lm_head.weight`` -> the embedding).
+        quant: ``{model tensor name: QuantSpec}`` of the tensors stored quantized (``specs`` then holds the
+            codes tensor; the scale / offset companions are added by :meth:`layout`).
     """
 
     architecture: str
@@ -99,19 +104,38 @@ class ModelPlan:
     mapping: dict[str, str]
     specs: dict[str, tuple[str, tuple[int, ...]]]
     tied: dict[str, str]
+    quant: dict[str, QuantSpec] = dataclasses.field(default_factory=dict)
 
     def layout(self, unit: str) -> UnitLayout:
-        """The unit file's layout (header and tensor offsets)."""
-        return plan_unit({k: self.specs[k] for k in self.units[unit]})
+        """The unit file's layout (header, quantization metadata and tensor offsets)."""
+        entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+        quant = {k: self.quant[k] for k in self.units[unit] if k in self.quant}
+        for k in self.units[unit]:
+            if k in quant:
+                entries.update({k + suffix: spec for suffix, spec in quant[k].stored().items()})
+            else:
+                entries[k] = self.specs[k]
+        return plan_unit(entries, metadata_entry(quant))
 
     @property
     def total_bytes(self) -> int:
         """Tensor bytes of the whole model as stored (headers excluded)."""
-        return sum(math.prod(shape) * itemsize(dt) for dt, shape in self.specs.values())
+        return sum(self.quant[k].stored_bytes() if k in self.quant else math.prod(shape) * itemsize(dt)
+                   for k, (dt, shape) in self.specs.items())
 
 
-def plan_model(source: Source, dtype: torch.dtype | None, what: str) -> ModelPlan:
-    """Plan the chunking of ``source`` (named ``what`` in errors), casting floating tensors to ``dtype``.
+def quantizable(model: torch.nn.Module) -> set[str]:
+    """Names of the weights weight-only quantization applies to: every ``nn.Linear`` and ``nn.Embedding``
+    weight (the embedding too: tied to the LM head, and a quarter of a small model's bytes)."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return {f"{path}.weight" if path else "weight" for path, mod in model.named_modules() if isinstance(mod, kinds)}
+
+
+def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: str | None = None) -> ModelPlan:
+    """Plan the chunking of ``source`` (named ``what`` in errors), casting floating tensors to ``dtype``
+    (``None``: each tensor keeps the checkpoint's dtype) and quantizing linear weights with ``quantize``
+    (``None``, ``"int8"`` or ``"int4"``; weights whose input dimension the group size does not divide stay
+    unquantized).
 
     Raises:
         ChunkingError: no architecture in the config, or checkpoint and model class disagree.
@@ -132,6 +156,7 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str) -> ModelPla
     base_prefix = getattr(meta, "base_model_prefix", "") or ""
     mapping = map_checkpoint_keys(source.keys(), umap.state_keys, umap.tied, buffers, base_prefix)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
+    linear = quantizable(meta) if quantize else set()
     del meta
 
     def stored(key: str) -> torch.dtype:
@@ -141,11 +166,14 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str) -> ModelPla
     units: dict[str, list[str]] = {u: [] for u in umap.units()}
     for key in umap.state_keys:
         units[umap.unit_of(key)].append(key)
+    specs = {k: (dtype_name(stored(k)), shapes[k]) for k in umap.state_keys}
+    quant = {k: q for k in sorted(linear & set(specs)) if (q := quant_spec(quantize, specs[k][1], specs[k][0])) is not None}
     return ModelPlan(
         architecture=cls.__name__, config=config, dtype=model_dtype,
         units={u: ks for u, ks in units.items() if ks}, mapping=mapping,
-        specs={k: (dtype_name(stored(k)), shapes[k]) for k in umap.state_keys}, tied=dict(umap.tied),
+        specs={k: (quant[k].stored()[""] if k in quant else spec) for k, spec in specs.items()},
+        tied=dict(umap.tied), quant=quant,
     )
 
 
-__all__ = ["ModelPlan", "map_checkpoint_keys", "parse_dtype", "plan_model"]
+__all__ = ["ModelPlan", "map_checkpoint_keys", "parse_dtype", "plan_model", "quantizable"]

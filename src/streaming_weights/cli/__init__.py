@@ -19,7 +19,7 @@ from . import output
 from .errors import describe
 
 #: command modules, registered in this order (each has ``register(subparsers)``)
-COMMAND_MODULES: tuple[str, ...] = ("chunk", "serve", "generate", "chat", "api", "bench", "demo")
+COMMAND_MODULES: tuple[str, ...] = ("chunk", "serve", "trust", "generate", "chat", "api", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .options import add_common, add_connection_args, add_s3_args, resolve_token, s3_backend, ssl_context
+from .options import add_common, add_connection_args, add_s3_args, resolve_token, s3_backend, ssl_context, trust_kwargs
 
 
 class PlainProgress:
@@ -67,7 +67,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     location = parse_servers(args.location)
 
     async def run() -> list[Any]:
-        source = open_unit_source(location, token=resolve_token(args), ssl_context=ssl_context(args))
+        source = open_unit_source(location, token=resolve_token(args), ssl_context=ssl_context(args),
+                                  **trust_kwargs(args))
         try:
             names = [args.model] if args.model else await source.list_models()
             return [await source.get_manifest(n) for n in names]

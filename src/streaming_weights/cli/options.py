@@ -43,6 +43,15 @@ def add_connection_args(p: argparse.ArgumentParser, *, with_server: bool = True)
                    help="read the bearer token from FILE (keeps it out of argv and ps)")
     p.add_argument("--ca-cert", default=None, metavar="FILE",
                    help="PEM CA certificate(s) to trust for wss:// (a private CA; default: the system store)")
+    add_trust_args(p)
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """``--trust-key KEY.pub`` (repeatable: key rotation) and ``--manifest-sha256 HEX``: refuse any manifest
+    not signed by a trusted key / not the pinned one (default ``$SURFING_TRUSTED_KEYS``)."""
+    p.add_argument("--trust-key", action="append", default=None, metavar="KEY.pub",
+                   help="only use models whose manifest is signed by this Ed25519 public key (repeatable)")
+    p.add_argument("--manifest-sha256", default=None, metavar="HEX", help="only use this exact manifest (SHA-256)")
 
 
 def add_client_args(p: argparse.ArgumentParser, *, cache_size: int = 4) -> None:
@@ -50,6 +59,7 @@ def add_client_args(p: argparse.ArgumentParser, *, cache_size: int = 4) -> None:
     add_connection_args(p)
     p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
     p.add_argument("--cache-size", type=int, default=cache_size, help="streamed layers kept between uses")
+    p.add_argument("--device", default=None, help="where compute runs: cpu (default), cuda, cuda:N or mps ($SURFING_DEVICE)")
 
 
 def read_token_file(path: str) -> str:
@@ -96,7 +106,13 @@ def parse_servers(value: str) -> str | list[str]:
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of a streaming model class built from the client flags."""
     return dict(model_name=args.model, websocket_uri=parse_servers(args.server), cache_size=args.cache_size,
-                token=resolve_token(args), ssl_context=ssl_context(args))
+                token=resolve_token(args), ssl_context=ssl_context(args), device=getattr(args, "device", None),
+                **trust_kwargs(args))
+
+
+def trust_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``trusted_keys`` / ``manifest_sha256`` from ``--trust-key`` / ``--manifest-sha256`` (None: not given)."""
+    return dict(trusted_keys=getattr(args, "trust_key", None), manifest_sha256=getattr(args, "manifest_sha256", None))
 
 
 def open_model(args: argparse.Namespace, cls: Any = None, **extra: Any) -> Any:

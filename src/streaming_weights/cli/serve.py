@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from ..exceptions import ConfigurationError
-from .options import add_common, add_s3_args, read_token_file, s3_backend
+from .options import add_common, add_s3_args, s3_backend
 
 
 def _storage(args: argparse.Namespace) -> tuple[Any, str]:
@@ -31,19 +31,23 @@ def _storage(args: argparse.Namespace) -> tuple[Any, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..server import WeightServer, run_server
 
-    token = read_token_file(args.token_file) if args.token_file else args.token
+    token = "" if args.token_file else args.token  # a token file replaces --token and $SURFING_TOKEN
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigurationError("--tls-cert and --tls-key go together")
     storage, prefix = _storage(args)
     server = WeightServer(
         storage, prefix=prefix, host=args.host, port=args.port, cache_size_mb=args.cache_size, token=token,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
+        token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
         max_inflight_per_connection=args.max_inflight,
     )
+    if args.max_rate is not None:
+        from ..server.pacing import TokenBucket, parse_rate
+
+        server.pacer = TokenBucket(parse_rate(args.max_rate))  # type: ignore[attr-defined]  (hook in _send_data)
 
     def ready(srv: Any) -> None:
         # the server itself logs the listen address and warns about a non-loopback bind without a token
-        auth = "token auth" if srv.token else "NO auth"
+        auth = "token auth" if srv.access.enabled else "NO auth"
         print(f"serving {', '.join(sorted(srv.models))} on {srv.listen_uri} ({auth}); Ctrl-C to stop", flush=True)
 
     asyncio.run(run_server(server, ready=ready))
@@ -57,12 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", "-p", type=int, default=8765, help="TCP port (0 = any free port)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--token", default=None, help="bearer token clients must send (default $SURFING_TOKEN)")
-    g.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    g.add_argument("--token-file", default=None,
+                   help="tokens, one 'TOKEN [MODEL[,MODEL...]]' per line (no models: all); re-read on SIGHUP")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) to serve wss://")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--cache-size", type=float, default=100, metavar="MB", help="server blob cache (MiB)")
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--max-inflight", type=int, default=32, help="concurrent requests per connection")
+    p.add_argument("--max-rate", default=None, metavar="RATE",
+                   help="cap the bytes the server sends per second, all clients together: 1Gbit, 500Mbit, 200MB")
     p.add_argument("--redis-url", default=None, metavar="URL",
                    help="shared Redis byte cache in front of the storage (redis://host:port/db), for several servers")
     add_common(p)

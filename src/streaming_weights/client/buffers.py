@@ -1,46 +1,92 @@
 """Receive-buffer reuse for unit fetches.
 
-A fresh unit-sized ``bytearray`` costs a page fault per 4 KiB page the first time bytes land in it
+A fresh unit-sized buffer costs a page fault per 4 KiB page the first time bytes land in it
 (measured here: ~0.8 ms per MiB, as much as the transfer itself). The pool hands a dropped unit's
 buffer to the next fetch of the same size — but only when nothing can still see it: every tensor made
 by ``torch.frombuffer`` holds a reference to the buffer object for as long as its storage lives (views,
 ``nn.Parameter`` s sharing it included), so a buffer whose reference count is back to the pool's own
 references has no live tensor view. Anything else is simply not reused.
+
+Unit buffers are anonymous memory maps (:func:`unit_buffer`), not heap ``bytearray`` s: glibc serves a
+large ``malloc`` with ``mmap`` only until the first such block is freed, then raises its mmap threshold
+(up to 32 MiB) and serves same-sized requests from the heap, where freed units leave holes that the
+process keeps (RSS grows with every size mix). A map is returned to the kernel the moment its last
+view dies, so the set of live unit buffers is exactly what the RSS holds.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 from collections import defaultdict
+from typing import Any, Callable
+
+
+def unit_buffer(size: int) -> mmap.mmap | bytearray:
+    """A writable, zero-filled buffer of ``size`` bytes outside the malloc heap (see the module doc)."""
+    return mmap.mmap(-1, size) if size else bytearray()
 
 
 class BufferPool:
-    """Reusable ``bytearray`` s keyed by exact size, bounded by ``max_bytes``.
+    """Reusable unit buffers keyed by exact size, bounded by ``max_bytes``.
+
+    Args:
+        max_bytes: most bytes kept idle for reuse.
+        allocate: makes a new buffer of a size (default :func:`unit_buffer`; the device path passes pinned
+            host memory). Only buffers of the type it returns are taken back.
 
     Not thread-safe: used from the client's I/O loop only.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, allocate: Callable[[int], Any] = unit_buffer) -> None:
         self.max_bytes = max_bytes
-        self._free: dict[int, list[bytearray]] = defaultdict(list)
+        self.allocate = allocate
+        self._kinds: set[type] = {bytearray} if allocate is unit_buffer else set()
+        self._free: dict[int, list[Any]] = defaultdict(list)
         self.bytes = 0
         self.reused = 0
         self.allocated = 0
         self.refused = 0
 
-    def take(self, size: int) -> bytearray:
-        """A writable buffer of exactly ``size`` bytes (contents unspecified)."""
-        free = self._free.get(size)
-        if free:
-            self.bytes -= size
-            self.reused += 1
-            return free.pop()
-        self.allocated += 1
-        return bytearray(size)
+    def take(self, size: int) -> Any:
+        """A writable buffer of exactly ``size`` bytes (contents unspecified).
 
-    def give(self, buf: bytearray | None) -> bool:
+        Units differ by a few header bytes (``layers.9`` vs ``layers.10``), so an idle buffer of another
+        size is resized in place (``mremap`` for maps: its pages stay, none is faulted in again) rather
+        than left idle while a fresh one is allocated. Idle buffers have no view (see :meth:`give`), so
+        resizing cannot pull memory from under a tensor.
+        """
+        buf = self._pop(size)
+        if buf is not None:
+            self.reused += 1
+            return buf
+        self.allocated += 1
+        buf = self.allocate(size)
+        self._kinds.add(type(buf))
+        return buf
+
+    def _pop(self, size: int) -> Any:
+        exact = self._free.get(size)
+        if exact:
+            self.bytes -= size
+            return exact.pop()
+        sizes = [n for n, bufs in self._free.items() if bufs and isinstance(bufs[-1], (mmap.mmap, bytearray))]
+        if not sizes:
+            return None
+        near = min(sizes, key=lambda n: abs(n - size))
+        buf = self._free[near].pop()
+        self.bytes -= near
+        if isinstance(buf, mmap.mmap):
+            buf.resize(size)
+        elif size < near:
+            del buf[size:]
+        else:
+            buf.extend(bytes(size - near))
+        return buf
+
+    def give(self, buf: Any) -> bool:
         """Offer a buffer back; it is kept only if no tensor view or other object references it."""
-        if buf is None or type(buf) is not bytearray:
+        if buf is None or type(buf) not in self._kinds | {bytearray}:
             return False
         # References now: the caller's variable, this parameter, getrefcount's argument.
         if sys.getrefcount(buf) > 3:

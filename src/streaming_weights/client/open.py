@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from ..exceptions import ConfigurationError
 from ..storage import FilesystemBackend, StorageBackend
@@ -62,24 +62,48 @@ def client_ssl_context(ca_cert: str | os.PathLike[str] | None = None) -> ssl.SSL
 
 def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds: float = 30.0,
                      ssl_context: ssl.SSLContext | None = None, ca_cert: str | os.PathLike[str] | None = None,
-                     max_retries: int | None = None) -> UnitSource:
+                     max_retries: int | None = None, trusted_keys: Sequence[Any] | None = None,
+                     manifest_sha256: str | None = None) -> UnitSource:
     """A source for a ``ws://``/``wss://``/``host:port`` URI, a list of them (failover), ``s3://bucket/prefix``,
     a :class:`StorageBackend`, a local chunk directory, or a ready :class:`UnitSource` (returned as is).
 
     The source makes one attempt per call; wrap it in ``retry.RetryingSource`` for retries.
     ``max_retries`` (deprecated) does that wrapping here, for callers written before the split.
+    ``trusted_keys`` (Ed25519 public key files) / ``manifest_sha256`` (one pinned manifest): every
+    ``get_manifest`` checks the manifest's exact bytes first and raises SignatureError if they fail.
 
     Raises:
-        ConfigurationError: a malformed URI (see :func:`normalize_uri`), both ``ssl_context`` and ``ca_cert``.
+        ConfigurationError: a malformed URI (see :func:`normalize_uri`), both ``ssl_context`` and ``ca_cert``,
+            an unreadable trusted key, or trust asked of a ready source that cannot check it.
     """
     if ssl_context is not None and ca_cert is not None:
         raise ConfigurationError("pass ssl_context or ca_cert, not both")
     if ca_cert is not None:
         ssl_context = client_ssl_context(ca_cert)
     source = _open(uri, token, timeout_seconds, ssl_context)
+    if trusted_keys or manifest_sha256:
+        from ..format.signing import TrustPolicy
+
+        set_trust(source, TrustPolicy.from_options(trusted_keys, manifest_sha256))
     if max_retries is None:
         return source
     return RetryingSource(source, RetryPolicy(max_retries=max_retries, timeout_seconds=timeout_seconds))
+
+
+def set_trust(source: UnitSource, trust: Any) -> None:
+    """Make every leaf source under ``source`` (retry and failover wrappers included) check manifests with
+    ``trust``. Raises ConfigurationError for a source that cannot (it never sees the manifest's bytes)."""
+    inner = getattr(source, "sources", None)
+    if inner is None and isinstance(getattr(source, "source", None), UnitSource):  # RetryingSource & co.
+        inner = [source.source]  # type: ignore[attr-defined]
+    if inner:
+        for s in inner:
+            set_trust(s, trust)
+    elif isinstance(source, (WebSocketSource, StorageSource)):
+        source.trust = trust
+    else:
+        raise ConfigurationError(f"{type(source).__name__} cannot verify manifest signatures; use a ws://, "
+                                 "s3:// or directory location with trusted_keys / manifest_sha256")
 
 
 def _open(uri: Location, token: str | None, timeout: float, ctx: ssl.SSLContext | None) -> UnitSource:
@@ -102,4 +126,4 @@ def _open(uri: Location, token: str | None, timeout: float, ctx: ssl.SSLContext 
     return StorageSource(FilesystemBackend(text))
 
 
-__all__ = ["client_ssl_context", "normalize_uri", "open_unit_source"]
+__all__ = ["client_ssl_context", "normalize_uri", "open_unit_source", "set_trust"]

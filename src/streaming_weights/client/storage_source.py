@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import asyncio
 
+from typing import TYPE_CHECKING
+
 from ..exceptions import IntegrityError, NotFoundError
 from ..format import Manifest, join_key
 from ..storage import StorageBackend
 from ..storage.catalog import discover_models, pick_model
 from .base import FetchedUnit, UnitSource
-from .verify import verify_and_decode, verify_blob
+from .verify import trusted_manifest, verify_and_decode, verify_blob
+
+if TYPE_CHECKING:
+    from ..format.signing import TrustPolicy
 
 
 class StorageSource(UnitSource):
-    """Read chunks straight from a :class:`StorageBackend`; ``prefix`` is where the model(s) live in it."""
+    """Read chunks straight from a :class:`StorageBackend`; ``prefix`` is where the model(s) live in it.
 
-    def __init__(self, storage: StorageBackend, prefix: str = "") -> None:
+    ``trust``: when set, :meth:`get_manifest` re-reads the stored ``manifest.json`` bytes and
+    ``manifest.json.sig`` and checks them (SignatureError) before the manifest is used.
+    """
+
+    def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None) -> None:
+        self.trust = trust
         self.storage = storage
         self.prefix = prefix.strip("/")
         self.location = f"{storage.location}/{self.prefix}".rstrip("/")
@@ -35,7 +45,17 @@ class StorageSource(UnitSource):
 
     async def get_manifest(self, model_name: str | None) -> Manifest:
         models = await self._catalog()
-        return models[pick_model(models, model_name, self.location)][1]
+        model_prefix, manifest = models[pick_model(models, model_name, self.location)]
+        if self.trust is None:
+            return manifest
+        from ..format.signing import read_signed_manifest
+
+        data, signature = await read_signed_manifest(self.storage, model_prefix)
+        verified = trusted_manifest(data, signature, self.trust, f"{self.storage.location}/{model_prefix}".rstrip("/"))
+        if verified.name != manifest.name:
+            raise NotFoundError(f"{self.location}: the manifest of {manifest.name!r} changed while it was read; try again")
+        models[verified.name] = (model_prefix, verified)  # from now on, the verified one
+        return verified
 
     async def _key(self, manifest: Manifest, rel: str) -> str:
         models = await self._catalog()

@@ -28,19 +28,14 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from .. import protocol as proto
-from ..exceptions import (
-    AuthenticationError,
-    BusyError,
-    ConfigurationError,
-    ConnectionFailedError,
-    FetchTimeoutError,
-    ProtocolError,
-)
+from ..exceptions import (AuthenticationError, BadRequestError, BusyError, ConfigurationError, ConnectionFailedError,
+                          FetchTimeoutError, NotFoundError, ProtocolError, SignatureError)
 from ..format import Manifest
+from ..format.signing import TrustPolicy
 from ..protocol import frames
 from .base import FetchedUnit, UnitSource
 from .inbox import Inbox, Pending
-from .verify import check_blake3, decode_verified, verify_blob
+from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
@@ -249,6 +244,7 @@ class WebSocketSource(UnitSource):
         token: bearer token sent at the handshake (default ``$SURFING_TOKEN``).
         timeout_seconds: limit of one call, connecting included; exceeding it raises FetchTimeoutError.
         ssl_context: for ``wss://`` (default: the system's trust store with hostname checking).
+        trust: check every manifest against these keys / pin before use (SignatureError).
 
     Raises (from the fetch methods):
         AuthenticationError: the server refused the token.
@@ -261,7 +257,8 @@ class WebSocketSource(UnitSource):
     """
 
     def __init__(self, uri: str, *, token: str | None = None, timeout_seconds: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, trust: TrustPolicy | None = None) -> None:
+        self.trust = trust
         try:
             self._wsuri = parse_uri(uri)
         except Exception as exc:
@@ -400,8 +397,19 @@ class WebSocketSource(UnitSource):
         return models
 
     async def get_manifest(self, model_name: str | None = None) -> Manifest:
-        p = await self._request(proto.Op.GET_MANIFEST, model_name)
-        return Manifest.from_bytes(p.buffer or b"")
+        """The served manifest bytes, checked against :attr:`trust` (with the signature) before use."""
+        data = bytes((await self._request(proto.Op.GET_MANIFEST, model_name)).buffer or b"")
+        sig = await self.get_signature(model_name) if self.trust is not None and self.trust.wants_signature else None
+        return trusted_manifest(data, sig, self.trust, self.uri)
+
+    async def get_signature(self, model_name: str | None = None) -> bytes | None:
+        """The raw ``manifest.json.sig`` the server holds for the model, None when it is unsigned."""
+        try:
+            return bytes((await self._request(proto.Op.GET_SIGNATURE, model_name)).buffer or b"")
+        except NotFoundError:
+            return None
+        except BadRequestError as exc:  # a server from before signatures does not know the op
+            raise SignatureError(f"{self.uri} cannot serve manifest signatures ({exc}); upgrade the server") from None
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
         loop = asyncio.get_running_loop()

@@ -1,15 +1,31 @@
-"""Integrity checks every source applies before it hands out bytes: size and BLAKE3 against the manifest."""
+"""Checks every source applies before it hands out bytes: the manifest against the trusted keys / pin
+(:func:`trusted_manifest`), then every unit's and file's size and BLAKE3 against that manifest."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from ..exceptions import IntegrityError, UnitFormatError
-from ..format import UnitEntry, blake3_hex, decode_unit
+from ..format import Manifest, UnitEntry, blake3_hex, decode_unit
 from ..format.manifest import BlobEntry
 
 if TYPE_CHECKING:
     import torch
+
+    from ..format.signing import TrustPolicy
+
+
+def trusted_manifest(data: bytes | bytearray | memoryview, signature: bytes | None, trust: TrustPolicy | None,
+                     where: str) -> Manifest:
+    """The manifest in ``data`` from ``where``, checked against ``trust`` BEFORE it is parsed or used.
+
+    Raises:
+        SignatureError: ``trust`` is set and the bytes are unsigned, wrongly signed, or not the pinned ones.
+        ManifestError / ManifestLimitError: the bytes are not a manifest within the limits.
+    """
+    if trust is not None:
+        trust.check(data, signature, where)
+    return Manifest.from_bytes(data)
 
 
 def check_blake3(entry: BlobEntry, hexdigest: str, where: str) -> None:
@@ -42,4 +58,4 @@ def verify_and_decode(entry: UnitEntry, buf: bytearray, where: str) -> dict[str,
     return decode_verified(entry, buf, where)
 
 
-__all__ = ["check_blake3", "decode_verified", "verify_and_decode", "verify_blob"]
+__all__ = ["check_blake3", "decode_verified", "trusted_manifest", "verify_and_decode", "verify_blob"]

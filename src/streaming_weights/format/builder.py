@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ChunkingError, ManifestError
+from ..exceptions import ChunkingError, ManifestError, ModelExistsError
 from .chunkfile import encode_tensors, parse_header
 from .hashing import Digests
 from .manifest import BlobEntry, Manifest, UnitEntry
@@ -45,7 +45,7 @@ async def stored_model_name(storage: StorageBackend, prefix: str = "") -> str | 
     """The ``name`` recorded in ``<prefix>/manifest.json``; ``None`` if there is no manifest.
 
     Read leniently (only the JSON's ``name``), so a manifest of an older format version still names
-    its model. Raises ChunkingError for a manifest that is not JSON or names nothing.
+    its model. Raises ModelExistsError (a ChunkingError) for a manifest that is not JSON or names nothing.
     """
     key = join_key(prefix, MANIFEST_FILE)
     if not await storage.exists(key):
@@ -55,7 +55,7 @@ async def stored_model_name(storage: StorageBackend, prefix: str = "") -> str | 
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         name = None
     if not isinstance(name, str) or not name:
-        raise ChunkingError(
+        raise ModelExistsError(
             f"{_where(storage, prefix)} holds a manifest.json that names no model; refusing to overwrite it "
             "(use --force, or force=True, to replace it)"
         )
@@ -96,17 +96,17 @@ class ModelBuilder:
         return join_key(self.prefix, rel)
 
     async def check(self) -> None:
-        """Refuse (ChunkingError) a target holding a different model, unless ``force``. Writes nothing."""
+        """Refuse (ModelExistsError, a ChunkingError) a target holding a different model, unless ``force``. Writes nothing."""
         if self._checked:
             return
         try:
             self._previous = await stored_model_name(self.storage, self.prefix)
-        except ChunkingError:
+        except ModelExistsError:
             if not self.force:
                 raise
             self._previous = ""  # an unreadable manifest: replaced like any other model's
         if self._previous not in (None, self.name) and not self.force:
-            raise ChunkingError(
+            raise ModelExistsError(
                 f"{_where(self.storage, self.prefix)} already holds model {self._previous!r}; refusing to replace "
                 f"it with {self.name!r} (use --force, or force=True, to replace it, or choose another output)"
             )

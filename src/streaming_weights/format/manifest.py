@@ -58,23 +58,31 @@ LIMITS = ManifestLimits()
 
 # A JSON string (escapes included): stripped before counting brackets, so '[' inside names does not count.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_INNERMOST = re.compile(rb"\{[^\[\]{}]*\}|\[[^\[\]{}]*\]")
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_PIECE = 1 << 20
 
 
 def json_depth(data: bytes, limit: int) -> int:
-    """Nesting depth of JSON text, or ``limit + 1`` if deeper: one C-speed regex pass per level, so a
-    hostile ``[[[[...`` costs at most ``limit`` passes and never recurses."""
-    text = _NOT_BRACKET.sub(b"", _STRING.sub(b"", data))
-    depth = 0
-    while text:
-        if depth > limit:
+    """Nesting depth of JSON text, or ``limit + 1`` as soon as it is deeper (unbalanced text: an upper bound).
+
+    Strings are cut out, ``{}`` folded onto ``[]`` and everything else deleted, then the running depth is
+    a cumulative sum over 1 MiB pieces: linear time, bounded memory, no recursion (``json.loads`` would
+    recurse once per level).
+    """
+    import numpy as np  # lazily: a server that never sees a big manifest need not import it
+
+    text = _STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
+    if b"[" * (limit + 1) in text:  # the plain ``[[[[...`` attack, found by one search
+        return limit + 1
+    steps = np.frombuffer(text, dtype=np.uint8)
+    depth = deepest = 0
+    for start in range(0, len(steps), _PIECE):
+        run = np.cumsum(np.where(steps[start:start + _PIECE] == ord("["), 1, -1), dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(run.max())), int(run[-1])
+        if deepest > limit:
             return limit + 1
-        text, n = _INNERMOST.subn(b"", text)
-        if not n:  # unbalanced: json.loads will say where
-            return depth
-        depth += 1
-    return depth
+    return deepest
 
 
 def _human(n: int) -> str:
@@ -126,12 +134,26 @@ class BlobEntry:
         return name, path, size, sha, b3
 
     @classmethod
-    def from_json(cls, obj: Any, where: str) -> BlobEntry:
+    def from_json(cls, obj: Any, where: str, limits: ManifestLimits = LIMITS) -> BlobEntry:
         name, path, size, sha, b3 = cls._common(obj, where)
+        limits.check_size(size, limits.max_file_bytes, "a file", where)
         check_name(name, "file name")
         if path != file_path(name):
             raise ManifestError(f"{where}: path {path!r} must be {file_path(name)!r}")
         return cls(name, path, size, sha, b3)
+
+
+def _tensor(name: str, obj: Any, unit_bytes: int, limits: ManifestLimits, where: str) -> TensorSpec:
+    """One tensor entry; its rank is bounded before its shape is multiplied out, and its data must lie
+    inside the unit's declared bytes (so no shape can claim more memory than the unit's size)."""
+    shape = obj.get("shape") if isinstance(obj, dict) else None
+    if isinstance(shape, list) and len(shape) > limits.max_ndim:
+        raise ManifestLimitError(f"{where}: tensor {name!r} has {len(shape)} dimensions; the limit is {limits.max_ndim}")
+    spec = TensorSpec.from_json(name, obj)
+    if spec.data_offsets[1] > unit_bytes:
+        raise ManifestLimitError(f"{where}: tensor {name!r} ends at byte {spec.data_offsets[1]} of its data, "
+                                 f"beyond the unit's declared {unit_bytes} bytes")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -148,8 +170,9 @@ class UnitEntry(BlobEntry):
         return out
 
     @classmethod
-    def from_json(cls, obj: Any, where: str) -> UnitEntry:
+    def from_json(cls, obj: Any, where: str, limits: ManifestLimits = LIMITS) -> UnitEntry:
         name, path, size, sha, b3 = cls._common(obj, where)
+        limits.check_size(size, limits.max_unit_bytes, "a unit", where)
         check_name(name)
         if path != unit_path(name):
             raise ManifestError(f"{where}: path {path!r} must be {unit_path(name)!r}")
@@ -158,8 +181,9 @@ class UnitEntry(BlobEntry):
             raise ManifestError(f"{where}: role must be one of {ROLES}, got {role!r}")
         order = _require(obj, "order", int, where)
         raw = _require(obj, "tensors", dict, where)
+        limits.check_count(len(raw), limits.max_tensors, "tensors", where)
         try:
-            tensors = {n: TensorSpec.from_json(n, s) for n, s in raw.items()}
+            tensors = {n: _tensor(n, s, size, limits, where) for n, s in raw.items()}
         except UnitFormatError as exc:
             raise ManifestError(f"{where}: {exc}") from exc
         return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors)
@@ -264,7 +288,8 @@ class Manifest:
         return json.dumps(self.to_json(), indent=1, sort_keys=False).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, obj: Any) -> Manifest:
+    def from_json(cls, obj: Any, limits: ManifestLimits = LIMITS) -> Manifest:
+        """A validated manifest from parsed JSON, within ``limits``. Raises ManifestError / ManifestLimitError."""
         if not isinstance(obj, dict):
             raise ManifestError("manifest must be a JSON object")
         version = _require(obj, "format_version", int, "manifest")
@@ -277,9 +302,14 @@ class Manifest:
         files = obj.get("files", [])
         if not isinstance(files, list):
             raise ManifestError("manifest: 'files' must be a list")
+        limits.check_count(len(units), limits.max_units, "units", "manifest")
+        limits.check_count(len(files), limits.max_files, "files", "manifest")
         tied = obj.get("tied", {})
         if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
             raise ManifestError("manifest: 'tied' must map tensor names to tensor names")
+        unit_entries = tuple(UnitEntry.from_json(u, f"manifest.units[{i}]", limits) for i, u in enumerate(units))
+        limits.check_count(sum(len(u.tensors) for u in unit_entries), limits.max_tensors, "tensors", "manifest")
+        limits.check_size(sum(u.bytes for u in unit_entries), limits.max_total_bytes, "units", "manifest")
         return cls(
             name=_require(obj, "name", str, "manifest"),
             architecture=_require(obj, "architecture", str, "manifest"),
@@ -287,19 +317,23 @@ class Manifest:
             config=_require(obj, "config", dict, "manifest"),
             dtype=_require(obj, "dtype", str, "manifest"),
             source=obj.get("source", "") if isinstance(obj.get("source", ""), str) else "",
-            units=tuple(UnitEntry.from_json(u, f"manifest.units[{i}]") for i, u in enumerate(units)),
-            files=tuple(BlobEntry.from_json(f, f"manifest.files[{i}]") for i, f in enumerate(files)),
+            units=unit_entries,
+            files=tuple(BlobEntry.from_json(f, f"manifest.files[{i}]", limits) for i, f in enumerate(files)),
             tied=dict(tied),
             format_version=version,
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray) -> Manifest:
+    def from_bytes(cls, data: bytes | bytearray | memoryview, limits: ManifestLimits = LIMITS) -> Manifest:
+        """Parse ``manifest.json`` bytes: size and depth checked first, then :meth:`from_json`."""
+        data = bytes(data)
+        limits.check_bytes(data)
         try:
-            obj = json.loads(bytes(data))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ManifestError(f"manifest.json is not valid JSON: {exc}") from exc
-        return cls.from_json(obj)
+        return cls.from_json(obj, limits)
 
 
-__all__ = ["FORMAT_VERSION", "BlobEntry", "Manifest", "UnitEntry", "RESIDENT_UNIT"]
+__all__ = ["FORMAT_VERSION", "LIMITS", "BlobEntry", "Manifest", "ManifestLimits", "UnitEntry", "RESIDENT_UNIT",
+           "json_depth"]

@@ -227,15 +227,17 @@ class StreamingBaseModel:
         ids = kwargs.get("input_ids", args[0] if args else None)
         hf = self.hf_model
         prompt_len = ids.shape[-1] if isinstance(ids, torch.Tensor) and not hf.config.is_encoder_decoder else 0
-        kwargs = generation.prepare_generate(
-            hf, args, kwargs, self.config.speculation if speculation is None else speculation)
+        setting = generation.parse_speculation(self.config.speculation if speculation is None else speculation)
+        own_lookup = "prompt_lookup_num_tokens" in kwargs
+        kwargs = generation.prepare_generate(hf, args, kwargs, setting)
+        adaptive = setting == "auto" and not own_lookup and "prompt_lookup_num_tokens" in kwargs
 
         def tokens_of(out: Any) -> int:
             seq = out.sequences if hasattr(out, "sequences") else out
             return int(seq.shape[-1] - prompt_len) * int(seq.shape[0]) if isinstance(seq, torch.Tensor) else 0
 
         def run() -> Any:
-            with generation.counting_drafts(hf, self._drafts):
+            with generation.counting_drafts(hf, self._drafts, adaptive=adaptive):
                 return hf.generate(*args, **kwargs)
 
         return self._timed("generate", run, tokens_of)

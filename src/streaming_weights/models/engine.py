@@ -25,6 +25,8 @@ import torch
 from ..client.bridge import LoopThread
 from ..client.buffers import BufferPool
 from ..client.cache import UnitCache
+from ..client.device import resolve_device
+from ..client.convert import ConvertingSource
 from ..client.policy import make_policy
 from ..client.base import FetchedUnit, UnitSource
 from ..client.open import open_unit_source
@@ -32,8 +34,11 @@ from ..client.retry import RetryingSource, RetryPolicy
 from ..config import StreamingConfig
 from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
+from ..memory import resolve_budget
 from ..monitoring import InferenceRecord
 from .hooks import UnitBinding
+from .placement import DevicePlacement
+from .planner import Plan, plan_memory
 
 T = TypeVar("T")
 
@@ -91,6 +96,8 @@ class StreamingEngine:
 
     def __init__(self, config: StreamingConfig) -> None:
         self.config = config
+        # device hook (H): a device this machine lacks fails here, before anything is opened or fetched
+        self.placement = DevicePlacement(resolve_device(config.device))
         self.io = LoopThread()
         self.policy = RetryPolicy(max_retries=config.max_retries, timeout_seconds=config.timeout_seconds)
         try:
@@ -99,6 +106,7 @@ class StreamingEngine:
             self.io.close()
             raise
         self.manifest: Manifest | None = None
+        self.plan: Plan | None = None
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
         self.prefetch_enabled = True
@@ -117,8 +125,11 @@ class StreamingEngine:
                               "ssl_context": cfg.ssl_context}
         if getattr(cfg, "ca_cert", None):
             kw["ca_cert"] = cfg.ca_cert
+        kw.update(trusted_keys=cfg.trusted_keys, manifest_sha256=cfg.manifest_sha256)  # signed manifests (J)
         # The one place retries happen: every layer below makes one attempt per call.
-        return RetryingSource(open_unit_source(cfg.location, **kw), self.policy)
+        # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
+        self.converter = ConvertingSource(open_unit_source(cfg.location, **kw), cfg.dtype)
+        return RetryingSource(self.converter, self.policy)
 
     # --------------------------------------------------------------------------------- the bridge
     @property
@@ -150,22 +161,35 @@ class StreamingEngine:
         return await self.io.wrap(coro)
 
     # -------------------------------------------------------------------------------- the binding
+    def make_plan(self, manifest: Manifest) -> Plan:
+        """Plan the memory for ``manifest`` (``memory_budget="auto"`` is measured now: call it once the
+        model's code is imported and its meta model built, right before the resident parts are fetched).
+
+        Raises:
+            ConfigurationError: the budget is not a size, or below the model's minimum (named).
+        """
+        budget, where = resolve_budget(self.config.memory_budget)
+        self.plan = plan_memory(manifest, self.config, budget=budget, budget_from=where)
+        return self.plan
+
     def bind(self, manifest: Manifest, root: torch.nn.Module) -> None:
-        """Create the unit cache for ``manifest`` and hook every streamed unit of ``root`` to it."""
+        """Create the unit cache for ``manifest`` (sized by the plan) and hook every streamed unit of ``root``."""
         cfg = self.config
+        plan = self.plan or self.make_plan(manifest)
         streamed = [u.name for u in manifest.streamed]
-        largest = max((u.bytes for u in manifest.streamed), default=0)
         # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
-        # buffer is enough in steady state and keeps memory within resident + (cache + prefetch + 1) units.
-        self.source.buffer_pool = BufferPool(max_bytes=largest)
+        # buffer is enough in steady state and is one of the plan's (cache + prefetch + 1) unit slots.
+        self.source.buffer_pool = self.placement.pool(plan.unit_bytes)  # device hook (H): pinned on CUDA
         self.cache = UnitCache(
             self._fetch, make_policy(cfg.cache_policy, streamed), {u.name: u.bytes for u in manifest.streamed},
-            max_units=cfg.cache_size,
+            max_units=plan.cache_size,
             max_bytes=None if cfg.cache_size_mb is None else int(cfg.cache_size_mb * (1 << 20)),
-            prefetch_count=cfg.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
+            prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in streamed]
         self._count_direct_calls(root)
+        # device hook (H): resident parts and inputs to the device; the device tier in front of the cache
+        self.placement.bind(root, manifest, peek=self._peek, headroom_bytes=getattr(plan, "headroom_bytes", 0))
 
     def _count_direct_calls(self, root: torch.nn.Module) -> None:
         """Count calls of the model itself (``hf_model(...)``, ``hf_model.base_model(...)``) as inferences.
@@ -187,14 +211,21 @@ class StreamingEngine:
 
     def acquire(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of streamed unit ``name`` for the compute about to run (blocks until fetched)."""
-        unit = self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled), "a forward pass",
-                        "await model.forward_async(...)` / `await model.generate_async(...)")
+        tensors = self.placement.acquire(name, self._host_acquire)  # device hook (H)
         self.cache._event("compute_start", name)
-        return unit.tensors
+        return tensors
+
+    def _host_acquire(self, name: str) -> FetchedUnit:
+        return self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled), "a forward pass",
+                        "await model.forward_async(...)` / `await model.generate_async(...)")
+
+    def _peek(self, name: str) -> FetchedUnit | None:
+        """The host copy of ``name`` if it has arrived (prefetched or kept), without fetching it."""
+        return self.call(lambda: self.cache.prefetched.get(name) or self.cache.cached.get(name))
 
     def release(self, name: str) -> None:
         self.cache._event("compute_end", name)
-        self.call(self.cache.release, name)
+        self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
 
     # ------------------------------------------------------------------------------- the counters
     def _snapshot(self) -> dict[str, Any]:
@@ -250,6 +281,9 @@ class StreamingEngine:
         info["effective_cache_size"] = min(self.cache.max_units, n_streamed)
         info["resident_mb"] = sum(u.bytes for u in self.manifest.resident) / (1 << 20)
         info["streamed_units"] = n_streamed
+        info["plan"] = self.plan.as_dict() if self.plan is not None else None
+        if info["plan"] is not None:  # device hook (H): the device part of the budget
+            info["plan"]["device"] = self.placement.plan_part()
         return info
 
     def inference_stats(self) -> dict[str, Any]:
@@ -270,6 +304,7 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------------------- the lifecycle
     async def _shutdown(self) -> None:
+        self.placement.clear()  # device hook (H)
         if self.cache is not None:
             await self.cache.clear()
         await self.source.close()

@@ -139,22 +139,52 @@ class DraftCounter:
                 "draft_acceptance": self.accepted / self.drafted if self.drafted else 0.0}
 
 
-def _instrument(generator: Any, counter: DraftCounter) -> None:
+class _Backoff:
+    """``speculation="auto"``'s guard for open-ended text: after a draft rejected outright, skip drafting
+    for 1, then 2, 4, 8... steps (plain 1-token steps, no wasted verification compute); any accepted
+    draft token resets it. Drafts cost no extra bytes, only the compute of the rejected positions."""
+
+    def __init__(self) -> None:
+        self.skip = self.wait = 0
+
+    def drafting(self) -> bool:
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted and not accepted:
+            self.skip = max(1, 2 * self.skip)
+            self.wait = self.skip
+        elif accepted:
+            self.skip = 0
+
+
+def _instrument(generator: Any, counter: DraftCounter, backoff: _Backoff | None) -> None:
     """Count through the two calls transformers' assisted loop makes on every candidate generator:
     ``get_candidates(input_ids, ...)`` returns the drafted sequence, ``update_candidate_strategy(input_ids,
     scores, num_matches)`` reports how many drafts were accepted. Instance attributes, so the object's
-    class (which transformers checks with isinstance) is unchanged."""
+    class (which transformers checks with isinstance) is unchanged. With ``backoff``, skipped steps
+    propose nothing (the input unchanged: transformers then decodes one token, as plain decoding does)."""
     get, update = generator.get_candidates, generator.update_candidate_strategy
+    last = [0]
 
     def get_candidates(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if backoff is not None and not backoff.drafting():
+            last[0] = 0
+            return input_ids, None
         out = get(input_ids, *args, **kwargs)
-        counter.drafted += int(out[0].shape[-1] - input_ids.shape[-1])
+        last[0] = int(out[0].shape[-1] - input_ids.shape[-1])
+        counter.drafted += last[0]
         counter.verify_steps += 1
         return out
 
     def update_candidate_strategy(input_ids: torch.Tensor, scores: Any, num_matches: Any, *args: Any,
                                   **kwargs: Any) -> Any:
         counter.accepted += int(num_matches)
+        if backoff is not None:
+            backoff.update(last[0], int(num_matches))
         return update(input_ids, scores, num_matches, *args, **kwargs)
 
     generator.get_candidates = get_candidates
@@ -162,8 +192,9 @@ def _instrument(generator: Any, counter: DraftCounter) -> None:
 
 
 @contextlib.contextmanager
-def counting_drafts(hf_model: Any, counter: DraftCounter) -> Iterator[DraftCounter]:
-    """Within the block, every candidate generator ``hf_model`` builds reports into ``counter``.
+def counting_drafts(hf_model: Any, counter: DraftCounter, *, adaptive: bool = False) -> Iterator[DraftCounter]:
+    """Within the block, every candidate generator ``hf_model`` builds reports into ``counter``
+    (and, with ``adaptive``, backs off after rejected drafts: see :class:`_Backoff`).
 
     Wraps the model instance's ``_get_candidate_generator`` (transformers' one factory of candidate
     generators); where a transformers version lacks it, nothing is counted and nothing breaks.
@@ -176,7 +207,7 @@ def counting_drafts(hf_model: Any, counter: DraftCounter) -> Iterator[DraftCount
     def build(*args: Any, **kwargs: Any) -> Any:
         generator = factory(*args, **kwargs)
         if hasattr(generator, "get_candidates") and hasattr(generator, "update_candidate_strategy"):
-            _instrument(generator, counter)
+            _instrument(generator, counter, _Backoff() if adaptive else None)
         return generator
 
     hf_model.__dict__["_get_candidate_generator"] = build

@@ -7,6 +7,8 @@ ever computes with uninitialized weights.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from ..exceptions import ModelError, UnsupportedArchitectureError
+from ..client.convert import fp32_names
 from ..format import Manifest
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
@@ -42,9 +45,24 @@ def load_model(engine: StreamingEngine, model_name: str | None, families: frozen
     manifest = engine.run(engine.source.get_manifest(model_name), "loading a model",
                           "await model.ensure_loaded_async()` or `async with model")
     check_family(manifest, families, cls_name)
+    # The tokenizer first: parsing tokenizer.json peaks at several times what the tokenizer keeps, and
+    # that transient is best spent while no weights are held (the heap it leaves is trimmed right away).
+    tokenizer, generation_config = load_tokenizer(engine, manifest)
+    release_free_heap()
     model = build_model(engine, manifest)
+    if generation_config is not None:
+        model.generation_config = generation_config
     engine.bind(manifest, model)
-    return LoadedModel(manifest, model, load_tokenizer(engine, manifest, model))
+    return LoadedModel(manifest, model, tokenizer)
+
+
+def release_free_heap() -> None:
+    """Give the malloc heap's free pages back to the kernel (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def check_family(manifest: Manifest, families: frozenset[str], cls_name: str) -> None:
@@ -58,13 +76,17 @@ def check_family(manifest: Manifest, families: frozenset[str], cls_name: str) ->
 def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     """transformers' class for ``m`` on ``meta`` with its resident parts loaded and its ties applied."""
     cls = resolve_architecture(m.architecture)
-    dtype = getattr(torch, m.dtype, None)
-    model = build_meta_model(cls, build_config(m.model_type, m.config), dtype if isinstance(dtype, torch.dtype) else None)
+    dtype = engine.converter.compute_dtype(m)  # config.dtype, else the stored one (client.convert)
+    model = build_meta_model(cls, build_config(m.model_type, m.config), dtype)
+    engine.converter.keep_fp32 = fp32_names(model, dtype)  # as from_pretrained(dtype=...) keeps them
     expected = [u.name for u in m.streamed]
     if streamed_module_names(model) != expected:
         raise ModelError(
             f"manifest of {m.name!r} streams {expected[:3]}… but {m.architecture} maps to "
             f"{streamed_module_names(model)[:3]}…; re-chunk with this version of streaming_weights")
+    # The model's code is imported and its skeleton built: what is left is what the plan may use, and a
+    # budget too small fails here, before the resident parts are fetched.
+    engine.make_plan(m)
     for entry in m.resident:
         assign_unit(model, engine.run(engine.source.fetch_unit(m, entry.name)).tensors)
     tie_weights(model, m)
@@ -87,24 +109,25 @@ def tie_weights(model: torch.nn.Module, m: Manifest) -> None:
         owner._parameters[attr] = model.get_parameter(target)
 
 
-def load_tokenizer(engine: StreamingEngine, manifest: Manifest, model: torch.nn.Module) -> Any:
-    """The model's tokenizer (``None`` if the chunks carry none); sets ``model.generation_config`` too."""
+def load_tokenizer(engine: StreamingEngine, manifest: Manifest) -> tuple[Any, Any]:
+    """The model's tokenizer and generation config (each ``None`` if the chunks carry none)."""
     names = {f.name for f in manifest.files}
     gen = "generation_config.json" in names
     if not (names & TOKENIZER_FILES) and not gen:
-        return None
+        return None, None
+    config = None
     with tempfile.TemporaryDirectory(prefix="surfing-tok-") as tmp:
         for f in manifest.files:
             Path(tmp, f.name).write_bytes(engine.run(engine.source.fetch_file(manifest, f.name)))
         if gen:
             from transformers import GenerationConfig
 
-            model.generation_config = GenerationConfig.from_pretrained(tmp)
+            config = GenerationConfig.from_pretrained(tmp)
         if not names & TOKENIZER_FILES:
-            return None
+            return None, config
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True), config
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot build the tokenizer of {manifest.name!r}: {exc}") from exc

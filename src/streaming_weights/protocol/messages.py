@@ -59,10 +59,12 @@ class Op(str, enum.Enum):
     GET_MANIFEST = "get_manifest"
     GET_UNIT = "get_unit"
     GET_FILE = "get_file"
+    #: the raw bytes of ``manifest.json.sig`` (``not_found`` when the model is unsigned)
+    GET_SIGNATURE = "get_signature"
 
 
 #: Ops whose RESULT announces a blob streamed in DATA messages.
-BLOB_OPS = frozenset({Op.GET_MANIFEST, Op.GET_UNIT, Op.GET_FILE})
+BLOB_OPS = frozenset({Op.GET_MANIFEST, Op.GET_UNIT, Op.GET_FILE, Op.GET_SIGNATURE})
 
 
 class ErrorCode(str, enum.Enum):

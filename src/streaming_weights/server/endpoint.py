@@ -15,6 +15,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response as HTTPResponse
 
 from ..exceptions import ConfigurationError
+from .access import OPEN, AccessList, Grant
 from .metrics import ServerMetrics
 
 
@@ -52,18 +53,34 @@ def bind_error(exc: OSError, host: str, port: int) -> ConfigurationError:
     return ConfigurationError(f"cannot listen on host {host!r} port {port}: {exc.strerror or exc}")
 
 
-def check_token(token: str, auth: str, metrics: ServerMetrics) -> HTTPResponse | None:
-    """The refusal (401 missing / 403 wrong, compared in constant time) for an ``Authorization`` header, else None."""
+def bearer(auth: str) -> str | None:
+    """The token of an ``Authorization: Bearer …`` header value (None: missing or another scheme)."""
     scheme, _, given = auth.partition(" ")
+    return given.strip() if scheme.lower() == "bearer" and given.strip() else None
+
+
+def authorize(access: AccessList, auth: str, metrics: ServerMetrics) -> tuple[Grant | None, HTTPResponse | None]:
+    """(grant, None) for an accepted ``Authorization`` header, else (None, the refusal: 401 missing / 403 wrong).
+
+    An open server (no tokens) grants everything to everyone."""
+    if not access.enabled:
+        return OPEN, None
     if not auth:
         metrics.rejected_handshakes.labels("missing_token").inc()
         resp = http_response(401, b"missing bearer token\n")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="surfing-weights"'
-        return resp
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None, resp
+    given = bearer(auth)
+    grant = access.grant_for(given) if given is not None else None
+    if grant is None:
         metrics.rejected_handshakes.labels("bad_token").inc()
-        return http_response(403, b"invalid bearer token\n")
-    return None
+        return None, http_response(403, b"invalid bearer token\n")
+    return grant, None
+
+
+def check_token(token: str, auth: str, metrics: ServerMetrics) -> HTTPResponse | None:
+    """The refusal for ``auth`` against one all-models ``token`` (compatibility wrapper of :func:`authorize`)."""
+    return authorize(AccessList(token), auth, metrics)[1]
 
 
 def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str] | None) -> ssl.SSLContext:

@@ -18,15 +18,18 @@ from ..exceptions import BadRequestError, ManifestError, NotFoundError, Protocol
 from ..format import Manifest, check_name, join_key
 from ..format.manifest import BlobEntry
 from ..storage.catalog import pick_model
+from .access import OPEN, Grant
 
 
 @dataclass
 class Hosted:
-    """One hosted model: where it lives in the storage and its manifest (bytes kept for GET_MANIFEST)."""
+    """One hosted model: where it lives in the storage, its manifest, and the stored bytes served verbatim
+    for GET_MANIFEST (so a signature over them still verifies) with their signature, if any."""
 
     prefix: str
     manifest: Manifest
     manifest_bytes: bytes
+    signature: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class RequestHandler:
         self.models = models
         self.max_inflight = max_inflight
 
-    def plan(self, raw: bytes | str, inflight: Collection[int]) -> Plan:
-        """The plan for one inbound WebSocket message; ``inflight`` are the connection's running request ids."""
+    def plan(self, raw: bytes | str, inflight: Collection[int], grant: Grant = OPEN) -> Plan:
+        """The plan for one inbound WebSocket message; ``inflight`` are the connection's running request ids,
+        ``grant`` the models its token may read (the others look exactly like models that do not exist)."""
         bad = proto.ErrorCode.BAD_REQUEST.value
         if isinstance(raw, str):
             return Reject(0, bad, "text messages are not part of the protocol; send binary", "protocol")
@@ -101,20 +105,25 @@ class RequestHandler:
                           f"more than {self.max_inflight} requests in flight on one connection; wait for some to finish",
                           "busy", msg.op)
         try:
-            return self._answer(msg)
+            return self._answer(msg, grant)
         except RemoteError as exc:
             return Answer(msg.request_id, msg.op, error=(proto.code_for_exception(exc), str(exc)))
 
-    def _answer(self, req: proto.Request) -> Answer:
+    def _answer(self, req: proto.Request, grant: Grant) -> Answer:
         rid, op = req.request_id, req.op
         if op is proto.Op.PING:
             return Answer(rid, op, body={"pong": True, "version": proto.PROTOCOL_VERSION})
+        visible = grant.visible(self.models)
         if op is proto.Op.LIST_MODELS:
-            return Answer(rid, op, body={"models": sorted(self.models)})
-        hosted = self.models[pick_model(self.models, req.model, "this server")]
+            return Answer(rid, op, body={"models": sorted(visible)})
+        hosted = visible[pick_model(visible, req.model, "this server")]
         name = hosted.manifest.name
         if op is proto.Op.GET_MANIFEST:
             return Answer(rid, op, data=hosted.manifest_bytes, model=name)
+        if op is proto.Op.GET_SIGNATURE:
+            if hosted.signature is None:
+                raise NotFoundError(f"model {name!r} is not signed (no manifest.json.sig)")
+            return Answer(rid, op, data=hosted.signature, model=name)
         assert req.name is not None  # decode() guarantees it for get_unit / get_file
         what = "unit" if op is proto.Op.GET_UNIT else "file"
         try:

@@ -17,8 +17,8 @@ import logging
 import os
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -28,14 +28,15 @@ from websockets.http11 import Response as HTTPResponse
 
 from .. import protocol as proto
 from ..exceptions import ConfigurationError, KeyNotFoundError, NotFoundError, RemoteError, StorageError
-from ..format import join_key
 from ..format.manifest import BlobEntry
 from ..protocol.frames import binary_frame_header
-from ..storage import StorageBackend, open_storage
-from ..storage.catalog import discover_models
+from ..storage import StorageBackend
+from .access import OPEN, AccessList, Grant
 from .cache import ByteLRU
-from .endpoint import bind_error, bracket, server_tls, check_token, http_response, is_loopback, is_wildcard, peer
+from .endpoint import authorize, bearer, bind_error, bracket, http_response, is_loopback, is_wildcard, peer, server_tls
 from .handler import Answer, Cancel, Hosted, Reject, RequestHandler, error_reply
+from .hosting import load_hosted
+from .hosting import resolve_storage as _resolve_storage  # compatibility: it lived here
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("streaming_weights.server")
@@ -52,6 +53,8 @@ class _Conn:
     peer: str = "?"
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inflight: dict[int, asyncio.Task] = field(default_factory=dict)
+    secret: str | None = None  # its bearer token, to re-check the grant when the token file is reloaded
+    grant: Grant = OPEN
 
 
 class WeightServer:
@@ -68,6 +71,8 @@ class WeightServer:
             quarter of the budget) bypass it and are streamed from storage with ranged reads.
         token: bearer token required at the handshake (``Authorization: Bearer <token>``); default
             ``$SURFING_TOKEN``; ``""`` disables auth even when the variable is set.
+        token_file: per-model tokens, one ``TOKEN [MODEL[,MODEL...]]`` per line (no models: all), re-read
+            by :meth:`reload_access` (SIGHUP under :func:`run_server`); combines with ``token``.
         tls_cert, tls_key: PEM files to serve ``wss://`` (also ``use_ssl`` + ``ssl_cert_path`` /
             ``ssl_key_path``, the original names), or a ready ``ssl_context``.
         max_connections: concurrent connections; more are refused with HTTP 503 at the handshake.
@@ -92,6 +97,7 @@ class WeightServer:
         cache_size_mb: float = 100,
         max_cached_blob_mb: float | None = None,
         token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         use_ssl: bool = False,
@@ -115,6 +121,7 @@ class WeightServer:
         self.host = host
         self.port = port
         self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
+        self.access = AccessList(self.token, token_file)
         self.ssl_context = server_tls(ssl_context, tls_cert or ssl_cert_path, tls_key or ssl_key_path, use_ssl)
         cache_bytes = int(cache_size_mb * 2**20)
         max_item = int(max_cached_blob_mb * 2**20) if max_cached_blob_mb is not None else cache_bytes // 4
@@ -132,6 +139,8 @@ class WeightServer:
         self.handler = RequestHandler(self.models, max_inflight=self.max_inflight)
         self._server: Server | None = None
         self._conns: set[_Conn] = set()
+        # handshake -> connection handler: who authenticated, kept only while the connection object lives
+        self._auth: weakref.WeakKeyDictionary[ServerConnection, tuple[str | None, Grant]] = weakref.WeakKeyDictionary()
         #: Most requests seen in flight on one connection (diagnostics and tests).
         self.peak_inflight = 0
 
@@ -153,12 +162,22 @@ class WeightServer:
 
     async def load_models(self) -> dict[str, Hosted]:
         """(Re)discover the hosted models' manifests. Raises ConfigurationError if there are none."""
-        found = await discover_models(self.storage, self.prefix)
-        if not found:
-            raise ConfigurationError(f"no chunked model (manifest.json) under {self.storage.location}/{self.prefix}")
-        self.models = {name: Hosted(p, m, m.to_bytes()) for name, (p, m) in found.items()}
+        self.models = await load_hosted(self.storage, self.prefix)
         self.handler.models = self.models
         return self.models
+
+    def reload_access(self) -> None:
+        """Re-read the token file; open connections whose token is gone are closed (1008), the others get
+        their new grant at once. Raises ConfigurationError (unreadable/malformed file: old tokens stay)."""
+        self.access.reload()
+        for conn in list(self._conns):
+            grant = self.access.grant_for(conn.secret or "") if self.access.enabled else OPEN
+            if grant is None:
+                logger.warning("closing connection from %s: its token was revoked", conn.peer)
+                asyncio.get_running_loop().create_task(conn.ws.close(1008, "token revoked"))
+            else:
+                conn.grant = grant
+        logger.info("reloaded %d token(s) from %s", len(self.access.entries), self.access.token_file)
 
     async def start(self) -> WeightServer:
         """Load manifests and start listening; returns once the port is bound.
@@ -181,8 +200,8 @@ class WeightServer:
             raise bind_error(exc, self.host, self.port) from None
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.port
         logger.info("serving %s on %s (%s, %s)", ", ".join(sorted(self.models)), self.listen_uri,
-                    self.storage.location, "token auth" if self.token else "no auth")
-        if self.token is None and not is_loopback(self.host):
+                    self.storage.location, "token auth" if self.access.enabled else "no auth")
+        if not self.access.enabled and not is_loopback(self.host):
             logger.warning("listening beyond loopback (%s) without a token: anyone who can reach port %d can read "
                            "the weights; set a token", self.host or "0.0.0.0", self.port)
         return self
@@ -228,19 +247,14 @@ class WeightServer:
     def _process_request(self, connection: ServerConnection, request: HTTPRequest) -> HTTPResponse | None:
         path = request.path.split("?", 1)[0]
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if path == "/healthz" and not upgrade:
-            body = json.dumps({"status": "ok", "models": sorted(self.models), "connections": len(self._conns)})
-            return http_response(200, body.encode(), "application/json")
-        if path == "/metrics" and not upgrade:
-            self.metrics.cache_bytes.set(self.cache.bytes)
-            return http_response(200, self.metrics.render(), self.metrics.content_type)
+        auth = request.headers.get("Authorization", "")
         if not upgrade:
-            return http_response(404, b"not found: use a WebSocket client, /healthz or /metrics\n")
-        if self.token is not None:
-            refusal = check_token(self.token, request.headers.get("Authorization", ""), self.metrics)
-            if refusal is not None:
-                logger.warning("rejected connection from %s: %s", peer(connection), refusal.body.decode().strip())
-                return refusal
+            return self._http_get(path, auth)
+        grant, refusal = authorize(self.access, auth, self.metrics)
+        if refusal is not None:
+            logger.warning("rejected connection from %s: %s", peer(connection), refusal.body.decode().strip())
+            return refusal
+        self._auth[connection] = (bearer(auth), grant or OPEN)
         # Authenticate first: a client without the token learns nothing, not even that the server is full.
         if len(self._conns) >= self.max_connections:
             self.metrics.rejected_handshakes.labels("busy").inc()
@@ -250,9 +264,26 @@ class WeightServer:
             return resp
         return None
 
+    def _http_get(self, path: str, auth: str) -> HTTPResponse:
+        """``/healthz`` (models: only those the presented token may read) and ``/metrics`` (its labels name
+        models, so with tokens configured it needs a token allowed every model)."""
+        given = bearer(auth)
+        grant = (self.access.grant_for(given) if given else None) if self.access.enabled else OPEN
+        if path == "/healthz":
+            models = sorted(grant.visible(self.models)) if grant is not None else []
+            body = json.dumps({"status": "ok", "models": models, "connections": len(self._conns)})
+            return http_response(200, body.encode(), "application/json")
+        if path == "/metrics":
+            if grant is None or not grant.everything:
+                return http_response(401 if not auth else 403, b"metrics need a token allowed every model\n")
+            self.metrics.cache_bytes.set(self.cache.bytes)
+            return http_response(200, self.metrics.render(), self.metrics.content_type)
+        return http_response(404, b"not found: use a WebSocket client, /healthz or /metrics\n")
+
     # ------------------------------------------------------------------------------------- serving
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Conn(ws, peer(ws))
+        secret, grant = self._auth.pop(ws, (None, OPEN))
+        conn = _Conn(ws, peer(ws), secret=secret, grant=grant)
         self._conns.add(conn)
         self.metrics.active_connections.inc()
         logger.info("connection from %s", conn.peer)
@@ -271,7 +302,7 @@ class WeightServer:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
-        plan = self.handler.plan(raw, conn.inflight)
+        plan = self.handler.plan(raw, conn.inflight, conn.grant)
         if isinstance(plan, Cancel):
             task = conn.inflight.get(plan.request_id)
             if task is not None:
@@ -305,6 +336,7 @@ class WeightServer:
         ``send_context`` still checks the connection state and applies flow control (drain) afterwards.
         """
         head = proto.encode_header(proto.Kind.DATA, rid, offset)
+        if (pacer := getattr(self, "pacer", None)) is not None: await pacer.take(len(head) + len(piece))  # noqa: E701  (--max-rate, server.pacing)
         async with conn.send_lock:
             ws = conn.ws
             if ws.send_in_progress is not None:  # never the case here; keep websockets' invariants anyway
@@ -409,18 +441,3 @@ class WeightServer:
                 raise
             off = nxt
 
-
-def _resolve_storage(source: Any, chunks_dir: Any, storage_backend: StorageBackend | None,
-                     prefix: str) -> tuple[StorageBackend, str]:
-    """(backend, key prefix) from the constructor's three spellings of "where the models are"."""
-    given = [x for x in (source, chunks_dir, storage_backend) if x is not None]
-    if len(given) > 1:
-        raise ConfigurationError("pass only one of source, chunks_dir, storage_backend")
-    if not given:
-        raise ConfigurationError("WeightServer needs a chunk directory or a storage backend (source=...)")
-    location = given[0]
-    if isinstance(location, StorageBackend):
-        storage, extra = location, ""
-    else:
-        storage, extra = open_storage(str(Path(location)) if isinstance(location, os.PathLike) else location)
-    return storage, (join_key(extra, prefix.strip("/")).strip("/") if prefix else extra)

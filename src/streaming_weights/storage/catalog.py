@@ -25,7 +25,7 @@ async def discover_models(storage: StorageBackend, prefix: str = "") -> dict[str
         try:
             manifest = Manifest.from_bytes(await storage.load(key))
         except ManifestError as exc:
-            raise ManifestError(f"{storage.location}/{key}: {exc}") from exc
+            raise type(exc)(f"{storage.location}/{key}: {exc}") from exc  # keep ManifestLimitError specific
         if manifest.name in found:
             raise ManifestError(f"two models named {manifest.name!r} under {storage.location}: "
                                 f"{found[manifest.name][0]!r} and {model_prefix!r}")

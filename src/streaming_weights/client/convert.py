@@ -1,0 +1,280 @@
+"""On-arrival conversion of fetched units to the compute dtype (casting and dequantization).
+
+Units travel in their stored dtype (a bfloat16 checkpoint as bfloat16, a quantized one as int8/int4 codes
+plus scales): the bytes on the wire are the stored bytes, and :attr:`FetchedUnit.nbytes` keeps counting
+them. :class:`ConvertingSource` wraps any :class:`UnitSource` and converts each verified unit once, right
+after it arrives, into a compute-dtype buffer taken from the same :class:`BufferPool` as receive buffers;
+the receive buffer goes back to the pool at once, so buffer reuse and the memory bound still hold (one
+compute buffer per held unit, plus one receive buffer per fetch in flight). A unit already in the
+compute dtype passes through untouched (zero copy).
+
+Which tensors stay float32 is the loader's decision (:func:`fp32_names`: what ``from_pretrained(dtype=...)``
+keeps in float32, e.g. T5's ``wo`` under float16); it sets :attr:`ConvertingSource.keep_fp32` before the
+first unit is fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from ..exceptions import ConfigurationError, UnitFormatError
+from ..format import Manifest, UnitEntry
+from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, plan_unit, tensor_view
+from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, read_quant_metadata
+from .base import FetchedUnit, UnitSource
+
+if TYPE_CHECKING:
+    from .buffers import BufferPool
+
+#: receive buffers kept for a later give-back (each is one unit: this bounds the extra memory)
+_MAX_PENDING = 1
+_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float": torch.float32, "half": torch.float16, "float64": torch.float64}
+
+
+def parse_compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """transformers' spellings of a compute dtype: a floating ``torch.dtype``, its name (``"bfloat16"``,
+    ``"torch.float16"``), or ``None`` / ``"auto"`` (compute in the stored dtype).
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigurationError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    key = str(dtype).strip().removeprefix("torch.")
+    if key not in _NAMES:
+        raise ConfigurationError(f"dtype must be 'auto' or one of {sorted(_NAMES)}, got {dtype!r}")
+    return _NAMES[key]
+
+
+def fp32_names(model: torch.nn.Module, dtype: torch.dtype | None) -> frozenset[str]:
+    """Tensor names ``from_pretrained(dtype=dtype)`` keeps in float32 (``_keep_in_fp32_modules`` under
+    float16, ``_keep_in_fp32_modules_strict`` under float16/bfloat16), matched as transformers matches them:
+    each module pattern is searched (``re.search``) in the full tensor name."""
+    get_plan = getattr(model, "_get_dtype_plan", None)
+    if dtype is None or get_plan is None:
+        return frozenset()
+    plan = {p: d for p, d in get_plan(dtype).items() if d == torch.float32}
+    if not plan:
+        return frozenset()
+    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return frozenset(name for name, _ in named if pattern.search(name))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one unit converts: its quantized tensors and the compute buffer's layout."""
+
+    quant: dict[str, QuantSpec]
+    targets: dict[str, TensorSpec]  # name -> spec in the compute buffer (offsets from 0)
+    size: int
+
+
+def _target(dtype: str, want: torch.dtype, keep32: bool) -> str:
+    """Stored safetensors dtype -> compute dtype name (only floating tensors convert)."""
+    if dtype not in ("F32", "F16", "BF16", "F64"):
+        return dtype
+    return "F32" if keep32 else dtype_name(want)
+
+
+class ConvertingSource(UnitSource):
+    """A :class:`UnitSource` whose units arrive in the compute dtype, dequantized.
+
+    Args:
+        source: the source to fetch from (verification happens there, on the stored bytes).
+        dtype: the compute dtype (see :func:`parse_compute_dtype`); ``None``: the manifest's dtype, so only
+            quantized tensors convert.
+        keep_fp32: tensor names converted to float32 whatever ``dtype`` is (see :func:`fp32_names`).
+
+    Raises:
+        ConfigurationError: an invalid ``dtype``.
+
+    Other attributes (``reconnects``, …) are the wrapped source's.
+    """
+
+    def __init__(self, source: UnitSource, dtype: str | torch.dtype | None = None,
+                 keep_fp32: Iterable[str] = ()) -> None:
+        self.source = source
+        self.dtype = parse_compute_dtype(dtype)
+        self.keep_fp32 = frozenset(keep_fp32)
+        self.converted_units = 0
+        self.convert_seconds = 0.0
+        self.converted_bytes = 0  # compute-dtype bytes written
+        self._plans: dict[tuple[str, str, frozenset[str]], _Plan | None] = {}
+        self._reserved: set[int] = set()
+        self._pending: list[Any] = []  # receive buffers the pool refused while a view still lived
+
+    def __getattr__(self, name: str) -> Any:  # only reached for attributes this class lacks
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    @property
+    def location(self) -> str:  # type: ignore[override]
+        return self.source.location
+
+    @property
+    def attempt_span(self) -> int:  # type: ignore[override]
+        return self.source.attempt_span
+
+    @property
+    def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
+        return self.source.buffer_pool
+
+    @buffer_pool.setter
+    def buffer_pool(self, pool: BufferPool | None) -> None:
+        self.source.buffer_pool = pool
+        self._reserved.clear()
+
+    def compute_dtype(self, manifest: Manifest) -> torch.dtype:
+        """The dtype units of ``manifest`` are computed in."""
+        stored = getattr(torch, manifest.dtype, None)
+        return self.dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
+
+    def memory_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
+        """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit
+        passes through unconverted). For memory planning: computed from the manifest alone."""
+        want = self.compute_dtype(manifest)
+        total, changed = 0, False
+        for name, spec in entry.tensors.items():
+            if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)):
+                changed = True
+                continue
+            shape = list(spec.shape)
+            if name + SCALE_SUFFIX in entry.tensors:
+                changed = True
+                if spec.dtype == "U8":  # int4: two codes per byte
+                    shape[-1] *= 2
+                dt = "F32" if name in self.keep_fp32 else dtype_name(want)
+            else:
+                dt = _target(spec.dtype, want, name in self.keep_fp32)
+            changed |= dt != spec.dtype
+            total += math.prod(shape) * itemsize(dt)
+        return total if changed else entry.bytes
+
+    # ------------------------------------------------------------------------------ pass-through
+    async def list_models(self) -> list[str]:
+        return await self.source.list_models()
+
+    async def get_manifest(self, model_name: str | None) -> Manifest:
+        return await self.source.get_manifest(model_name)
+
+    async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
+        return await self.source.fetch_file(manifest, name)
+
+    async def close(self) -> None:
+        await self.source.close()
+
+    # -------------------------------------------------------------------------------- conversion
+    async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
+        """Fetch ``unit`` (verified by the wrapped source) and convert it to the compute dtype.
+
+        Raises:
+            QuantizationError: malformed quantization metadata or companion tensors (not retried).
+            Whatever the wrapped source raises.
+        """
+        fetched = await self.source.fetch_unit(manifest, unit)
+        plan = self._plan(manifest, fetched)
+        if plan is None:
+            return fetched
+        self._reserve(manifest)
+        pool = self.source.buffer_pool
+        out = pool.take(plan.size) if pool is not None else bytearray(plan.size)
+        t0 = time.perf_counter()
+        # torch ops release the GIL: converting in a worker thread lets the I/O loop keep receiving.
+        tensors = await asyncio.to_thread(_convert, fetched, plan, out)
+        self.convert_seconds += time.perf_counter() - t0
+        self.converted_units += 1
+        self.converted_bytes += plan.size
+        raw, fetched.buffer, fetched.tensors = fetched.buffer, out, tensors
+        if pool is not None:
+            self._give_back(pool, raw)
+        return fetched
+
+    def _give_back(self, pool: BufferPool, raw: Any) -> None:
+        """Return receive buffers to the pool. The wrapped source decodes in a worker thread whose finished
+        future may keep the stored views alive a moment longer (until that thread drops it), so a refused
+        buffer is offered again on the next call instead of being lost to reuse."""
+        self._pending.append(raw)
+        del raw
+        for _ in range(len(self._pending)):
+            buf = self._pending.pop(0)
+            if not pool.give(buf) and sys.getrefcount(buf) > 2 and len(self._pending) < _MAX_PENDING:
+                self._pending.append(buf)  # still viewed (or the pool is full): try again later
+            del buf
+
+    def _plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
+        key = (manifest.name, manifest.unit(fetched.name).blake3, self.keep_fp32)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(manifest, fetched)
+        return self._plans[key]
+
+    def _make_plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
+        if fetched.buffer is None:
+            raise UnitFormatError(f"unit {fetched.name!r} arrived without its buffer: cannot read its header")
+        stored, metadata, _ = parse_header(fetched.buffer)
+        quant = read_quant_metadata(metadata, stored)
+        want = self.compute_dtype(manifest)
+        entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, spec in stored.items():
+            if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)) and name.rsplit(".", 1)[0] in quant:
+                continue
+            keep32 = name in self.keep_fp32
+            if name in quant:
+                entries[name] = ("F32" if keep32 else dtype_name(want), quant[name].shape)
+            else:
+                entries[name] = (_target(spec.dtype, want, keep32), spec.shape)
+        if not quant and all(entries[n][0] == s.dtype for n, s in stored.items()):
+            return None
+        layout = plan_unit(entries)
+        size = layout.total_bytes - layout.data_start
+        return _Plan(quant, dict(layout.tensors), size)
+
+    def _reserve(self, manifest: Manifest) -> None:
+        """Let the pool keep one spare compute buffer beside one spare receive buffer (sized once per pool)."""
+        pool = self.source.buffer_pool
+        if pool is None or id(pool) in self._reserved:
+            return
+        self._reserved.add(id(pool))
+        streamed = list(manifest.streamed)
+        if streamed:
+            need = max(u.bytes for u in streamed) + max(self.memory_bytes(u, manifest) for u in streamed)
+            pool.max_bytes = max(pool.max_bytes, need)
+
+
+def _convert(fetched: FetchedUnit, plan: _Plan, out: Any) -> dict[str, torch.Tensor]:
+    """Write every tensor of ``fetched`` into ``out`` in its target dtype (dequantizing); views into ``out``.
+
+    Takes the stored views out of ``fetched`` itself, so none outlives this call: the executor keeps its
+    arguments a moment after the result is delivered, and a live view would keep the receive buffer from
+    going back to the pool.
+    """
+    stored, fetched.tensors = fetched.tensors, {}
+    result: dict[str, torch.Tensor] = {}
+    for name, spec in plan.targets.items():
+        dst = tensor_view(out, 0, name, spec)
+        q = plan.quant.get(name)
+        if q is not None:
+            parts = {s: stored[name + s] for s in q.stored()}
+            decode_into(dst, parts, q)
+        elif dst.numel():
+            dst.copy_(stored[name])
+        result[name] = dst
+    return result
+
+
+__all__ = ["ConvertingSource", "fp32_names", "parse_compute_dtype"]

@@ -1,0 +1,173 @@
+"""Memory planner: a byte budget -> how many units to prefetch and keep, and the bound that plan holds.
+
+Everything the client holds for a model is counted (``bound_bytes``):
+
+* the resident parts (embeddings, final norm, lm_head…),
+* at most ``cache_size + prefetch_count + 1`` streamed units alive at once — kept, fetched ahead or in
+  flight, and the one computing — each at most the largest unit (a unit's tensors are views into its
+  receive buffer, so a unit costs its bytes once; the buffer pool's spare is one of those slots),
+* headroom for the forward pass: the KV cache (grows with sequence length and batch), hidden states and
+  MLP intermediates, attention scores, the logits of the positions that need them.
+
+The budget is filled in this order: the unit computing (the minimum: below it the model cannot run, a
+:class:`ConfigurationError` names it), then the prefetch window (up to ``prefetch_count``), then as many
+kept units as fit; when the whole model fits, all of it (after the first pass nothing is fetched).
+An explicit ``cache_size`` overrides the planner (the bound is then reported, not enforced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import DEFAULT_CACHE_SIZE, StreamingConfig
+from ..exceptions import ConfigurationError
+from ..format import Manifest
+
+#: context the plan made at load time reserves KV cache and activations for (the request is not known
+#: yet; ``Plan.max_batch`` / :func:`plan_memory` with ``seq_len=`` answer for a real request)
+DEFAULT_PLAN_TOKENS = 256
+_ELEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Per-token costs of the forward pass, from the model's config (bytes)."""
+
+    kv_per_token: int  # KV cache, all layers (0 for encoders)
+    act_per_token: int  # hidden states, q/k/v, MLP intermediates live during one block
+    logits_per_token: int  # float32 logits of one position
+    heads: int  # attention heads (scores are heads x seq x seq)
+    elem: int  # bytes per activation element
+
+    def bytes(self, seq_len: int, batch: int = 1, logit_positions: int = 1) -> int:
+        """Headroom for ``batch`` sequences of ``seq_len`` tokens, logits for ``logit_positions`` each."""
+        scores = self.heads * seq_len * seq_len * self.elem  # one layer's scores (sdpa's math path)
+        return batch * (seq_len * (self.kv_per_token + self.act_per_token) + scores
+                        + logit_positions * self.logits_per_token)
+
+
+def headroom_of(manifest: Manifest) -> Headroom:
+    """Estimate the forward's per-token memory from the manifest's config (missing keys count as 0)."""
+    c = manifest.config
+    elem = _ELEM.get(manifest.dtype, 4)
+    hidden = int(c.get("hidden_size") or c.get("d_model") or c.get("n_embd") or 0)
+    heads = int(c.get("num_attention_heads") or c.get("num_heads") or c.get("n_head") or 1)
+    layers = int(c.get("num_hidden_layers") or c.get("num_layers") or c.get("n_layer") or len(manifest.streamed))
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or (hidden // heads if heads else 0))
+    inter = int(c.get("intermediate_size") or c.get("d_ff") or c.get("n_inner") or 4 * hidden)
+    vocab = int(c.get("vocab_size") or 0)
+    arch = manifest.architecture
+    decoder = any(k in arch for k in ("CausalLM", "ConditionalGeneration", "LMHead"))
+    kv = 2 * layers * kv_heads * head_dim * elem if decoder else 0
+    # residual + normed + attention output + q/k/v, and the MLP's gate/up/activation
+    act = elem * (4 * hidden + 2 * kv_heads * head_dim + 3 * inter)
+    return Headroom(kv, act, 4 * vocab if decoder else 0, heads, elem)
+
+
+@dataclass
+class Plan:
+    """What the client holds for one model; :meth:`as_dict` is ``get_cache_info()["plan"]``."""
+
+    budget_bytes: int | None  # None: no budget (explicit or default cache_size)
+    bound_bytes: int  # most the plan holds: resident + live units x largest + headroom
+    resident: list[str]  # units kept for the model's lifetime
+    streamed: list[str]  # units fetched on use
+    cache_size: int  # streamed units kept between uses
+    prefetch_count: int  # units fetched ahead
+    resident_bytes: int
+    unit_bytes: int  # the largest streamed unit
+    headroom_bytes: int
+    seq_len: int
+    batch: int
+    source: str  # "budget", "cache_size" (explicit) or "default"
+    budget_from: str = "none"  # "given", "auto (...)"
+    headroom: Headroom | None = field(default=None, repr=False)
+    #: the accelerator's share (helper H fills it; None on the CPU) and the host's
+    device: dict[str, Any] | None = None
+
+    @property
+    def live_units(self) -> int:
+        return min(self.cache_size + self.prefetch_count + 1, len(self.streamed))
+
+    @property
+    def host(self) -> dict[str, Any]:
+        return {"bound_bytes": self.bound_bytes, "resident_bytes": self.resident_bytes,
+                "units": self.live_units, "unit_bytes": self.unit_bytes, "headroom_bytes": self.headroom_bytes}
+
+    def max_batch(self, seq_len: int, logit_positions: int = 1) -> int:
+        """Most sequences of ``seq_len`` tokens one forward can take within the budget (>= 1).
+
+        Without a budget: the batch whose headroom equals the plan's (the user chose the cache, not memory).
+        """
+        if self.headroom is None:
+            return 1
+        per = max(1, self.headroom.bytes(seq_len, 1, logit_positions))
+        spare = (self.budget_bytes if self.budget_bytes is not None else self.bound_bytes) - (
+            self.bound_bytes - self.headroom_bytes)
+        return max(1, spare // per)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "headroom"}
+        out["live_units"], out["host"] = self.live_units, self.host
+        return out
+
+    def describe(self) -> str:
+        """A few human-readable lines (``surfing inspect --memory``)."""
+        whole = " (the whole model: nothing is fetched after the first pass)" if self.cache_size >= len(
+            self.streamed) else ""
+        return "\n".join([
+            f"budget:    {_mib(self.budget_bytes)} [{self.budget_from}]",
+            f"bound:     {_mib(self.bound_bytes)} = resident {_mib(self.resident_bytes)} + {self.live_units} x "
+            f"{_mib(self.unit_bytes)} units + headroom {_mib(self.headroom_bytes)} "
+            f"({self.seq_len} tokens x batch {self.batch})",
+            f"resident:  {', '.join(self.resident) or '-'}",
+            f"streamed:  {len(self.streamed)} units; keep {self.cache_size}, prefetch {self.prefetch_count}{whole}",
+        ])
+
+
+def _bound(resident: int, unit: int, live: int, headroom: int) -> int:
+    return resident + live * unit + headroom
+
+
+def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
+                seq_len: int | None = None, batch: int = 1) -> Plan:
+    """The plan for ``manifest`` under ``budget`` bytes (``None``: ``config.cache_size`` or the default).
+
+    Raises:
+        ConfigurationError: ``budget`` is below the minimum (named in the message).
+    """
+    streamed = [u.name for u in manifest.streamed]
+    resident = [u.name for u in manifest.resident]
+    res_bytes = sum(u.bytes for u in manifest.resident)
+    unit = max((u.bytes for u in manifest.streamed), default=0)
+    hr = headroom_of(manifest)
+    tokens = seq_len or min(DEFAULT_PLAN_TOKENS, int(manifest.config.get("max_position_embeddings") or 10**9))
+    head = hr.bytes(tokens, batch)
+    n = len(streamed)
+    common = dict(resident=resident, streamed=streamed, resident_bytes=res_bytes, unit_bytes=unit,
+                  headroom_bytes=head, seq_len=tokens, batch=batch, headroom=hr, budget_from=budget_from)
+    if config.cache_size is not None or budget is None:
+        k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
+        p = config.prefetch_count
+        live = min(k + p + 1, n)
+        return Plan(budget, _bound(res_bytes, unit, live, head), cache_size=k, prefetch_count=p,
+                    source="default" if config.cache_size is None else "cache_size", **common)
+    minimum = _bound(res_bytes, unit, min(1, n), head)
+    if budget < minimum:
+        raise ConfigurationError(
+            f"memory_budget {_mib(budget)} is below the minimum {_mib(minimum)} ({minimum} bytes) for "
+            f"{manifest.name!r}: resident {_mib(res_bytes)} + one {_mib(unit)} unit + headroom {_mib(head)} "
+            f"for {tokens} tokens x batch {batch}")
+    spare_units = (budget - minimum) // unit if unit else n
+    p = min(config.prefetch_count, spare_units, max(0, n - 1))
+    # n units alive at once is the whole model: keep all of it (nothing is fetched after the first pass)
+    k = n if spare_units + 1 >= n else spare_units - p
+    live = min(k + p + 1, n)
+    return Plan(budget, _bound(res_bytes, unit, live, head), cache_size=k, prefetch_count=p, source="budget",
+                **common)

@@ -1,0 +1,106 @@
+"""Memory planner: budget -> prefetch window, kept units, whole model; the bound; the minimum; the model wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from streaming_weights import StreamingConfig, StreamingLlamaModel
+from streaming_weights.exceptions import ConfigurationError
+from streaming_weights.format import Manifest
+from streaming_weights.models.planner import headroom_of, plan_memory
+
+IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 7]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chunks):
+    src, chunks = tiny_chunks("llama", layers=6)
+    return src, chunks, Manifest.from_bytes((chunks / "manifest.json").read_bytes())
+
+
+def sizes(m: Manifest) -> tuple[int, int, int]:
+    plan = plan_memory(m, StreamingConfig(), budget=None)
+    return plan.resident_bytes, plan.unit_bytes, plan.headroom_bytes
+
+
+def test_budget_fills_prefetch_then_cache_then_whole_model(tiny):
+    _, _, m = tiny
+    res, unit, head = sizes(m)
+    minimum = res + unit + head
+    cfg = StreamingConfig(prefetch_count=2)
+    assert plan_memory(m, cfg, budget=minimum).as_dict()["cache_size"] == 0
+    one = plan_memory(m, cfg, budget=minimum + unit)  # one spare slot: the prefetch window comes first
+    assert (one.prefetch_count, one.cache_size) == (1, 0)
+    three = plan_memory(m, cfg, budget=minimum + 3 * unit + unit // 2)
+    assert (three.prefetch_count, three.cache_size) == (2, 1)
+    assert three.bound_bytes == res + 4 * unit + head <= three.budget_bytes
+    whole = plan_memory(m, cfg, budget=minimum + 5 * unit)  # 6 units alive = all 6 layers: keep them all
+    assert whole.cache_size == 6 and whole.bound_bytes == res + 6 * unit + head
+    assert plan_memory(m, cfg, budget=10 * minimum).bound_bytes == whole.bound_bytes
+
+
+def test_budget_below_minimum_names_it(tiny):
+    _, _, m = tiny
+    res, unit, head = sizes(m)
+    with pytest.raises(ConfigurationError, match=rf"below the minimum .*\({res + unit + head} bytes\)"):
+        plan_memory(m, StreamingConfig(), budget=res + unit + head - 1)
+
+
+def test_explicit_cache_size_overrides_and_the_bound_is_honest(tiny):
+    _, _, m = tiny
+    res, unit, head = sizes(m)
+    plan = plan_memory(m, StreamingConfig(cache_size=4, prefetch_count=1), budget=res + unit + head)
+    assert (plan.source, plan.cache_size, plan.prefetch_count) == ("cache_size", 4, 1)
+    assert plan.bound_bytes == res + (4 + 1 + 1) * unit + head
+    default = plan_memory(m, StreamingConfig(), budget=None)
+    assert (default.source, default.cache_size) == ("default", 3)
+
+
+def test_headroom_grows_with_sequence_and_batch(tiny):
+    _, _, m = tiny
+    hr = headroom_of(m)
+    c = m.config
+    # KV cache: keys + values of every layer, float32
+    assert hr.kv_per_token == 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (
+        c["hidden_size"] // c["num_attention_heads"]) * 4
+    assert hr.bytes(128, 2) > 2 * hr.bytes(64, 1) and hr.bytes(64, 2) == 2 * hr.bytes(64, 1)
+    budget = plan_memory(m, StreamingConfig(), budget=None).bound_bytes + 100 * hr.bytes(64)
+    plan = plan_memory(m, StreamingConfig(), budget=budget)
+    assert plan.max_batch(64) >= 100 > plan.max_batch(128)
+
+
+def test_model_runs_under_a_budget_with_identical_output(tiny):
+    src, chunks, m = tiny
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    res, unit, head = sizes(m)
+    with torch.no_grad():
+        want = ref(IDS).logits
+    for budget, kept in [(res + unit + head, 0), (f"{(res + 3 * unit + head) / 1e6 + 0.001}MB", 1),
+                         (10 * (res + 6 * unit + head), 6)]:
+        with StreamingLlamaModel("llama", str(chunks), memory_budget=budget) as model:
+            for _ in range(2):
+                with torch.no_grad():
+                    got = model.hf_model(IDS).logits
+                assert torch.allclose(got, want, atol=1e-5), budget
+            info = model.get_cache_info()
+            plan = info["plan"]
+            assert plan["cache_size"] == kept and info["max_cache_size"] == kept
+            assert {"budget_bytes", "bound_bytes", "resident", "streamed", "prefetch_count", "host"} <= set(plan)
+            if kept == 6:  # the whole model fits: the second pass fetched nothing
+                assert info["fetches"] == 6
+            assert info["peak_live_units"] <= plan["live_units"]
+
+
+def test_memory_budget_from_env_and_explicit_cache_size_wins(tiny, monkeypatch):
+    _, chunks, m = tiny
+    res, unit, head = sizes(m)
+    monkeypatch.setenv("SURFING_MEMORY_BUDGET", str(res + unit + head))
+    with StreamingLlamaModel("llama", str(chunks)) as model:
+        assert model.get_cache_info()["plan"]["source"] == "budget"
+    with StreamingLlamaModel("llama", str(chunks), cache_size=5) as model:
+        assert model.get_cache_info()["plan"]["cache_size"] == 5 and model.cache_size == 5
+    monkeypatch.setenv("SURFING_MEMORY_BUDGET", "10")
+    with pytest.raises(ConfigurationError, match="below the minimum"):
+        StreamingLlamaModel("llama", str(chunks))
