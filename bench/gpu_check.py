@@ -111,8 +111,10 @@ def reference(ckpt: Path, device: str, dtype: Any) -> Any:
 def streamed(uri: str, device: str, dtype: str | None, layers: int) -> Any:
     from streaming_weights import StreamingLlamaModel
 
-    # The host tier keeps every layer: the timings measure the device path, not loopback.
-    return StreamingLlamaModel("gpu-check", uri, device=device, dtype=dtype, cache_size=layers, prefetch_count=1)
+    # The host tier keeps every layer: the timings measure the device path, not loopback. No drafting:
+    # plain greedy decoding, as the reference runs it (a multi-token verify pass rounds differently in bf16).
+    return StreamingLlamaModel("gpu-check", uri, device=device, dtype=dtype, cache_size=layers, prefetch_count=1,
+                               speculation="off")
 
 
 # ------------------------------------------------------------------------------------------- parity

@@ -7,10 +7,11 @@ less what that cgroup already uses, or the system's ``MemAvailable``, whichever 
 are both read, found through ``/proc/self/cgroup`` and the mount table; hosts can mix the two.
 Page cache is charged to the cgroup too, which is why usage, not the process's RSS, is subtracted.
 
-A safety margin (:data:`AUTO_MARGIN_BYTES` plus :data:`AUTO_MARGIN_FRACTION`) is kept back: it covers
-what a client allocates after the budget is measured and outside the planner's bound — the
-tokenizer, transformers' generation code imported on the first ``generate``, allocator slack — so a
-budget of "all that is left" does not end in the OOM killer.
+The budget is measured once the tokenizer and the model's skeleton exist (their cost is then known and
+counted in the plan's ``overhead_bytes``). A safety margin (:data:`AUTO_MARGIN_BYTES` plus
+:data:`AUTO_MARGIN_FRACTION`) is kept back for what no estimate sees: allocator slack, thread stacks
+and per-thread arenas of the I/O and verification threads, the estimates of activations being
+estimates — so a budget of "all that is left" does not end in the OOM killer.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 from .config import parse_memory
 from .exceptions import ConfigurationError
 
-#: bytes kept back from "auto": measured on SmolLM2 (tokenizer ~25 MiB, generation imports + first-call
-#: allocations ~30 MiB, glibc arenas of the I/O thread ~8 MiB); rounded up.
-AUTO_MARGIN_BYTES = 80 << 20
+#: bytes kept back from "auto": peak minus steady RSS of a SmolLM2 client measured ~13 MiB beyond the
+#: plan's parts (first forward's runtime buffers, thread arenas); twice that, rounded up.
+AUTO_MARGIN_BYTES = 32 << 20
 #: plus this share of what is left (the planner's estimates of activations are estimates).
 AUTO_MARGIN_FRACTION = 0.05
 #: a limit at or above this is "no limit" (v1 reports 2**63 rounded down to a page)
@@ -145,6 +146,17 @@ def auto_budget(proc: str | os.PathLike[str] = "/proc") -> tuple[int, MemoryLimi
     limit = tightest_limit(proc)
     left = limit.available
     return max(0, int(left * (1 - AUTO_MARGIN_FRACTION)) - AUTO_MARGIN_BYTES), limit
+
+
+def current_rss() -> int:
+    """This process's resident set size now (bytes; 0 where ``/proc/self/status`` is unreadable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def resolve_budget(value: int | str | None) -> tuple[int | None, str]:

@@ -54,13 +54,17 @@ def test_a_terabyte_unit_is_refused_fast_with_a_specific_error_and_no_allocation
     assert isinstance(info.value, ManifestError) and isinstance(info.value, SecurityError)
 
 
-def test_tensor_data_beyond_its_units_declared_size_is_refused(good):
+def test_tensors_declaring_more_than_a_unit_may_hold_are_refused(good):
     obj = json.loads(json.dumps(good))
     unit = obj["units"][1]
     name = next(iter(unit["tensors"]))
-    n = 1 << 30  # 4 GiB of float32 declared inside a unit that says it is a few KB
+    n = TERABYTE // 4  # a terabyte of float32 declared inside a unit that says it is a few KB
     unit["tensors"][name] = {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}
-    with pytest.raises(ManifestLimitError, match="beyond the unit's declared"):
+    with pytest.raises(ManifestLimitError, match=f"tensor {name!r} of 1099511627776 bytes"):
+        Manifest.from_bytes(_bytes(obj))
+    n = (40 << 30) // 4  # two tensors of 40 GiB each: each within the limit, together beyond it
+    unit["tensors"] = {f"t{i}": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]} for i in range(2)}
+    with pytest.raises(ManifestLimitError, match="declares tensors of 85899345920 bytes"):
         Manifest.from_bytes(_bytes(obj))
 
 

@@ -162,24 +162,33 @@ def test_signing_an_s3_model_and_verifying_it_from_s3(signed, reference, s3_serv
         logits(location, trusted_keys=[str(pub)])
 
 
-@pytest.mark.parametrize("kind", ["ws", "dir"])
-def test_a_terabyte_unit_manifest_is_refused_with_a_specific_error(signed, kind, tmp_path):
-    """From a directory the client refuses it; a server refuses to host it, so a hostile server is played
-    by a storage-backed source behind the same parser (the wire path parses with Manifest.from_bytes too)."""
+def _terabyte_manifest(chunks: Path) -> bytes:
     import json
 
+    obj = json.loads((chunks / MANIFEST_FILE).read_bytes())
+    obj["units"][1]["bytes"] = 1 << 40
+    return json.dumps(obj).encode()
+
+
+def test_a_terabyte_unit_manifest_is_refused_with_a_specific_error_everywhere(signed):
+    """A directory source and a server refuse it at once; a client fed it by a hostile server refuses it too."""
+    from streaming_weights.client.transport import WebSocketSource
     from streaming_weights.exceptions import ManifestLimitError
+    from streaming_weights.server import WeightServer
 
     chunks, _, _, _ = signed
-    obj = json.loads((chunks / MANIFEST_FILE).read_bytes())
-    unit = obj["units"][1]
-    unit["bytes"] = 1 << 40
-    (chunks / MANIFEST_FILE).write_text(json.dumps(obj))
-    if kind == "dir":
-        with pytest.raises(ManifestLimitError, match="1099511627776 bytes"):
-            logits(str(chunks))
-    else:
-        from streaming_weights.server import WeightServer
+    hostile = _terabyte_manifest(chunks)
 
-        with pytest.raises(ManifestLimitError, match="limit"):
-            asyncio.run(WeightServer(str(chunks), port=0).start())
+    async def from_a_hostile_server():
+        async with WeightServer(str(chunks), port=0) as server:
+            server.models["llama"].manifest_bytes = hostile  # what a compromised server would send
+            async with WebSocketSource(server.uri) as source:
+                await source.get_manifest("llama")
+
+    with pytest.raises(ManifestLimitError, match="1099511627776 bytes"):
+        asyncio.run(from_a_hostile_server())
+    (chunks / MANIFEST_FILE).write_bytes(hostile)
+    with pytest.raises(ManifestLimitError, match="1099511627776 bytes"):
+        logits(str(chunks))
+    with pytest.raises(ManifestLimitError, match="limit"):
+        asyncio.run(WeightServer(str(chunks), port=0).start())

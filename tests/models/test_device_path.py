@@ -4,6 +4,8 @@ host tier) run against a recording fake device whose memory is host memory."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -147,12 +149,12 @@ def test_resident_parts_and_ties_move_once():
 
 
 def test_device_budget_rules():
-    units = [100, 100, 100]
+    units = [100, 100, 100, 100]
     assert device_units_for(None, 0, units) is None  # host: the host tier's plan bounds it
-    assert device_units_for(1000, 0, units) is None  # 300 <= 900: keep all
-    assert device_units_for(300, 0, units) == 2  # 270 usable: the ring (200)
-    with pytest.raises(ConfigurationError, match="minimum of"):
-        device_units_for(300, 100, units, "cuda:0")
+    assert device_units_for(1000, 0, units) is None  # 400 <= 900 usable: keep all
+    assert device_units_for(350, 0, units) == 2  # 315 usable: the ring (3 units = 300)
+    with pytest.raises(ConfigurationError, match=r"cuda:0 .* below the minimum of 444 MiB"):  # (300 + 100) / 0.9
+        device_units_for(400 << 20, 100 << 20, [u << 20 for u in units], "cuda:0")  # 260 MiB left for 300
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
@@ -213,3 +215,28 @@ def test_inputs_and_generate_arguments_go_to_the_device():
     wrapped(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=3)
     assert seen["input_ids"].device.type == "meta" and seen["attention_mask"].device.type == "meta"
     assert seen["n"] == 3 and wrapped.__name__ == "generate"
+
+
+@pytest.mark.parametrize("where", ["weight server", "chunk directory"])
+def test_real_sources_receive_into_device_host_buffers(llama, where):
+    """WebSocket and storage receivers write into the device's host buffers (memoryviews) and the unit is
+    copied from them: outputs exact, buffers reused across passes."""
+    from tests.support.streaming import served
+
+    chunks, ref = llama
+    ops = FakeDeviceOps()
+
+    def run(location: str) -> tuple[torch.Tensor, Any]:
+        with StreamingLlamaModel("llama", location, device=ops, cache_size=0, prefetch_count=1) as m:
+            m.engine.placement.use_ring()
+            outs = [logits_of(m) for _ in range(2)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+            return outs[0], m.engine.source.buffer_pool
+
+    if where == "weight server":
+        with served(chunks) as uri:
+            out, pool = run(uri)
+    else:
+        out, pool = run(str(chunks))
+    torch.testing.assert_close(out, ref(input_ids=IDS).logits.detach(), rtol=0, atol=1e-5)
+    assert ops.host_buffers >= 1 and pool.reused >= 1

@@ -102,3 +102,37 @@ def test_bad_dtype_is_a_configuration_error(tiny_chunks):
     _, chunks = tiny_chunks("llama", layers=6)
     with pytest.raises(ConfigurationError, match="dtype"):
         StreamingLlamaModel("llama", str(chunks), dtype="int8").ensure_loaded()
+
+
+# ----------------------------------------------------------------------------------- quantized SmolLM2
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden press adapted from those used to make wine. Books became "
+    "cheaper and faster to produce, and within fifty years presses were running in more than two hundred cities "
+    "across Europe. Literacy spread, scholars could compare identical copies of a text, and new ideas travelled "
+    "further than ever before.")
+
+
+def perplexity_and_bytes(chunks) -> tuple[float, int]:
+    with StreamingLlamaModel("SmolLM2-135M-Instruct", str(chunks), cache_size=0, prefetch_count=1) as m:
+        ids = m.tokenizer(PARAGRAPH, return_tensors="pt").input_ids
+        with torch.no_grad():
+            loss = m.hf_model(input_ids=ids, labels=ids).loss
+        fetched = m.get_cache_info()["bytes_fetched"]  # wire bytes (the stored, quantized units)
+        assert fetched >= sum(u.bytes for u in m.manifest.streamed)  # every layer streamed at least once
+        return float(loss.exp()), fetched
+
+
+@pytest.mark.slow  # chunks the packaged GGUF three times (~100-150 s each on 2 loaded cores)
+@pytest.mark.timeout(1500)
+def test_quantized_smollm2_perplexity_and_bytes(smollm2_chunks, tmp_path):
+    """int8 (groups of 64) within 1% and int4 (groups of 32) within 12% of float32 perplexity; int8 streams
+    <= 0.27x and int4 <= 0.16x the float32 bytes. Measured here: fp32 24.77, int8 24.96 (+0.76%, 0.258x),
+    int4 26.70 (+7.8%, 0.157x)."""
+    ppl32, bytes32 = perplexity_and_bytes(smollm2_chunks)
+    for scheme, max_rise, max_ratio in (("int8", 0.01, 0.27), ("int4", 0.12, 0.16)):
+        out = tmp_path / scheme
+        tiny.chunk(tiny.packaged_smollm2_gguf(), out, name="SmolLM2-135M-Instruct", quantize=scheme)
+        ppl, nbytes = perplexity_and_bytes(out)
+        assert ppl / ppl32 - 1 <= max_rise, (scheme, ppl, ppl32)
+        assert nbytes / bytes32 <= max_ratio, (scheme, nbytes / bytes32)

@@ -104,3 +104,29 @@ def test_memory_budget_from_env_and_explicit_cache_size_wins(tiny, monkeypatch):
     monkeypatch.setenv("SURFING_MEMORY_BUDGET", "10")
     with pytest.raises(ConfigurationError, match="below the minimum"):
         StreamingLlamaModel("llama", str(chunks))
+
+
+def test_inspect_prints_the_plan_and_names_the_minimum(tiny, capsys):
+    from streaming_weights.cli import main
+
+    _, chunks, m = tiny
+    res, unit, head = sizes(m)
+    assert main(["inspect", str(chunks), "--memory", str(res + 3 * unit + head)]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for llama" in out and "keep 1, prefetch 1" in out
+    assert main(["inspect", str(chunks), "--memory", "1000"]) == 2
+    assert f"({res + unit + head} bytes)" in capsys.readouterr().err
+
+
+def test_cli_cache_size_overrides_memory_and_defaults_apply():
+    import argparse
+
+    from streaming_weights.cli.options import add_client_args, cache_size_of
+
+    p = argparse.ArgumentParser()
+    add_client_args(p, cache_size=4, memory="auto")
+    assert cache_size_of(p.parse_args([])) is None  # planned from --memory auto
+    assert cache_size_of(p.parse_args(["--cache-size", "2"])) == 2
+    q = argparse.ArgumentParser()
+    add_client_args(q, cache_size=4)
+    assert cache_size_of(q.parse_args([])) == 4 and q.parse_args(["--memory", "1GB"]).memory == "1GB"

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from .common import prompt_ids, summarize
+from .sandbox import pinned_here
 
 PREFETCH = 2
 
@@ -73,9 +74,9 @@ def run(ctx: Any) -> dict[str, Any]:
     from ..client.transport import WebSocketSource
     from ..models import StreamingLlamaModel
 
-    repeats = 1 if ctx.quick else 5
+    repeats = 1 if ctx.quick else 3
     streamed = [u.name for u in ctx.manifest.streamed]
-    with torch.no_grad():
+    with torch.no_grad(), pinned_here(ctx.client_cpus):
         streaming = StreamingLlamaModel(ctx.manifest.name, ctx.uri, 0, prefetch_count=PREFETCH, trace=True)
         resident = StreamingLlamaModel(ctx.manifest.name, ctx.uri, len(streamed), prefetch_count=0)
         io = LoopThread("bench-fetch")
@@ -96,7 +97,9 @@ def run(ctx: Any) -> dict[str, Any]:
                      f"loopback server during the pass), prefetch_count {PREFETCH}. compute only = the same "
                      "streaming model class with every layer already cached (hooks still run, nothing fetched). "
                      f"fetch only = WebSocketSource fetching the same {len(streamed)} units with "
-                     f"{PREFETCH + 1} in flight, no compute. Server and client share the 2 cores."),
+                     f"{PREFETCH + 1} in flight, no compute. Pinned: the client (this process, one compute thread, "
+                     f"its I/O thread) on CPU {ctx.client_cpus[0]}, the weight server on CPU "
+                     f"{ctx.server_cpus[0]}."),
         "metrics": {
             "streamed_forward_s": summarize(times["streamed"], "s"),
             "compute_only_s": summarize(times["compute"], "s"),

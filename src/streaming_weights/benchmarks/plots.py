@@ -118,9 +118,67 @@ class _Plotter:
         self.save(fig, "peers", "peers.png")
 
 
+    def grouped(self, case: str, fname: str, groups: list[str], series: list[tuple[str, str]], key: str,
+                ylabel: str, title: str, log: bool = False) -> None:
+        """Grouped median bars (min–max error bars): metric ``f"{group}_{series}_{key}"`` per group x series."""
+        c = self.ok(case)
+        if c is None:
+            return
+        ms = c.get("metrics", {})
+        series = [(s, lbl) for s, lbl in series if any(f"{g}_{s}_{key}" in ms for g in groups)]
+        if not series:
+            return
+        import numpy as np
+
+        fig, ax = self.plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(series)
+        x = np.arange(len(groups))
+        for i, (sname, lbl) in enumerate(series):
+            vals = [ms.get(f"{g}_{sname}_{key}") for g in groups]
+            med = [v["median"] if v else float("nan") for v in vals]
+            err = [[v["median"] - v["min"] if v else 0 for v in vals], [v["max"] - v["median"] if v else 0 for v in vals]]
+            ax.bar(x + i * width - 0.4 + width / 2, med, width, yerr=err, capsize=3, label=lbl)
+        ax.set_xticks(x, groups)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        self.save(fig, case, fname)
+
+
+    def budget_curve(self) -> None:
+        c = self.ok("budget")
+        if c is None or not c.get("points"):
+            return
+        pts = c["points"]
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(10, 3.8))
+        xs = [p["budget"] / MiB for p in pts]
+        a1.plot(xs, [p["tokens_per_s"] for p in pts], "o-")
+        a1.set_xlabel("memory_budget (MiB)")
+        a1.set_ylabel("tokens/s")
+        a1.grid(alpha=0.3)
+        a2.plot(xs, [p["peak"] / MiB for p in pts], "o-", label="peak over baseline")
+        a2.plot(xs, [(p["bound"] or float("nan")) / MiB for p in pts], "s--", label="plan bound_bytes")
+        a2.plot(xs, xs, "k:", lw=1, label="budget")
+        a2.set_xlabel("memory_budget (MiB)")
+        a2.set_ylabel("MiB")
+        a2.legend(fontsize=7)
+        a2.grid(alpha=0.3)
+        fig.suptitle(f"tokens/s and memory vs budget ({self.mach})", fontsize=9)
+        self.save(fig, "budget", "budget.png")
+
+
 def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
     """Draw the figures for the cases that ran (failed ones are skipped); returns {case: [file names]}."""
     p = _Plotter(results, out)
+    gen = p.ok("generation")
+    if gen is not None:
+        p.grouped("generation", "generation.png", ["uncapped", *gen.get("caps", [])],
+                  [("transformers", "transformers in memory"), ("accelerate", "accelerate disk offload"),
+                   ("airllm", "AirLLM"), ("ours", "ours (budget auto)"), ("ours_speculation", "ours + speculation"),
+                   ("ours_batch8", "ours batch 8 (per row-token)")], "s_per_token", "seconds per token (log)",
+                  f"Greedy generation inside memory caps, cold page cache, pinned ({p.mach})", log=True)
     p.bars("transfer", "transfer.png",
            [("raw_tcp_GBps", "raw TCP\nrecv_into"),
             ("websocketsource_network_only_GBps", "WebSocketSource\nnetwork only"),
@@ -137,11 +195,22 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
            [("streaming_peak_over_baseline_MiB", "streaming\npeak"), ("weight_bound_MiB", "bound\n(weights)"),
             ("full_model_peak_over_baseline_MiB", "full model\n(transformers)")],
            "MiB over import baseline", f"Peak RSS, fresh processes ({p.mach})")
-    p.bars("cold_start", "cold_start.png",
-           [("streaming_time_to_first_token_s", "streaming"),
-            ("download_then_load_time_to_first_token_s", "download + load")],
-           "seconds to first token", f"Cold start over loopback ({p.mach})")
+    cold = p.ok("cold_start")
+    if cold is not None:
+        p.grouped("cold_start", "cold_start.png", cold.get("links", ["loopback"]),
+                  [("streaming", "streaming"), ("download_then_load", "download + load")], "time_to_first_token_s",
+                  "seconds to first token", f"Cold start by link (surfing serve --max-rate; {p.mach})")
     p.peers()
+    p.budget_curve()
+    p.bars("quant", "quant.png", [(f"{k}_perplexity", f"{k} perplexity") for k in ("fp32", "int8", "int4")],
+           "perplexity", f"Quantized chunks: perplexity (stored MiB in the table) ({p.mach})")
+    p.bars("embeddings", "embeddings.png", [("block_texts_per_s", "block schedule"),
+                                            ("per_batch_texts_per_s", "per batch")],
+           "texts/s", f"Embeddings throughput, streaming MiniLM ({p.mach})")
+    api_case = p.ok("api")
+    if api_case is not None:
+        p.bars("api", "api.png", [(f"clients{c}_tokens_per_s", f"{c} clients") for c in api_case.get("levels", [])],
+               "tokens/s", f"API tokens/s vs concurrent clients ({p.mach})")
     chunker = p.ok("chunker")
     if chunker is not None:
         p.bars("chunker", "chunker.png", [(f"{r['key']}_MBps", r["key"]) for r in chunker.get("sources", [])],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 
@@ -23,15 +24,83 @@ def fmt(x: float) -> str:
     return f"{x:.2e}"
 
 
+def met(goal: str, value: float) -> str:
+    """``yes`` / ``NO`` for a goal like ``">= 1.5"`` (``""`` when there is no goal or no value)."""
+    m = re.match(r"^\s*(>=|<=)\s*([0-9.]+)\s*$", goal or "")
+    if m is None or not isinstance(value, (int, float)) or math.isnan(value):
+        return ""
+    ok = value >= float(m.group(2)) if m.group(1) == ">=" else value <= float(m.group(2))
+    return "yes" if ok else "NO"
+
+
+def _method(results: dict[str, Any]) -> list[str]:
+    st = results.get("setting", {})
+    if not st:
+        return []
+    cap = (f"inside a cgroup memory cap ({st['cap_reason']}; the limit covers RSS and page cache, no swap)"
+           if st.get("cap_kind") else f"**uncapped**: {st.get('cap_reason')}")
+    return ["## Method", "",
+            f"- Each contender runs in a fresh process {cap}.",
+            "- Its files (checkpoint, offload folder, AirLLM shards, chunk files) are evicted from the page "
+            "cache (`posix_fadvise(POSIX_FADV_DONTNEED)` after a sync) before each run: every run reads cold.",
+            f"- The client is pinned to CPU {st.get('client_cpus')} (`sched_setaffinity`) with one compute "
+            f"thread (`torch.set_num_threads(1)`); the weight server (`surfing serve`, standing for another "
+            f"host) is pinned to CPU {st.get('server_cpus')}. Bandwidth-limited links use `surfing serve "
+            "--max-rate` (a token bucket on the server's outbound bytes).",
+            "- Peak memory is VmHWM read inside the child (`/proc/self/status`), reset after imports where "
+            "the figure is 'over baseline'.",
+            "- Every ratio is measured side by side in one run: contenders interleaved round by round, ratios "
+            "paired per round, reported as median with min–max spread and n.",
+            f"- The machine is a **shared {os.cpu_count()}-core box**: other jobs ran during the suite, so "
+            "absolute times are noisy (and slower than an idle machine); compare the ratios.", ""]
+
+
+def _headline(results: dict[str, Any]) -> list[str]:
+    gen = results["cases"].get("generation")
+    if not gen or "error" in gen:
+        return ["## Headline: ours vs each peer inside the memory caps", "",
+                f"Not measured: {gen.get('error') if gen else 'case generation did not run'}.", ""]
+    ms, rs = gen["metrics"], gen["ratios"]
+    rows = ["| cap | peer | peer s/token | ours s/token | peer / ours (median, spread, n) | goal | met |",
+            "|---|---|---|---|---|---|---|"]
+    ref = ms.get("uncapped_transformers_s_per_token", {}).get("median", float("nan"))
+    for cap in gen.get("caps", []):
+        ours = ms.get(f"{cap}_ours_s_per_token", {}).get("median", float("nan"))
+        rows.append(f"| {cap} | transformers in memory (uncapped) | {fmt(ref)} | {fmt(ours)} | "
+                    f"{fmt(ref / ours) if ours == ours and ours else 'n/a'} (reference, not a goal) | | |")
+        for peer, key in (("accelerate disk offload", "accelerate"), ("AirLLM", "airllm")):
+            r = rs.get(f"{cap}_{key}_over_ours")
+            p = ms.get(f"{cap}_{key}_s_per_token", {}).get("median", float("nan"))
+            if r is None:
+                continue
+            rows.append(f"| {cap} | {peer} | {fmt(p)} | {fmt(ours)} | {fmt(r['median'])} "
+                        f"({fmt(r['min'])}–{fmt(r['max'])}, n={r['n']}) | {r.get('goal', '')} | "
+                        f"{met(r.get('goal', ''), r['median']) or 'n/a'} |")
+        for name, label in (("speculation_over_plain", "ours speculation vs ours plain"),
+                            ("batch8_over_batch1_tokens_per_s", "ours batch 8 vs batch 1 (tokens/s)")):
+            r = rs.get(f"{cap}_{name}")
+            if r is not None:
+                rows.append(f"| {cap} | {label} | | | {fmt(r['median'])} ({fmt(r['min'])}–{fmt(r['max'])}, "
+                            f"n={r['n']}) | {r.get('goal', '')} | {met(r.get('goal', ''), r['median']) or 'n/a'} |")
+    return ["## Headline: ours vs each peer inside the memory caps", "",
+            "Greedy generation, SmolLM2 float32 unless the mode says otherwise; 'peer / ours' is the peer's "
+            "seconds per token over ours (above 1 = ours faster). Goals from issue 18, reported whether met "
+            "or not. Details and every figure: [Generation](#generation-inside-a-memory-cap-ours-vs-"
+            "accelerate-airllm-and-transformers-headline).", "", *rows, ""]
+
+
 def _header(results: dict[str, Any]) -> list[str]:
     mode = "quick (tiny model, one run)" if results["quick"] else "full"
     versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
+    merged = (" Some cases were re-run later with `--merge`: each section says when it ran."
+              if results.get("merged") else "")
     return ["# Surfing Weights benchmark report", "",
             f"Machine: {results['machine']}. Each number is the median of n runs with the min–max spread; "
             "ratios come from measurements taken side by side in the same run. Absolute numbers move with "
             "the background load of this shared box; compare ratios.", "",
             f"Model under test: {results.get('model', '?')}. Mode: {mode}. "
-            f"Suite wall time {results.get('seconds', 0):.0f} s. Versions: {versions}.", "",
+            f"Suite wall time {results.get('seconds', 0):.0f} s. Versions: {versions}.{merged}", "",
+            *_method(results), *_headline(results),
             "The load test (32 concurrent clients for 60 s: requests/s, p50/p99 unit latency, errors, server "
             "memory) runs with `make test-slow`; its last measured numbers are in [LOAD.md](LOAD.md).", ""]
 
@@ -40,7 +109,10 @@ def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str
     lines = [f"## {case.get('title', name)}", ""]
     if "error" in case:
         return lines + [f"**Failed:** `{case['error']}`", ""]
-    lines += [f"Machine: shared {os.cpu_count()}-core box (see top). What was measured: {case['measured']}", ""]
+    ran = f" Ran {case['ran']}." if case.get("ran") else ""
+    lines += [f"Machine: shared {os.cpu_count()}-core box (see top).{ran} What was measured: {case['measured']}", ""]
+    if case.get("unavailable"):
+        lines += [f"**Not available:** {case['unavailable']}", ""]
     lines += ["| metric | median | spread (min–max) | n | unit |", "|---|---|---|---|---|"]
     for mname, mv in {**case.get("metrics", {}), **case.get("ratios", {})}.items():
         goal = f" (goal {mv['goal']})" if "goal" in mv else ""
@@ -54,10 +126,10 @@ def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str
 
 def render_report(results: dict[str, Any]) -> str:
     summary = [f"| {name} | {rname} | {fmt(r['median'])} | {fmt(r['min'])}–{fmt(r['max'])} | {r['n']} | "
-               f"{r.get('goal', '')} |"
+               f"{r.get('goal', '')} | {met(r.get('goal', ''), r['median'])} |"
                for name, case in results["cases"].items() for rname, r in case.get("ratios", {}).items()]
-    lines = _header(results) + ["## Headline ratios", "", "| case | ratio | median | spread (min–max) | n | goal |",
-                                "|---|---|---|---|---|---|", *summary, ""]
+    lines = _header(results) + ["## All ratios", "", "| case | ratio | median | spread (min–max) | n | goal | met |",
+                                "|---|---|---|---|---|---|---|", *summary, ""]
     for name, case in results["cases"].items():
         lines += _case_section(name, case, results.get("plots", {}).get(name, []))
     return "\n".join(lines)

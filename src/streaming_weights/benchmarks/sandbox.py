@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
@@ -144,3 +145,20 @@ def pinned(cpus: Iterable[int] | None, cap: MemoryCap | None = None) -> Callable
             os.sched_setaffinity(0, cpu_set)
 
     return preexec
+
+
+@contextmanager
+def pinned_here(cpus: Iterable[int], threads: int | None = 1) -> Iterator[None]:
+    """Pin the calling thread (and the threads it starts meanwhile) to ``cpus`` and torch to ``threads``
+    compute threads for the block; both restored afterwards. For cases measured in the suite's process."""
+    import torch
+
+    before, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, set(cpus))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(before_threads)

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cache_policy, chunking, cold_start, generation, memory, overlap, peers, transfer
+from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, memory, overlap, peers, quant
+from . import transfer
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
 from .sandbox import cap_support, evict, usable_cpus
@@ -17,8 +18,9 @@ from .plots import write_plots
 from .report import render_report
 
 CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "generation": generation.run, "transfer": transfer.run, "overlap": overlap.run, "cache": cache_policy.run, "memory": memory.run,
-    "cold_start": cold_start.run, "peers": peers.run, "chunker": chunking.run,
+    "generation": generation.run, "cold_start": cold_start.run, "transfer": transfer.run, "overlap": overlap.run,
+    "cache": cache_policy.run, "memory": memory.run, "budget": budget.run, "peers": peers.run, "quant": quant.run,
+    "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run,
 }
 CASES = tuple(CASE_FUNCS)
 # Fresh-process measurements each case needs (with --quick they share one process).
@@ -43,7 +45,7 @@ class Suite:
     def __init__(self, *, quick: bool, tmp: Path, progress: Progress | None, chunks_dir: Path | None,
                  source_path: Path | None) -> None:
         self.quick, self.tmp, self._progress = quick, tmp, progress
-        self.repeats = 1 if quick else 3
+        self.repeats = 1 if quick else 2
         self.gen_tokens = 4 if quick else 8
         self.prompt_len = 8
         self.stream_cache = 2 if quick else 4
@@ -65,13 +67,15 @@ class Suite:
         self._airllm_shards: Path | None = None
         self.uri = ""
         self.cap_kind, self.cap_reason = cap_support()
-        cpus = usable_cpus()
+        # SURFING_BENCH_CPUS="1,0": which cores the client and server take (two suites side by side)
+        env_cpus = os.environ.get("SURFING_BENCH_CPUS")
+        cpus = [int(c) for c in env_cpus.split(",")] if env_cpus else usable_cpus()
         # the client (one compute thread) on the first core, the weight server on the next: it stands for
         # another host, so it must not take the client's core
         self.client_cpus, self.server_cpus = [cpus[0]], [cpus[1] if len(cpus) > 1 else cpus[0]]
         self.headline_tokens = 4 if quick else 8
         self.airllm_tokens, self.airllm_timeout = 3, 600
-        self.generation_rounds = 3
+        self.generation_rounds = 2
         self._prompt: tuple[list[int], str] | None = None
 
     def say(self, msg: str) -> None:
@@ -109,7 +113,11 @@ class Suite:
     def airllm_shards(self) -> Path:
         """AirLLM's per-layer split of the checkpoint (made once, uncapped, outside any timing)."""
         if self._airllm_shards is None:
-            shards = self.tmp / "airllm-shards"
+            # kept between full runs (the split takes minutes): the cache directory, keyed by model name
+            from ..demo import cache_dir
+
+            shards = (self.tmp / "airllm-shards" if self.quick
+                      else cache_dir() / "bench" / f"airllm-{self.manifest.name}")
             self.say("AirLLM: splitting the checkpoint into its per-layer shards (once)")
             r = run_child("airllm_prepare", {"path": str(self.hf_dir), "shards": str(shards)}, timeout=600)
             if "error" in r:
@@ -191,7 +199,8 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any]) -> None:
+def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any],
+               checkpoint: Callable[[], None] = lambda: None) -> None:
     server_mb = suite.manifest.total_bytes / MiB * 1.2 + 64
     with weight_server_process(suite.chunks_dir, cache_mb=server_mb, cpus=suite.server_cpus) as uri:
         suite.uri = uri
@@ -204,11 +213,28 @@ def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any]) -> No
                 res = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
             res["seconds"] = time.perf_counter() - t0
             results["cases"][name] = res
+            checkpoint()  # a suite stopped later still leaves the cases done so far
+
+
+def _merge_previous(results: dict[str, Any], old: dict[str, Any]) -> None:
+    """Add the cases of an earlier run ``old`` (same mode) that this run did not repeat, in suite order."""
+    if old.get("quick") != results["quick"]:
+        return
+    for case in results["cases"].values():
+        case.setdefault("ran", results["started"])
+    merged = {}
+    for name in CASES:
+        if name in results["cases"]:
+            merged[name] = results["cases"][name]
+        elif name in old.get("cases", {}):
+            merged[name] = old["cases"][name] | {"ran": old["cases"][name].get("ran", old.get("started", "?"))}
+    results["cases"] = merged
+    results["seconds"] = results.get("seconds", 0.0) + old.get("seconds", 0.0)
 
 
 def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False, cases: list[str] | None = None,
               progress: Progress | None = None, chunks_dir: str | os.PathLike[str] | None = None,
-              source_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+              source_path: str | os.PathLike[str] | None = None, merge: bool = False) -> dict[str, Any]:
     """Run the benchmark cases and write ``results.json``, ``REPORT.md`` and PNG plots into ``out_dir``.
 
     Args:
@@ -219,6 +245,8 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
         chunks_dir: benchmark this chunked LLaMA-family model instead of the default (SmolLM2, or a tiny
             random-init LLaMA with ``quick``); ``source_path`` is its original checkpoint (for the
             chunker case in quick mode).
+        merge: keep the results of the cases not run now from ``out_dir/results.json`` (re-run a few
+            cases and still write the whole report); the report names when each case ran.
 
     Returns:
         The results dict also written to ``results.json``. A case that fails records ``{"error": ...}``.
@@ -233,7 +261,7 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_description(), "quick": quick,
+    results: dict[str, Any] = {"machine": machine_description(), "quick": quick, "merged": merge,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": {},
                                "versions": _versions()}
     with tempfile.TemporaryDirectory(prefix="surfing-bench-") as tmp:
@@ -243,9 +271,24 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
         if quick and suite.source_path is None and "chunker" in selected:
             suite.source_path = suite.hf_dir
         results["model"] = suite.model_label
+        results["setting"] = {"cap_kind": suite.cap_kind, "cap_reason": suite.cap_reason,
+                              "client_cpus": suite.client_cpus, "server_cpus": suite.server_cpus}
         suite.plan(selected)
-        _run_cases(suite, selected, results)
+        previous = out / "results.json"
+        prior = json.loads(previous.read_text()) if merge and previous.is_file() else None
+
+        def checkpoint() -> None:
+            _write(dict(results, seconds=time.perf_counter() - t_start), out, prior)
+
+        _run_cases(suite, selected, results, checkpoint)
     results["seconds"] = time.perf_counter() - t_start
+    return _write(results, out, prior)
+
+
+def _write(results: dict[str, Any], out: Path, prior: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge ``prior`` (``--merge``), draw the plots, write results.json and REPORT.md; returns the results."""
+    if prior is not None:
+        _merge_previous(results, prior)
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "REPORT.md").write_text(render_report(results))

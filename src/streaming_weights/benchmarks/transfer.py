@@ -18,6 +18,7 @@ from ..netutil import free_port
 from . import hexjson, rawsender
 from .common import MiB, module_command, process, summarize, weight_server_process
 from .fixtures import write_one_unit_model
+from .sandbox import pinned_here
 
 
 async def transport_once(uri: str) -> tuple[float, float]:
@@ -46,16 +47,18 @@ async def transport_once(uri: str) -> tuple[float, float]:
         return net, e2e
 
 
-def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tuple[int, dict[str, list[float]]]:
-    """(unit bytes, {method: [GB/s per round]}), the methods interleaved so background load hits each alike."""
+def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None],
+            server_cpus: list[int] | None = None) -> tuple[int, dict[str, list[float]]]:
+    """(unit bytes, {method: [GB/s per round]}), the methods interleaved so background load hits each alike;
+    the senders pinned to ``server_cpus`` when given (the caller pins itself)."""
     m = write_one_unit_model(tmp / "transfer-model", mb * MiB)
     unit_file = tmp / "transfer-model" / m.unit("big").path
     size = m.unit("big").bytes
     raw_port, hex_port = free_port(), free_port()
     times: dict[str, list[float]] = {"raw_tcp": [], "e2e": [], "net": [], "hex_json": []}
-    with weight_server_process(tmp / "transfer-model", cache_mb=2 * mb + 64) as uri, \
-            process(module_command("rawsender", str(unit_file), str(raw_port)), raw_port), \
-            process(module_command("hexjson", str(unit_file), str(hex_port)), hex_port):
+    with weight_server_process(tmp / "transfer-model", cache_mb=2 * mb + 64, cpus=server_cpus) as uri, \
+            process(module_command("rawsender", str(unit_file), str(raw_port)), raw_port, cpus=server_cpus), \
+            process(module_command("hexjson", str(unit_file), str(hex_port)), hex_port, cpus=server_cpus):
         hex_uri = f"ws://127.0.0.1:{hex_port}"
         rawsender.receive_once(raw_port, size)  # warm every path once (server cache, page cache, imports)
         asyncio.run(transport_once(uri))
@@ -71,13 +74,15 @@ def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tup
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    mb, repeats = (8, 2) if ctx.quick else (128, 4)
-    size, gbps = measure(ctx.tmp, mb, repeats, ctx.say)
+    mb, repeats = (8, 2) if ctx.quick else (128, 3)
+    with pinned_here(ctx.client_cpus):
+        size, gbps = measure(ctx.tmp, mb, repeats, ctx.say, server_cpus=ctx.server_cpus)
     ratio = lambda k: [a / b for a, b in zip(gbps[k], gbps["raw_tcp"])]  # noqa: E731  (paired per round)
     return {
         "title": "Transfer: one large unit, end to end vs raw TCP vs the original hex-in-JSON format",
         "measured": (f"one {size / MiB:.0f} MiB unit over loopback, weight server in its own process serving from "
-                     f"its memory cache; {repeats} interleaved rounds after one warm-up round. raw TCP = a sender "
+                     f"its memory cache, every sender pinned to CPU {ctx.server_cpus[0]}, the receiver (this "
+                     f"process) to CPU {ctx.client_cpus[0]}; {repeats} interleaved rounds after one warm-up round. raw TCP = a sender "
                      "process sendall()s the same bytes, the receiver recv_into()s a preallocated buffer. "
                      "end-to-end = WebSocketSource.fetch_unit (network + BLAKE3 verify, overlapped with the "
                      "receive + zero-copy decode) into a reused receive buffer, as the engine does in steady "

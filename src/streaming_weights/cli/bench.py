@@ -38,16 +38,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    results = run_suite(args.out, quick=args.quick, cases=cases, progress=progress, chunks_dir=args.chunks_dir)
+    results = run_suite(args.out, quick=args.quick, cases=cases, progress=progress, chunks_dir=args.chunks_dir,
+                        merge=args.merge)
     return 1 if _print_summary(results, args.out) else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark suite: transfer, overlap, cache policy, memory, peers (writes bench/)")
+    p = sub.add_parser("bench", help="benchmark suite: capped generation vs peers, link, transfer, cache, memory... (writes bench/)")
     p.add_argument("--quick", action="store_true", help="tiny random-init model, one run per case (~1 min)")
     p.add_argument("--out", default="bench", help="output directory (default bench/)")
     p.add_argument("--cases", default=None,
-                   help="comma-separated subset of: transfer,overlap,cache,memory,cold_start,peers,chunker")
+                   help="comma-separated subset of the cases (default all; an unknown name lists them)")
     p.add_argument("--chunks-dir", default=None, help="benchmark this chunked LLaMA-family model instead")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other cases' results from OUT/results.json (re-run only --cases)")
     add_common(p)
     p.set_defaults(func=cmd_bench)

@@ -35,12 +35,14 @@ def cmd_chunk(args: argparse.Namespace) -> int:
     chunker = ModelChunker(
         args.source,
         output_dir=None if backend else (args.output_dir or str(Path("chunks") / name)),
-        storage_backend=backend, dtype=args.dtype, compress=args.compress, name=name, force=args.force,
+        storage_backend=backend, dtype=args.dtype, compress=args.compress, quantize=args.quantize, name=name,
+        force=args.force,
         progress=tty and not args.quiet, on_progress=None if tty or args.quiet else PlainProgress(),
     )
     result = asyncio.run(chunker.chunk_model())
     print(
-        f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}): {result['num_units']} units, "
+        f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}"
+        f"{', ' + result['quantize'] if result['quantize'] else ''}): {result['num_units']} units, "
         f"{result['total_size_mb']:.1f} MiB total, largest {result['largest_unit_mb']:.1f} MiB -> "
         f"{result['storage']}/{result['manifest']}"
     )
@@ -80,7 +82,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(m.to_bytes().decode())
         else:
             _print_manifest(m)
+        if args.memory:
+            print_plan(m, args.memory)
     return 0
+
+
+def print_plan(manifest: Any, memory: str) -> None:
+    """The memory plan a client of ``manifest`` would use under ``--memory`` (tokenizer not counted)."""
+    from ..config import StreamingConfig
+    from ..memory import resolve_budget
+    from ..models.planner import plan_memory
+
+    budget, where = resolve_budget(memory)
+    plan = plan_memory(manifest, StreamingConfig(), budget=budget, budget_from=where)
+    print(f"memory plan for {manifest.name} (a client also holds its tokenizer):")
+    print("  " + plan.describe().replace("\n", "\n  "))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace a different model already in the output directory (clears it first)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--compress", action="store_true", help="store float16 (same as --dtype float16)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store linear/embedding weights quantized: int8 (groups of 64, ~0.26x float32 bytes) or "
+                        "int4 (groups of 32, ~0.16x); lossy, see docs/format.md")
     add_common(p)
     add_s3_args(p)
     p.set_defaults(func=cmd_chunk)
@@ -100,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("location", help="chunk directory, s3://bucket/prefix, ws(s)://host:port or host:port")
     p.add_argument("--model", default=None)
     p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--memory", default=None, metavar="auto|SIZE",
+                   help="also print the memory plan a client would use with this budget (e.g. 600MB, auto)")
     add_connection_args(p, with_server=False)
     add_common(p)
     p.set_defaults(func=cmd_inspect)

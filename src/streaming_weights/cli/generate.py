@@ -148,7 +148,7 @@ def speculation_arg(text: str) -> str | int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a model from a server and generate text")
-    add_client_args(p, cache_size=4)
+    add_client_args(p, cache_size=4, memory="auto")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt (- reads it from stdin)")
     src.add_argument("--prompts-file", metavar="FILE",

@@ -54,12 +54,20 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest-sha256", default=None, metavar="HEX", help="only use this exact manifest (SHA-256)")
 
 
-def add_client_args(p: argparse.ArgumentParser, *, cache_size: int = 4) -> None:
+def add_client_args(p: argparse.ArgumentParser, *, cache_size: int = 4, memory: str | None = None) -> None:
     """Flags of every command that streams a model: connection, ``--model`` and ``--cache-size``."""
     add_connection_args(p)
     p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
-    p.add_argument("--cache-size", type=int, default=cache_size, help="streamed layers kept between uses")
+    p.add_argument("--cache-size", type=int, default=None,
+                   help=f"streamed layers kept between uses (overrides --memory; default: planned from --memory, "
+                        f"else {cache_size})")
+    p.add_argument("--memory", default=memory, metavar="auto|SIZE",
+                   help="memory the client may use for the model, e.g. 600MB, 2GiB or auto (what this process's "
+                        f"cgroup / the system has left); plans the cache (default: {memory or 'none'})")
+    p.set_defaults(cache_size_fallback=cache_size)
     p.add_argument("--device", default=None, help="where compute runs: cpu (default), cuda, cuda:N or mps ($SURFING_DEVICE)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype; units travel as stored and convert on arrival (default auto: as stored)")
 
 
 def read_token_file(path: str) -> str:
@@ -105,9 +113,18 @@ def parse_servers(value: str) -> str | list[str]:
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of a streaming model class built from the client flags."""
-    return dict(model_name=args.model, websocket_uri=parse_servers(args.server), cache_size=args.cache_size,
+    return dict(model_name=args.model, websocket_uri=parse_servers(args.server), cache_size=cache_size_of(args),
+                memory_budget=getattr(args, "memory", None),
                 token=resolve_token(args), ssl_context=ssl_context(args), device=getattr(args, "device", None),
+                dtype=getattr(args, "dtype", None),
                 **trust_kwargs(args))
+
+
+def cache_size_of(args: argparse.Namespace) -> int | None:
+    """``--cache-size`` if given; else ``None`` (the planner's choice) with ``--memory``; else the command's default."""
+    if getattr(args, "cache_size", None) is not None:
+        return args.cache_size
+    return None if getattr(args, "memory", None) else getattr(args, "cache_size_fallback", None)
 
 
 def trust_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +136,7 @@ def open_model(args: argparse.Namespace, cls: Any = None, **extra: Any) -> Any:
     """The streaming model the client flags describe (``cls`` default: StreamingBaseModel)."""
     if cls is None:
         from ..models import StreamingBaseModel as cls
-    return cls(**model_kwargs(args), **extra)
+    return cls(**{**model_kwargs(args), **extra})
 
 
 # --------------------------------------------------------------------------------------- S3 storage

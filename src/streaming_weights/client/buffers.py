@@ -43,6 +43,9 @@ class BufferPool:
         self.allocate = allocate
         self._kinds: set[type] = {bytearray} if allocate is unit_buffer else set()
         self._free: dict[int, list[Any]] = defaultdict(list)
+        #: idle bytes the owner (the unit cache) allows on top of ``max_bytes`` right now: the unit slots of
+        #: its bound that no live unit uses, so buffers are reused, never freed and allocated again
+        self.slack_bytes = 0
         self.bytes = 0
         self.reused = 0
         self.allocated = 0
@@ -92,7 +95,7 @@ class BufferPool:
         if sys.getrefcount(buf) > 3:
             self.refused += 1
             return False
-        if self.bytes + len(buf) > self.max_bytes:
+        if self.bytes + len(buf) > max(self.max_bytes, self.slack_bytes):
             return False
         self._free[len(buf)].append(buf)
         self.bytes += len(buf)

@@ -96,6 +96,9 @@ class UnitCache:
         if self.pool is None:
             return
         buf, unit.buffer, unit.tensors = unit.buffer, None, {}
+        # Idle buffers may fill the unit slots no live unit uses: the set of buffers stays fixed.
+        free_slots = self.max_units + self.prefetch_count + 1 - self.live_units
+        self.pool.slack_bytes = max(0, free_slots) * max(self.sizes.values(), default=0)
         self.pool.give(buf)
 
     # ------------------------------------------------------------------------------------- helpers

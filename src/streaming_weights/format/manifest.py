@@ -143,16 +143,14 @@ class BlobEntry:
         return cls(name, path, size, sha, b3)
 
 
-def _tensor(name: str, obj: Any, unit_bytes: int, limits: ManifestLimits, where: str) -> TensorSpec:
-    """One tensor entry; its rank is bounded before its shape is multiplied out, and its data must lie
-    inside the unit's declared bytes (so no shape can claim more memory than the unit's size)."""
+def _tensor(name: str, obj: Any, limits: ManifestLimits, where: str) -> TensorSpec:
+    """One tensor entry; its rank is bounded before its shape is multiplied out, and its data must end
+    within ``max_unit_bytes`` (a tensor disagreeing with its unit's real file is caught when it is fetched)."""
     shape = obj.get("shape") if isinstance(obj, dict) else None
     if isinstance(shape, list) and len(shape) > limits.max_ndim:
         raise ManifestLimitError(f"{where}: tensor {name!r} has {len(shape)} dimensions; the limit is {limits.max_ndim}")
     spec = TensorSpec.from_json(name, obj)
-    if spec.data_offsets[1] > unit_bytes:
-        raise ManifestLimitError(f"{where}: tensor {name!r} ends at byte {spec.data_offsets[1]} of its data, "
-                                 f"beyond the unit's declared {unit_bytes} bytes")
+    limits.check_size(spec.data_offsets[1], limits.max_unit_bytes, f"tensor {name!r}", where)
     return spec
 
 
@@ -183,9 +181,10 @@ class UnitEntry(BlobEntry):
         raw = _require(obj, "tensors", dict, where)
         limits.check_count(len(raw), limits.max_tensors, "tensors", where)
         try:
-            tensors = {n: _tensor(n, s, size, limits, where) for n, s in raw.items()}
+            tensors = {n: _tensor(n, s, limits, where) for n, s in raw.items()}
         except UnitFormatError as exc:
             raise ManifestError(f"{where}: {exc}") from exc
+        limits.check_size(sum(t.nbytes for t in tensors.values()), limits.max_unit_bytes, "tensors", where)
         return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors)
 
     @property

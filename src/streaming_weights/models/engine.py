@@ -34,7 +34,7 @@ from ..client.retry import RetryingSource, RetryPolicy
 from ..config import StreamingConfig
 from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
-from ..memory import resolve_budget
+from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
 from .hooks import UnitBinding
 from .placement import DevicePlacement
@@ -107,6 +107,7 @@ class StreamingEngine:
             raise
         self.manifest: Manifest | None = None
         self.plan: Plan | None = None
+        self._rss_at_start = current_rss()  # what this model adds besides weights is measured from here
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
         self.prefetch_enabled = True
@@ -168,9 +169,31 @@ class StreamingEngine:
         Raises:
             ConfigurationError: the budget is not a size, or below the model's minimum (named).
         """
+        # Tokenizer, skeleton and one-time runtime set-up are built by now: their cost is measured, not guessed
+        # (an estimate: threads building other models at the same time are counted too).
+        overhead = max(0, current_rss() - self._rss_at_start)
         budget, where = resolve_budget(self.config.memory_budget)
-        self.plan = plan_memory(manifest, self.config, budget=budget, budget_from=where)
+        if budget is not None and where.startswith("auto"):
+            budget += overhead  # "auto" was measured after that memory was spent: the budget covers it
+        self._plan_args = dict(budget=budget, budget_from=where, overhead_bytes=overhead,
+                               unit_bytes_of=self._unit_memory(manifest))
+        self.plan = plan_memory(manifest, self.config, **self._plan_args)
         return self.plan
+
+    def plan_for(self, seq_len: int, batch: int = 1) -> Plan:
+        """The plan (same budget and measured overhead) for a request of ``batch`` x ``seq_len`` tokens.
+
+        Raises:
+            ConfigurationError: that request does not fit the budget even with no unit kept.
+        """
+        return plan_memory(self.manifest, self.config, seq_len=seq_len, batch=batch, **self._plan_args)
+
+    def _unit_memory(self, manifest: Manifest) -> Callable[[Any], int]:
+        """Bytes a unit holds once received (and converted to the compute dtype, if it is)."""
+        converter = getattr(self, "converter", None)
+        if converter is None:
+            return lambda entry: entry.bytes
+        return lambda entry: max(entry.bytes, converter.memory_bytes(entry, manifest))
 
     def bind(self, manifest: Manifest, root: torch.nn.Module) -> None:
         """Create the unit cache for ``manifest`` (sized by the plan) and hook every streamed unit of ``root``."""

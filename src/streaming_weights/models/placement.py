@@ -7,9 +7,10 @@ Two tiers:
   prefetched in host RAM exactly as on the CPU path.
 * **device tier** — this module. With room for every streamed unit (``device_units`` >= their count),
   each unit stays on the device after its first use and later passes touch neither the host tier nor
-  the network. Otherwise the device holds a ring of two: the unit computing and the next one, whose
-  copy (on the dedicated copy stream) is started as soon as its host copy is there, so the copy of
-  unit ``i+1`` overlaps the compute of unit ``i``. Holding some but not all streamed units on the device
+  the network. Otherwise the device holds a ring: the unit computing and the next one, whose copy (on
+  the dedicated copy stream) is started as soon as its host copy is there, so the copy of unit ``i+1``
+  overlaps the compute of unit ``i``; the copy waits on the device for the compute of unit ``i-1``
+  (whose memory it may reuse), so the ring never holds more than ``RING_UNITS`` units. Holding some but not all streamed units on the device
   is deliberately not done: the host tier would keep prefetching the units held on the device.
 
 A host buffer a copy reads from stays referenced (so the buffer pool refuses to recycle it) until the
@@ -97,7 +98,7 @@ class DevicePlacement:
     Args:
         ops: the device's calls (:func:`~..client.device.resolve_device`).
         device_units: streamed units the device may keep (``None``: all of them). Fewer than the model
-            streams means the two-unit ring (computing + next).
+            streams means the ring (the unit computing + the next one; see :data:`RING_UNITS`).
     """
 
     def __init__(self, ops: DeviceOps, device_units: int | None = None) -> None:
@@ -129,7 +130,7 @@ class DevicePlacement:
         already arrived (never fetches); ``headroom_bytes``: activations and KV cache, kept free.
 
         Raises:
-            ConfigurationError: the device cannot hold the resident parts plus two streamed units.
+            ConfigurationError: the device cannot hold the resident parts plus the ring.
         """
         self.order = [u.name for u in manifest.streamed]
         self.largest = max((u.bytes for u in manifest.streamed), default=0)
@@ -149,8 +150,7 @@ class DevicePlacement:
             root.generate = self._on_device(generate)
 
     def use_ring(self) -> None:
-        """Hold only the unit computing and the next one on the device, whatever fits (benchmarks and tests
-        of the copy path on a large device)."""
+        """Use the ring whatever fits (benchmarks and tests of the copy path on a large device)."""
         self.clear()
         self.device_units, self.keep_all = 2, False
 
@@ -221,6 +221,9 @@ class DevicePlacement:
     def _stage_next(self, current: str) -> None:
         """Start copying the unit after ``current`` if its host copy has arrived (overlaps this compute)."""
         nxt = self._next(current)
+        if not self.keep_all:  # a copy staged for a unit that did not come next (T5's decoder loop) goes
+            for stale in [n for n in self.units if n not in (current, nxt)]:
+                self._finish(self.units.pop(stale))
         if nxt is None or nxt in self.units:
             return
         host = self._peek(nxt)

@@ -7,7 +7,10 @@ Everything the client holds for a model is counted (``bound_bytes``):
   flight, and the one computing — each at most the largest unit (a unit's tensors are views into its
   receive buffer, so a unit costs its bytes once; the buffer pool's spare is one of those slots),
 * headroom for the forward pass: the KV cache (grows with sequence length and batch), hidden states and
-  MLP intermediates, attention scores, the logits of the positions that need them.
+  MLP intermediates, attention scores, the logits of the positions that need them, and
+  :data:`RUNTIME_BYTES` of torch's first-call buffers,
+* the measured overhead of the model besides its weights: tokenizer, ``meta`` skeleton, one-time set-up
+  (``overhead_bytes``, taken by the engine right before planning).
 
 The budget is filled in this order: the unit computing (the minimum: below it the model cannot run, a
 :class:`ConfigurationError` names it), then the prefetch window (up to ``prefetch_count``), then as many
@@ -18,15 +21,18 @@ An explicit ``cache_size`` overrides the planner (the bound is then reported, no
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..config import DEFAULT_CACHE_SIZE, StreamingConfig
 from ..exceptions import ConfigurationError
 from ..format import Manifest
+from ..format.manifest import UnitEntry
 
 #: context the plan made at load time reserves KV cache and activations for (the request is not known
 #: yet; ``Plan.max_batch`` / :func:`plan_memory` with ``seq_len=`` answer for a real request)
 DEFAULT_PLAN_TOKENS = 256
+#: torch's buffers of a forward beyond the activations (measured ~13 MiB peak over steady RSS, SmolLM2)
+RUNTIME_BYTES = 16 << 20
 _ELEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
@@ -47,8 +53,8 @@ class Headroom:
     def bytes(self, seq_len: int, batch: int = 1, logit_positions: int = 1) -> int:
         """Headroom for ``batch`` sequences of ``seq_len`` tokens, logits for ``logit_positions`` each."""
         scores = self.heads * seq_len * seq_len * self.elem  # one layer's scores (sdpa's math path)
-        return batch * (seq_len * (self.kv_per_token + self.act_per_token) + scores
-                        + logit_positions * self.logits_per_token)
+        return RUNTIME_BYTES + batch * (seq_len * (self.kv_per_token + self.act_per_token) + scores
+                                        + logit_positions * self.logits_per_token)
 
 
 def headroom_of(manifest: Manifest) -> Headroom:
@@ -75,7 +81,7 @@ class Plan:
     """What the client holds for one model; :meth:`as_dict` is ``get_cache_info()["plan"]``."""
 
     budget_bytes: int | None  # None: no budget (explicit or default cache_size)
-    bound_bytes: int  # most the plan holds: resident + live units x largest + headroom
+    bound_bytes: int  # most the plan holds: resident + live units x largest + headroom + overhead
     resident: list[str]  # units kept for the model's lifetime
     streamed: list[str]  # units fetched on use
     cache_size: int  # streamed units kept between uses
@@ -83,6 +89,7 @@ class Plan:
     resident_bytes: int
     unit_bytes: int  # the largest streamed unit
     headroom_bytes: int
+    overhead_bytes: int  # measured: tokenizer, skeleton, one-time set-up
     seq_len: int
     batch: int
     source: str  # "budget", "cache_size" (explicit) or "default"
@@ -107,9 +114,9 @@ class Plan:
         """
         if self.headroom is None:
             return 1
-        per = max(1, self.headroom.bytes(seq_len, 1, logit_positions))
+        per = max(1, self.headroom.bytes(seq_len, 1, logit_positions) - RUNTIME_BYTES)
         spare = (self.budget_bytes if self.budget_bytes is not None else self.bound_bytes) - (
-            self.bound_bytes - self.headroom_bytes)
+            self.bound_bytes - self.headroom_bytes + RUNTIME_BYTES)
         return max(1, spare // per)
 
     def as_dict(self) -> dict[str, Any]:
@@ -125,33 +132,38 @@ class Plan:
             f"budget:    {_mib(self.budget_bytes)} [{self.budget_from}]",
             f"bound:     {_mib(self.bound_bytes)} = resident {_mib(self.resident_bytes)} + {self.live_units} x "
             f"{_mib(self.unit_bytes)} units + headroom {_mib(self.headroom_bytes)} "
-            f"({self.seq_len} tokens x batch {self.batch})",
+            f"({self.seq_len} tokens x batch {self.batch}) + overhead {_mib(self.overhead_bytes)}",
             f"resident:  {', '.join(self.resident) or '-'}",
             f"streamed:  {len(self.streamed)} units; keep {self.cache_size}, prefetch {self.prefetch_count}{whole}",
         ])
 
 
-def _bound(resident: int, unit: int, live: int, headroom: int) -> int:
-    return resident + live * unit + headroom
-
-
 def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
-                seq_len: int | None = None, batch: int = 1) -> Plan:
+                seq_len: int | None = None, batch: int = 1, overhead_bytes: int = 0,
+                unit_bytes_of: Callable[[UnitEntry], int] | None = None) -> Plan:
     """The plan for ``manifest`` under ``budget`` bytes (``None``: ``config.cache_size`` or the default).
+
+    ``overhead_bytes``: what the model holds besides weights and the forward (measured by the engine);
+    ``unit_bytes_of``: a unit's bytes once received (default: its stored size; larger when converted).
 
     Raises:
         ConfigurationError: ``budget`` is below the minimum (named in the message).
     """
+    size = unit_bytes_of or (lambda entry: entry.bytes)
     streamed = [u.name for u in manifest.streamed]
     resident = [u.name for u in manifest.resident]
-    res_bytes = sum(u.bytes for u in manifest.resident)
-    unit = max((u.bytes for u in manifest.streamed), default=0)
+    res_bytes = sum(size(u) for u in manifest.resident)
+    unit = max((size(u) for u in manifest.streamed), default=0)
+
+    def _bound(res: int, unit: int, live: int, head: int) -> int:
+        return res + live * unit + head + overhead_bytes
+
     hr = headroom_of(manifest)
     tokens = seq_len or min(DEFAULT_PLAN_TOKENS, int(manifest.config.get("max_position_embeddings") or 10**9))
     head = hr.bytes(tokens, batch)
     n = len(streamed)
     common = dict(resident=resident, streamed=streamed, resident_bytes=res_bytes, unit_bytes=unit,
-                  headroom_bytes=head, seq_len=tokens, batch=batch, headroom=hr, budget_from=budget_from)
+                  headroom_bytes=head, overhead_bytes=overhead_bytes, seq_len=tokens, batch=batch, headroom=hr, budget_from=budget_from)
     if config.cache_size is not None or budget is None:
         k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
         p = config.prefetch_count
@@ -163,7 +175,7 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
         raise ConfigurationError(
             f"memory_budget {_mib(budget)} is below the minimum {_mib(minimum)} ({minimum} bytes) for "
             f"{manifest.name!r}: resident {_mib(res_bytes)} + one {_mib(unit)} unit + headroom {_mib(head)} "
-            f"for {tokens} tokens x batch {batch}")
+            f"for {tokens} tokens x batch {batch} + overhead {_mib(overhead_bytes)} (tokenizer, skeleton)")
     spare_units = (budget - minimum) // unit if unit else n
     p = min(config.prefetch_count, spare_units, max(0, n - 1))
     # n units alive at once is the whole model: keep all of it (nothing is fetched after the first pass)

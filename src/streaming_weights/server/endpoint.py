@@ -4,7 +4,6 @@ peer names, loopback/wildcard tests and one-line bind errors (no I/O)."""
 from __future__ import annotations
 
 import errno
-import hmac
 import http
 import ipaddress
 import os

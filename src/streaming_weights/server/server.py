@@ -169,6 +169,8 @@ class WeightServer:
     def reload_access(self) -> None:
         """Re-read the token file; open connections whose token is gone are closed (1008), the others get
         their new grant at once. Raises ConfigurationError (unreadable/malformed file: old tokens stay)."""
+        if self.access.token_file is None:
+            return  # nothing to re-read: --token / $SURFING_TOKEN only
         self.access.reload()
         for conn in list(self._conns):
             grant = self.access.grant_for(conn.secret or "") if self.access.enabled else OPEN
