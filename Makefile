@@ -39,7 +39,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# The peers (accelerate, AirLLM: the `bench` extra) and the API case's client (`api` extra) are installed
+# by setup; the line below only repairs a venv made before they were added. Root is needed for the memory
+# caps (cgroups); without it the report says the runs were uncapped.
 bench: setup
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[bench,api]'
 	$(BIN)/surfing bench
 
 clean:

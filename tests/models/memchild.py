@@ -52,7 +52,8 @@ def main() -> None:
         "base": base, "peak": status("VmHWM") - base, "bound": plan.bound_bytes, "plan": plan.as_dict(),
         "tokens": out[0].tolist(), "same": out2[0].tolist() == out[0].tolist(),
         "new_buffers_in_steady_state": model.engine.source.buffer_pool.allocated - allocated,
-        "fetches": info["fetches"], "streamed": info["streamed_units"]}))
+        "fetches": info["fetches"], "streamed": info["streamed_units"], "cache_size": info["max_cache_size"],
+        "load_plan": info["plan"]}))
 
 
 if __name__ == "__main__":

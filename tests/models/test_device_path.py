@@ -240,3 +240,21 @@ def test_real_sources_receive_into_device_host_buffers(llama, where):
         out, pool = run(str(chunks))
     torch.testing.assert_close(out, ref(input_ids=IDS).logits.detach(), rtol=0, atol=1e-5)
     assert ops.host_buffers >= 1 and pool.reused >= 1
+
+
+def test_compute_dtype_on_the_device_path(tiny_chunks):
+    """dtype="bfloat16": units converted on arrival (into the device's host buffers), copied, computed in
+    bf16 — the same logits as transformers' from_pretrained(dtype=bfloat16)."""
+    src_dir, chunks = tiny_chunks("llama", layers=LAYERS)
+    ref = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.bfloat16).eval()
+    ops = FakeDeviceOps()
+    with StreamingLlamaModel("llama", FakeSource(chunks_dir=chunks), device=ops, dtype="bfloat16",
+                             cache_size=0) as m:
+        m.engine.placement.use_ring()
+        out = logits_of(m)
+        copied = m.engine.placement.stats.copy_bytes
+    with torch.no_grad():
+        want = ref(input_ids=IDS).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert copied > 0

@@ -100,6 +100,7 @@ def _header(results: dict[str, Any]) -> list[str]:
             "the background load of this shared box; compare ratios.", "",
             f"Model under test: {results.get('model', '?')}. Mode: {mode}. "
             f"Suite wall time {results.get('seconds', 0):.0f} s. Versions: {versions}.{merged}", "",
+            *[f"**Note:** {n}\n" for n in results.get("notes", [])],
             *_method(results), *_headline(results),
             "The load test (32 concurrent clients for 60 s: requests/s, p50/p99 unit latency, errors, server "
             "memory) runs with `make test-slow`; its last measured numbers are in [LOAD.md](LOAD.md).", ""]

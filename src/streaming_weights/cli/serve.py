@@ -34,16 +34,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = "" if args.token_file else args.token  # a token file replaces --token and $SURFING_TOKEN
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigurationError("--tls-cert and --tls-key go together")
+    pacer = None
+    if args.max_rate is not None:  # parsed first: a bad rate fails before anything is opened
+        from ..server.pacing import TokenBucket, parse_rate
+
+        pacer = TokenBucket(parse_rate(args.max_rate))
     storage, prefix = _storage(args)
     server = WeightServer(
         storage, prefix=prefix, host=args.host, port=args.port, cache_size_mb=args.cache_size, token=token,
         token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
         max_inflight_per_connection=args.max_inflight,
     )
-    if args.max_rate is not None:
-        from ..server.pacing import TokenBucket, parse_rate
-
-        server.pacer = TokenBucket(parse_rate(args.max_rate))  # type: ignore[attr-defined]  (hook in _send_data)
+    server.pacer = pacer  # type: ignore[attr-defined]  # read by the hook in WeightServer._send_data
 
     def ready(srv: Any) -> None:
         # the server itself logs the listen address and warns about a non-loopback bind without a token

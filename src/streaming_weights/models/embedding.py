@@ -94,7 +94,7 @@ def embed(model: Any, texts: Sequence[str], *, batch_size: int | None = None, po
     for block in plan_blocks([len(f["input_ids"]) for f in features], batch_size):
         batch = tok.pad([features[i] for i in block], padding=True, return_tensors="pt")
         hidden = model.forward(**batch).last_hidden_state
-        out[block] = pool(hidden, batch["attention_mask"], pooling).to(out.dtype)
+        out[block] = pool(hidden, batch["attention_mask"].to(hidden.device), pooling).to(out.dtype)
         done += len(block)
         if progress is not None:
             progress(done, len(items))
