@@ -8,7 +8,7 @@ import logging
 import os
 
 from ..config import StreamingConfig
-from .options import add_common, open_model, positive_int, read_token_file
+from .options import add_common, add_trust_args, open_model, positive_int, read_token_file
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -55,5 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="wait for more requests (default 30 ms)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--speculation", default=None, help="auto | off | N, for single greedy requests")
+    add_trust_args(p)
     add_common(p)
     p.set_defaults(func=cmd_api)

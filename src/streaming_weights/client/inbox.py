@@ -18,12 +18,14 @@ from typing import Any
 
 from .. import protocol as proto
 from ..exceptions import IntegrityError, ProtocolError
+from ..format.manifest import LIMITS
 from ..protocol import frames
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
-#: A manifest or file whose announced size is larger than this is refused (a hostile server cannot OOM us).
-MAX_UNSIZED_BLOB = 256 << 20
+#: A reply of unknown size (a manifest, its signature) announcing more than the manifest limit is refused
+#: before it is received: a hostile server cannot make us allocate it.
+MAX_UNSIZED_BLOB = LIMITS.max_manifest_bytes
 _HASH_BATCH = 4 << 20  # hash received bytes in 4 MiB pieces
 
 

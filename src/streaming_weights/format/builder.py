@@ -26,7 +26,7 @@ from ..exceptions import ChunkingError, ManifestError, ModelExistsError
 from .chunkfile import encode_tensors, parse_header
 from .hashing import Digests
 from .manifest import BlobEntry, Manifest, UnitEntry
-from .names import FILES_DIR, MANIFEST_FILE, RESIDENT_UNIT, UNITS_DIR, file_path, join_key, unit_path
+from .names import FILES_DIR, MANIFEST_FILE, RESIDENT_UNIT, SIGNATURE_FILE, UNITS_DIR, file_path, join_key, unit_path
 
 if TYPE_CHECKING:
     import torch
@@ -174,6 +174,8 @@ class ModelBuilder:
         manifest = Manifest(name=self.name, architecture=architecture, model_type=model_type, config=config,
                             dtype=dtype, units=tuple(self.units), files=tuple(self.files), tied=dict(tied or {}),
                             source=source)
+        # A signature over the previous manifest would now be stale: trusting clients would refuse the model.
+        await self.storage.delete(self.key(SIGNATURE_FILE))
         await self.storage.save(self.key(MANIFEST_FILE), manifest.to_bytes())
         await self._delete_unlisted({b.path for b in (*manifest.units, *manifest.files)})
         return manifest

@@ -12,6 +12,8 @@ from ..exceptions import ManifestError
 
 RESIDENT_UNIT = "resident"
 MANIFEST_FILE = "manifest.json"
+#: Detached Ed25519 signature over the exact bytes of ``manifest.json`` (see format.signing).
+SIGNATURE_FILE = MANIFEST_FILE + ".sig"
 UNITS_DIR = "units"
 FILES_DIR = "files"
 

@@ -25,12 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..exceptions import ConfigurationError, KeyNotFoundError, SignatureError
 from .manifest import Manifest
-from .names import MANIFEST_FILE, join_key
+from .names import MANIFEST_FILE, SIGNATURE_FILE, join_key
 
 if TYPE_CHECKING:
     from ..storage.base import StorageBackend
 
-SIGNATURE_FILE = MANIFEST_FILE + ".sig"
 SIGNATURE_BYTES = 64
 _RAW_PUBLIC_BYTES = 32
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
