@@ -140,3 +140,10 @@ def test_resolve_explicit_wins_over_config_and_unknown_is_named():
     assert isinstance(ei.value, TypeError) and isinstance(ei.value, ConfigurationError)
     with pytest.raises(ConfigurationError, match="max_retries"):
         StreamingConfig.resolve(base, max_retries=-1)
+
+
+def test_memory_budget_and_ca_cert_from_env():
+    c = StreamingConfig.from_env({"SURFING_MEMORY_BUDGET": "2GiB", "SURFING_CA_CERT": "/etc/ca.pem",
+                                  "SURFING_CACHE_SIZE": ""})
+    assert (c.memory_budget, c.ca_cert, c.cache_size) == (2 << 30, "/etc/ca.pem", None)
+    assert StreamingConfig.from_env({"SURFING_MEMORY_BUDGET": "auto"}).memory_budget == "auto"

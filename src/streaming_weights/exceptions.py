@@ -163,6 +163,13 @@ class UnitUnavailableError(ModelError):
     pass
 
 
+class QuantizationError(UnitFormatError):
+    """A unit's quantization metadata or companion tensors are malformed (never retried: the bytes
+    matched the manifest's hash, so another copy would be the same)."""
+
+    retryable = False
+
+
 class ChunkingError(StreamingWeightsError):
     pass
 

@@ -23,8 +23,7 @@ def run_child(chunks: Path, cgroup: Path | None = None, cap: int = 0, **opts) ->
     cmd = [sys.executable, "-m", "tests.models.memchild", str(chunks), json.dumps(opts)]
     if cgroup is not None:
         cmd += [str(cgroup), str(cap)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    env.pop("SURFING_MEMORY_BUDGET", None)
+    env = {k: v for k, v in os.environ.items() if k != "SURFING_MEMORY_BUDGET"}  # `-m` from ROOT finds tests/
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 

@@ -135,3 +135,22 @@ def test_cli_cache_size_overrides_memory_and_defaults_apply():
     q = argparse.ArgumentParser()
     add_client_args(q, cache_size=4)
     assert cache_size_of(q.parse_args([])) == 4 and q.parse_args(["--memory", "1GB"]).memory == "1GB"
+
+
+def test_a_long_request_makes_room_for_its_kv_cache(tiny):
+    _, chunks, m = tiny
+    res, unit, head = sizes(m)
+    hr = headroom_of(m)
+    budget = res + 5 * unit + head + (16 << 20)
+    with StreamingLlamaModel("llama", str(chunks), memory_budget=budget) as model:
+        kept, plan = model.cache_size, model.engine.plan
+        assert kept >= 4
+        # a batch of 16-token sequences whose KV cache and activations leave room for only ~2 units
+        per_seq = hr.bytes(16, 1) - RUNTIME_BYTES
+        free = plan.budget_bytes - (res + unit + plan.overhead_bytes + hr.bytes(16, 1))
+        long = model.engine.fit_request(16, batch=1 + (free - 2 * unit) // per_seq)
+        assert model.cache_size == long.cache_size < kept  # KV for that batch displaced kept units
+        model.engine.fit_request(8)
+        assert model.cache_size == kept  # back to the load-time plan, never beyond
+        with pytest.raises(ConfigurationError, match="below the minimum"):
+            model.engine.fit_request(256, batch=10_000)

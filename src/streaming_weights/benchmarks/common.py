@@ -113,7 +113,8 @@ def run_child(kind: str, args: dict[str, Any], timeout: float, *, cap: int | Non
             proc = subprocess.run(cmd, env=child_env(), capture_output=True, timeout=timeout,
                                   preexec_fn=pinned(cpus, cgroup))
         except subprocess.TimeoutExpired:
-            return {"error": f"{kind} did not finish within {timeout:.0f} s", "timeout": timeout}
+            return {"error": f"{kind} did not finish within {timeout:.0f} s", "timeout": timeout,
+                    "tokens": args.get("tokens")}
         if cgroup is not None and cgroup.oom_kills:
             return {"error": f"{kind} was OOM-killed by the {cap / MiB:.0f} MiB memory cap", "oom": True}
         if proc.returncode != 0 or not out.is_file():

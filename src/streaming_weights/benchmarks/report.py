@@ -42,7 +42,9 @@ def _method(results: dict[str, Any]) -> list[str]:
     return ["## Method", "",
             f"- Each contender runs in a fresh process {cap}.",
             "- Its files (checkpoint, offload folder, AirLLM shards, chunk files) are evicted from the page "
-            "cache (`posix_fadvise(POSIX_FADV_DONTNEED)` after a sync) before each run: every run reads cold.",
+            "cache (`posix_fadvise(POSIX_FADV_DONTNEED)` after a sync) before each run: every run reads cold. "
+            "Our weight server keeps the model in its own memory cache across runs (it stands for a remote "
+            "host serving many clients), so ours reads nothing from the client's disk.",
             f"- The client is pinned to CPU {st.get('client_cpus')} (`sched_setaffinity`) with one compute "
             f"thread (`torch.set_num_threads(1)`); the weight server (`surfing serve`, standing for another "
             f"host) is pinned to CPU {st.get('server_cpus')}. Bandwidth-limited links use `surfing serve "

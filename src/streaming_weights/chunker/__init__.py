@@ -177,12 +177,13 @@ class ModelChunker:
             buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
             buf[: layout.data_start] = layout.header
             for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
-                want = plan.quant[back[ck]].shape if back[ck] in plan.quant else layout.tensors[back[ck]].shape
+                name = back[ck]
+                want = plan.quant[name].shape if name in plan.quant else layout.tensors[name].shape
                 if tuple(tensor.shape) != want:
                     raise ChunkingError(
                         f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}"
                     )
-                name = back[ck]
+                # quantized weights are encoded here, one source tensor at a time (format.quant)
                 parts = quant_encode(tensor, plan.quant[name]) if name in plan.quant else {"": tensor}
                 for suffix, part in parts.items():
                     if part.numel():

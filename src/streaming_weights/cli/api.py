@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 import os
 
-from ..config import StreamingConfig
 from .options import add_common, add_trust_args, open_model, positive_int, read_token_file
 
 
@@ -15,16 +12,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     from ..api import ApiSettings
     from ..api.serve import serve_api
 
-    extra = {}
-    if args.memory is not None:
-        if "memory_budget" in {f.name for f in dataclasses.fields(StreamingConfig)}:
-            extra["memory_budget"] = args.memory
-        else:
-            logging.getLogger(__name__).warning("--memory is not supported by this version; ignored")
     tokens = [read_token_file(args.api_token_file)] if args.api_token_file else None
     settings = ApiSettings(window=args.batch_window_ms / 1000, max_batch=args.max_batch, max_queue=args.max_queue,
                            speculation=args.speculation)
-    model = open_model(args, **extra)
+    model = open_model(args)
     auth = "bearer token auth" if tokens else "NO auth"
 
     def ready(server) -> None:
@@ -47,14 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", dest="api_token_file", default=None, metavar="FILE",
                    help="require `Authorization: Bearer <token>` with the token in FILE (the weight server's format)")
     p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
-    p.add_argument("--cache-size", type=int, default=4, help="streamed layers kept between uses")
-    p.add_argument("--memory", default=None, metavar="auto|SIZE", help="client memory budget (e.g. 2GB, auto)")
+    p.add_argument("--cache-size", type=int, default=None,
+                   help="streamed layers kept between uses (overrides --memory; default: planned from --memory)")
+    p.add_argument("--memory", default="auto", metavar="auto|SIZE",
+                   help="memory the client may use for the model, e.g. 600MB, 2GiB or auto (default: auto)")
+    p.add_argument("--device", default=None, help="where compute runs: cpu (default), cuda, cuda:N or mps")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", "-p", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="most requests in one batch (default 8)")
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="wait for more requests (default 30 ms)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--speculation", default=None, help="auto | off | N, for single greedy requests")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype; units travel as stored and convert on arrival (default auto: as stored)")
     add_trust_args(p)
     add_common(p)
     p.set_defaults(func=cmd_api)

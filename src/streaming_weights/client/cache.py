@@ -198,6 +198,10 @@ class UnitCache:
             self.schedule_prefetch(name)
         return unit
 
+    def peek(self, name: str) -> FetchedUnit | None:
+        """The unit ``name`` if it has arrived (prefetched or kept), without fetching or counting anything."""
+        return self.prefetched.get(name) or self.cached.get(name)
+
     def release(self, name: str) -> None:
         """``name`` finished computing: keep it in the cache or drop it."""
         self._event("release", name)

@@ -35,6 +35,7 @@ from ..format.signing import TrustPolicy
 from ..protocol import frames
 from .base import FetchedUnit, UnitSource
 from .inbox import Inbox, Pending
+from .sockets import widen_receive_buffer
 from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
@@ -57,8 +58,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.ws, self.uri, self.token, self.secure, self.on_lost = ws, uri, token, secure, on_lost
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future = asyncio.get_running_loop().create_future()
-        # Retrieve the outcome even if nobody awaits it any more (a cancelled connect), so asyncio never
-        # logs "exception was never retrieved".
+        # Retrieve the outcome even if nobody awaits it (a cancelled connect): no "exception was never retrieved".
         self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.reader = frames.FrameReader()
         self.inbox = Inbox(self.reader)
@@ -76,7 +76,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------------------ asyncio plumbing
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = widen_receive_buffer(transport)  # type: ignore[assignment]
         request = self.ws.connect()
         if self.token:
             request.headers["Authorization"] = f"Bearer {self.token}"

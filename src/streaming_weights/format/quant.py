@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..exceptions import UnitFormatError
+from ..exceptions import QuantizationError  # noqa: F401 (re-exported: quant errors are raised from here)
 from .chunkfile import TensorSpec, _DTYPE_TABLE, itemsize
 
 if TYPE_CHECKING:
@@ -43,11 +43,6 @@ GROUP_SIZE = {"int8": 64, "int4": 32}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-class QuantizationError(UnitFormatError):
-    """A unit's quantization metadata or companion tensors are malformed (never retried: the bytes
-    matched the manifest's hash, so another copy would be the same)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True)

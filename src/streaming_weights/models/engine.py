@@ -23,7 +23,6 @@ from typing import Any, Awaitable, Callable, TypeVar
 import torch
 
 from ..client.bridge import LoopThread
-from ..client.buffers import BufferPool
 from ..client.cache import UnitCache
 from ..client.device import resolve_device
 from ..client.convert import ConvertingSource
@@ -188,6 +187,21 @@ class StreamingEngine:
         """
         return plan_memory(self.manifest, self.config, seq_len=seq_len, batch=batch, **self._plan_args)
 
+    def fit_request(self, seq_len: int, batch: int = 1) -> Plan:
+        """Make room for a request's KV cache and activations: under a budget, shrink (or regrow up to the
+        load-time plan) the kept units to what the budget leaves beside ``batch`` x ``seq_len`` tokens.
+        Without a budget (explicit or default ``cache_size``) nothing changes. Returns the request's plan.
+
+        Raises:
+            ConfigurationError: the request does not fit the budget even with no unit kept.
+        """
+        plan = self.plan_for(seq_len, batch)
+        if self.plan is not None and self.plan.source == "budget" and self.cache is not None:
+            keep = min(plan.cache_size, self.plan.cache_size)
+            if keep != self.cache.max_units:
+                self.call(self.cache.resize, keep, self.cache.max_bytes)
+        return plan
+
     def _unit_memory(self, manifest: Manifest) -> Callable[[Any], int]:
         """Bytes a unit holds once received (and converted to the compute dtype, if it is)."""
         converter = getattr(self, "converter", None)
@@ -244,7 +258,7 @@ class StreamingEngine:
 
     def _peek(self, name: str) -> FetchedUnit | None:
         """The host copy of ``name`` if it has arrived (prefetched or kept), without fetching it."""
-        return self.call(lambda: self.cache.prefetched.get(name) or self.cache.cached.get(name))
+        return self.call(self.cache.peek, name)
 
     def release(self, name: str) -> None:
         self.cache._event("compute_end", name)
