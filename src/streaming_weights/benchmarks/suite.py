@@ -75,7 +75,7 @@ class Suite:
         self.client_cpus, self.server_cpus = [cpus[0]], [cpus[1] if len(cpus) > 1 else cpus[0]]
         self.headline_tokens = 4 if quick else 8
         self.airllm_tokens, self.airllm_timeout = 3, 600
-        self.generation_rounds = 2
+        self.generation_rounds = 3
         self._prompt: tuple[list[int], str] | None = None
 
     def say(self, msg: str) -> None:
