@@ -230,6 +230,9 @@ class StreamingBaseModel:
         setting = generation.parse_speculation(self.config.speculation if speculation is None else speculation)
         own_lookup = "prompt_lookup_num_tokens" in kwargs
         kwargs = generation.prepare_generate(hf, args, kwargs, setting)
+        if isinstance(ids, torch.Tensor):  # under a memory budget: room for this request's KV cache
+            generation.fit_request(self, generation.request_tokens(hf, kwargs, ids.shape[-1]),
+                                   int(ids.shape[0]) if ids.dim() >= 2 else 1)
         adaptive = setting == "auto" and not own_lookup and "prompt_lookup_num_tokens" in kwargs
 
         def tokens_of(out: Any) -> int:

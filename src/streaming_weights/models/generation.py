@@ -218,11 +218,39 @@ def counting_drafts(hf_model: Any, counter: DraftCounter, *, adaptive: bool = Fa
 
 
 # --------------------------------------------------------------------------------- generate_text
-def choose_batch_size(model: Any, n: int) -> int:
+def _budget_plan(model: Any) -> Any:
+    """The model's load-time plan when a memory budget made it, else ``None``."""
+    plan = getattr(getattr(model, "engine", None), "plan", None)
+    return plan if plan is not None and getattr(plan, "source", None) == "budget" else None
+
+
+def request_tokens(hf_model: Any, kwargs: dict, prompt_len: int) -> int:
+    """Tokens one sequence of a ``generate`` call reaches: prompt + ``max_new_tokens`` (else ``max_length``)."""
+    new = _setting(kwargs, hf_model, "max_new_tokens", None)
+    if new is not None:
+        return int(prompt_len) + int(new)
+    return max(int(prompt_len) + 1, int(_setting(kwargs, hf_model, "max_length", 20)))
+
+
+def fit_request(model: Any, seq_len: int, batch: int) -> None:
+    """Under a memory budget, make room for the request's KV cache and activations (``engine.fit_request``).
+
+    Raises:
+        ConfigurationError: the request does not fit the budget even with no unit kept.
+    """
+    if _budget_plan(model) is not None:
+        model.engine.fit_request(seq_len, batch)
+
+
+def choose_batch_size(model: Any, n: int, seq_len: int | None = None) -> int:
     """Prompts per ``generate`` call when the caller gives no ``batch_size``: every prompt, up to
-    :data:`DEFAULT_MAX_BATCH`. The one place a memory budget plugs in."""
-    del model  # the budget-aware version sizes batches from the model's KV-cache bytes per token
-    return max(1, min(int(n), DEFAULT_MAX_BATCH))
+    :data:`DEFAULT_MAX_BATCH`, and under a memory budget at most the batch whose ``seq_len``-token
+    KV cache and activations fit beside the smallest plan (``Plan.max_batch``)."""
+    size = max(1, min(int(n), DEFAULT_MAX_BATCH))
+    plan = _budget_plan(model)
+    if plan is not None and seq_len is not None:
+        size = max(1, min(size, plan.max_batch(int(seq_len))))
+    return size
 
 
 def _usable_tokenizer(model: Any) -> Any:
@@ -297,7 +325,8 @@ def generate_text(model: Any, prompts: str | Sequence[str], *, batch_size: int |
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     tok = _usable_tokenizer(model)
     encoded = encode_prompts(tok, items, chat=chat)
-    size = batch_size or choose_batch_size(model, len(items))
+    longest = max((len(e) for e in encoded), default=0)
+    size = batch_size or choose_batch_size(model, len(items), request_tokens(model.hf_model, generate_kwargs, longest))
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
     eos = _eos_ids(model, tok)
     kwargs = dict(generate_kwargs)
