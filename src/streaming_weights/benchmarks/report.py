@@ -50,7 +50,9 @@ def _method(results: dict[str, Any]) -> list[str]:
             f"host) is pinned to CPU {st.get('server_cpus')}. Bandwidth-limited links use `surfing serve "
             "--max-rate` (a token bucket on the server's outbound bytes).",
             "- Peak memory is VmHWM read inside the child (`/proc/self/status`), reset after imports where "
-            "the figure is 'over baseline'.",
+            "the figure is 'over baseline'. VmHWM also counts shared file pages (libtorch and other libraries "
+            "mapped read-only, already cached and charged to the parent cgroup), so a capped child's VmHWM can "
+            "exceed its cap; the cap itself is enforced by the kernel (OOM kill).",
             "- Every ratio is measured side by side in one run: contenders interleaved round by round, ratios "
             "paired per round, reported as median with min–max spread and n.",
             f"- The machine is a **shared {os.cpu_count()}-core box**: other jobs ran during the suite, so "
