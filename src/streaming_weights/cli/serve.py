@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
         max_inflight_per_connection=args.max_inflight,
     )
-    server.pacer = pacer  # type: ignore[attr-defined]  # read by the hook in WeightServer._send_data
+    server.pacer = pacer
 
     def ready(srv: Any) -> None:
         # the server itself logs the listen address and warns about a non-loopback bind without a token

@@ -120,6 +120,8 @@ class WeightServer:
             raise ConfigurationError(f"max_request_bytes must be at least {proto.HEADER_SIZE + 64}")
         self.host = host
         self.port = port
+        #: Optional :class:`~.pacing.TokenBucket` shared by all connections (``surfing serve --max-rate``).
+        self.pacer = None
         self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
         self.access = AccessList(self.token, token_file)
         self.ssl_context = server_tls(ssl_context, tls_cert or ssl_cert_path, tls_key or ssl_key_path, use_ssl)
@@ -338,7 +340,8 @@ class WeightServer:
         ``send_context`` still checks the connection state and applies flow control (drain) afterwards.
         """
         head = proto.encode_header(proto.Kind.DATA, rid, offset)
-        if (pacer := getattr(self, "pacer", None)) is not None: await pacer.take(len(head) + len(piece))  # noqa: E701  (--max-rate, server.pacing)
+        if self.pacer is not None:
+            await self.pacer.take(len(head) + len(piece))
         async with conn.send_lock:
             ws = conn.ws
             if ws.send_in_progress is not None:  # never the case here; keep websockets' invariants anyway
