@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import ConfigurationError, ManifestError
-from ..format import Manifest, join_key
-from ..format.signing import read_signed_manifest
+from ..exceptions import ConfigurationError
+from ..format import join_key
 from ..storage import StorageBackend, open_storage
-from ..storage.catalog import discover_models
+from ..storage.catalog import discover_stored
 from .handler import Hosted
 
 
@@ -20,18 +19,15 @@ async def load_hosted(storage: StorageBackend, prefix: str) -> dict[str, Hosted]
 
     Raises:
         ConfigurationError: no manifest under ``prefix``.
-        ManifestError: a manifest is malformed, or changed while it was being loaded.
+        ManifestError: a manifest is malformed, or two name the same model.
     """
-    found = await discover_models(storage, prefix)
+    found = await discover_stored(storage, prefix)
     if not found:
         raise ConfigurationError(f"no chunked model (manifest.json) under {storage.location}/{prefix}")
     hosted: dict[str, Hosted] = {}
-    for name, (model_prefix, _) in found.items():
-        data, signature = await read_signed_manifest(storage, model_prefix)
-        manifest = Manifest.from_bytes(data)  # the bytes we serve are the bytes we validated
-        if manifest.name != name:
-            raise ManifestError(f"{storage.location}/{model_prefix}: manifest changed while loading; try again")
-        hosted[name] = Hosted(model_prefix, manifest, data, signature)
+    for name, stored in found.items():
+        # the bytes we serve are the bytes we validated (and the ones a signature covers)
+        hosted[name] = Hosted(stored.prefix, stored.manifest, stored.data, stored.signature)
     return hosted
 
 
