@@ -22,7 +22,10 @@ PACKAGE = __name__.rsplit(".", 1)[0]  # streaming_weights.benchmarks
 
 
 def machine_description() -> str:
-    return (f"{os.cpu_count()} CPU cores ({platform.machine()}, shared with other jobs: noisy), no GPU, "
+    import torch
+
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}, shared with other jobs: noisy), {gpu}, "
             f"loopback TCP; Python {platform.python_version()}")
 
 

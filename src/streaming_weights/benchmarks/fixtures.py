@@ -84,6 +84,26 @@ GROUNDED_TEXT = ("The weight server keeps every unit of the model in its memory 
                  "tensors without a copy, and it keeps only a few layers at a time.")
 
 
+# the fixed paragraph of issue 14's perplexity bound (the same text as tests/models/test_dtype.py)
+PERPLEXITY_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden press adapted from those used to make wine. Books became "
+    "cheaper and faster to produce, and within fifty years presses were running in more than two hundred cities "
+    "across Europe. Literacy spread, scholars could compare identical copies of a text, and new ideas travelled "
+    "further than ever before.")
+
+
+def perplexity_ids(hf_dir: Path) -> list[int] | None:
+    """:data:`PERPLEXITY_TEXT` through the model's tokenizer (no chat template); None without a tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        return [int(i) for i in tok(PERPLEXITY_TEXT)["input_ids"]]
+    except Exception:  # noqa: BLE001 - no (usable) tokenizer: tiny random-init models
+        return None
+
+
 def grounded_prompt(hf_dir: Path, vocab: int) -> tuple[list[int], str]:
     """(prompt ids, description): an input-grounded prompt (repeat a paragraph) through the model's chat
     template when ``hf_dir`` has a tokenizer; else a fixed random prompt whose second half repeats its

@@ -93,31 +93,48 @@ def _headline(results: dict[str, Any]) -> list[str]:
             "accelerate-airllm-and-transformers-headline).", "", *rows, ""]
 
 
+def _load(results: dict[str, Any]) -> str:
+    a, b = results.get("load_average_start"), results.get("load_average_end")
+    if not a:
+        return ""
+    end = f", at its end {b[0]:.1f}" if b else ""
+    return (f" 1-minute load average at the suite's start {a[0]:.1f}{end} (the suite itself keeps about 1-2 "
+            f"cores busy; more means other jobs shared the box).")
+
+
 def _header(results: dict[str, Any]) -> list[str]:
     mode = "quick (tiny model, one run)" if results["quick"] else "full"
     versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
-    merged = (" Some cases were re-run later with `--merge`: each section says when it ran."
+    merged = (" Some cases were re-run later with `--merge`: each section says when and on which commit it ran."
               if results.get("merged") else "")
     return ["# Surfing Weights benchmark report", "",
             f"Machine: {results['machine']}. Each number is the median of n runs with the min–max spread; "
             "ratios come from measurements taken side by side in the same run. Absolute numbers move with "
             "the background load of this shared box; compare ratios.", "",
-            f"Model under test: {results.get('model', '?')}. Mode: {mode}. "
-            f"Suite wall time {results.get('seconds', 0):.0f} s. Versions: {versions}.{merged}", "",
+            f"Model under test: {results.get('model', '?')}. Mode: {mode}. Run on commit "
+            f"`{results.get('commit', '?')}`, started {results.get('started', '?')}. "
+            f"Suite wall time {results.get('seconds', 0):.0f} s.{_load(results)} Versions: {versions}.{merged}", "",
             *[f"**Note:** {n}\n" for n in results.get("notes", [])],
             *_method(results), *_headline(results),
-            "The load test (32 concurrent clients for 60 s: requests/s, p50/p99 unit latency, errors, server "
-            "memory) runs with `make test-slow`; its last measured numbers are in [LOAD.md](LOAD.md).", ""]
+            "Records kept outside this generated report (not re-measured by `surfing bench`): the load test "
+            "(32 concurrent clients for 60 s, run by `make test-slow`) in [LOAD.md](LOAD.md); the transfer "
+            "profile, the SO_RCVBUF A/B and the perplexity test's numbers in "
+            "[TRANSFER_AND_QUANT.md](TRANSFER_AND_QUANT.md); how to run the GPU check in [GPU.md](GPU.md).", ""]
 
 
 def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str]:
     lines = [f"## {case.get('title', name)}", ""]
     if "error" in case:
         return lines + [f"**Failed:** `{case['error']}`", ""]
-    ran = f" Ran {case['ran']}." if case.get("ran") else ""
-    lines += [f"Machine: shared {os.cpu_count()}-core box (see top).{ran} What was measured: {case['measured']}", ""]
+    ran = f" Ran {case['ran']} on commit `{case.get('commit', '?')}`." if case.get("ran") else ""
+    load = case.get("load_average")
+    load_txt = f" Load average {load[0]:.1f} at its start, {load[1]:.1f} at its end." if load else ""
+    lines += [f"Machine: shared {os.cpu_count()}-core box (see top).{ran}{load_txt} What was measured: "
+              f"{case['measured']}", ""]
     if case.get("unavailable"):
         lines += [f"**Not available:** {case['unavailable']}", ""]
+    if not case.get("metrics") and not case.get("ratios"):
+        return lines
     lines += ["| metric | median | spread (min–max) | n | unit |", "|---|---|---|---|---|"]
     for mname, mv in {**case.get("metrics", {}), **case.get("ratios", {})}.items():
         goal = f" (goal {mv['goal']})" if "goal" in mv else ""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, memory, overlap, peers, quant
-from . import transfer
+from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, gpu, memory, overlap, peers
+from . import quant, transfer
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
 from .sandbox import cap_support, evict, usable_cpus
@@ -20,7 +21,7 @@ from .report import render_report
 CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "generation": generation.run, "cold_start": cold_start.run, "transfer": transfer.run, "overlap": overlap.run,
     "cache": cache_policy.run, "memory": memory.run, "budget": budget.run, "peers": peers.run, "quant": quant.run,
-    "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run,
+    "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run, "gpu": gpu.run,
 }
 CASES = tuple(CASE_FUNCS)
 # Fresh-process measurements each case needs (with --quick they share one process).
@@ -199,6 +200,19 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def source_commit() -> str:
+    """The git commit of the tree this package runs from (``+ uncommitted changes`` when dirty), or ``?``."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any],
                checkpoint: Callable[[], None] = lambda: None) -> None:
     server_mb = suite.manifest.total_bytes / MiB * 1.2 + 64
@@ -206,12 +220,13 @@ def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any],
         suite.uri = uri
         for name in selected:
             suite.say(f"case {name}")
-            t0 = time.perf_counter()
+            t0, load0 = time.perf_counter(), os.getloadavg()[0]
             try:
                 res = CASE_FUNCS[name](suite)
             except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
                 res = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
             res["seconds"] = time.perf_counter() - t0
+            res["load_average"] = [load0, os.getloadavg()[0]]  # 1-min load at the case's start and end
             results["cases"][name] = res
             checkpoint()  # a suite stopped later still leaves the cases done so far
 
@@ -222,19 +237,23 @@ def _merge_previous(results: dict[str, Any], old: dict[str, Any]) -> None:
         return
     for case in results["cases"].values():
         case.setdefault("ran", results["started"])
+        case.setdefault("commit", results.get("commit", "?"))
     merged = {}
     for name in CASES:
         if name in results["cases"]:
             merged[name] = results["cases"][name]
         elif name in old.get("cases", {}):
-            merged[name] = old["cases"][name] | {"ran": old["cases"][name].get("ran", old.get("started", "?"))}
+            was = old["cases"][name]
+            merged[name] = was | {"ran": was.get("ran", old.get("started", "?")),
+                                  "commit": was.get("commit", old.get("commit", "?"))}
     results["cases"] = merged
     results["seconds"] = results.get("seconds", 0.0) + old.get("seconds", 0.0)
 
 
 def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False, cases: list[str] | None = None,
               progress: Progress | None = None, chunks_dir: str | os.PathLike[str] | None = None,
-              source_path: str | os.PathLike[str] | None = None, merge: bool = False) -> dict[str, Any]:
+              source_path: str | os.PathLike[str] | None = None, merge: bool = False,
+              notes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Run the benchmark cases and write ``results.json``, ``REPORT.md`` and PNG plots into ``out_dir``.
 
     Args:
@@ -247,6 +266,7 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
             chunker case in quick mode).
         merge: keep the results of the cases not run now from ``out_dir/results.json`` (re-run a few
             cases and still write the whole report); the report names when each case ran.
+        notes: lines the report shows at the top (e.g. what else ran on the machine meanwhile).
 
     Returns:
         The results dict also written to ``results.json``. A case that fails records ``{"error": ...}``.
@@ -263,7 +283,8 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
     t_start = time.perf_counter()
     results: dict[str, Any] = {"machine": machine_description(), "quick": quick, "merged": merge,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cases": {},
-                               "versions": _versions()}
+                               "versions": _versions(), "commit": source_commit(),
+                               "notes": list(notes), "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="surfing-bench-") as tmp:
         suite = Suite(quick=quick, tmp=Path(tmp), progress=progress,
                       chunks_dir=Path(chunks_dir) if chunks_dir else None,
@@ -282,6 +303,7 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
 
         _run_cases(suite, selected, results, checkpoint)
     results["seconds"] = time.perf_counter() - t_start
+    results["load_average_end"] = os.getloadavg()
     return _write(results, out, prior)
 
 

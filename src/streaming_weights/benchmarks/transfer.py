@@ -88,7 +88,10 @@ def run(ctx: Any) -> dict[str, Any]:
                      "receive + zero-copy decode) into a reused receive buffer, as the engine does in steady "
                      "state; network only = the same request into a new buffer. "
                      "hex-in-JSON = the original project's wire format (unit as hex in one JSON text message "
-                     "over websockets, then bytes.fromhex + safetensors load), re-implemented for this measurement."),
+                     "over websockets, then bytes.fromhex + safetensors load), re-implemented for this measurement. "
+                     "Goals from issue 14 (end to end >= 0.8 of raw TCP and >= 0.9 of network only); network "
+                     "only writes into a fresh buffer and pays its page faults, so end to end / network only can "
+                     "exceed 1. The profile of one fetch and the SO_RCVBUF A/B are in TRANSFER_AND_QUANT.md."),
         "metrics": {
             "raw_tcp_GBps": summarize(gbps["raw_tcp"], "GB/s"),
             "websocketsource_network_only_GBps": summarize(gbps["net"], "GB/s"),
@@ -96,8 +99,11 @@ def run(ctx: Any) -> dict[str, Any]:
             "original_hex_json_GBps": summarize(gbps["hex_json"], "GB/s"),
         },
         "ratios": {
-            "end_to_end_over_raw_tcp": summarize(ratio("e2e"), "x") | {"goal": ">= 0.6"},
+            # issue 14's goals, for the pinned setting (the earlier unpinned goal was >= 0.6 of raw)
+            "end_to_end_over_raw_tcp": summarize(ratio("e2e"), "x") | {"goal": ">= 0.8"},
             "network_only_over_raw_tcp": summarize(ratio("net"), "x"),
+            "end_to_end_over_network_only": summarize([a / b for a, b in zip(gbps["e2e"], gbps["net"])], "x")
+            | {"goal": ">= 0.9"},
             "end_to_end_over_hex_json": summarize([a / b for a, b in zip(gbps["e2e"], gbps["hex_json"])], "x"),
         },
         "unit_bytes": size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -38,18 +39,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    notes = [*args.note, *([os.environ["SURFING_BENCH_NOTE"]] if os.environ.get("SURFING_BENCH_NOTE") else [])]
     results = run_suite(args.out, quick=args.quick, cases=cases, progress=progress, chunks_dir=args.chunks_dir,
-                        merge=args.merge)
+                        merge=args.merge, notes=notes)
     return 1 if _print_summary(results, args.out) else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark suite: capped generation vs peers, link, transfer, cache, memory... (writes bench/)")
-    p.add_argument("--quick", action="store_true", help="tiny random-init model, one run per case (~1 min)")
+    p.add_argument("--quick", action="store_true", help="tiny random-init model, one run per case (a few minutes)")
     p.add_argument("--out", default="bench", help="output directory (default bench/)")
     p.add_argument("--cases", default=None,
                    help="comma-separated subset of the cases (default all; an unknown name lists them)")
     p.add_argument("--chunks-dir", default=None, help="benchmark this chunked LLaMA-family model instead")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the top of the report (repeatable; also $SURFING_BENCH_NOTE), e.g. what "
+                        "else ran on the machine")
     p.add_argument("--merge", action="store_true",
                    help="keep the other cases' results from OUT/results.json (re-run only --cases)")
     add_common(p)
