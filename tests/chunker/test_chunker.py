@@ -38,10 +38,18 @@ def rebuild(chunk_dir: Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
         try:
             m = await source.get_manifest(None)
             sd: dict[str, torch.Tensor] = {}
+            rows: dict[str, list[torch.Tensor]] = {}  # row shards of one tensor, concatenated in manifest order
             for u in m.units:
                 fetched = await source.fetch_unit(m, u.name)
+                if u.role == "shard":
+                    assert u.rows is not None and fetched.tensors[u.shard_tensor].shape[0] == u.rows[1] - u.rows[0]
+                    for name, t in fetched.tensors.items():
+                        rows.setdefault(name, []).append(t)
+                    continue
                 assert not set(fetched.tensors) & set(sd), f"{u.name} repeats tensors"
                 sd.update(fetched.tensors)
+            assert not set(rows) & set(sd), "a sharded tensor is also stored whole"
+            sd.update({name: torch.cat(parts) for name, parts in rows.items()})
             for alias, target in m.tied.items():
                 sd[alias] = sd[target]
             return m, sd
@@ -85,7 +93,8 @@ def check_layout(out: Path, m: Manifest, streamed: list[str]) -> None:
         assert calculate_chunk_hash(f) == u.sha256  # sha256 is the identity users check with sha256sum
     for alias, target in m.tied.items():  # tied weights stored once
         assert all(alias not in u.tensors for u in m.units)
-        assert sum(target in u.tensors for u in m.units) == 1
+        holders = [u for u in m.units if target in u.tensors]  # one unit, or only its row shards
+        assert len(holders) == 1 or (holders and all(u.role == "shard" for u in holders)), target
 
 
 def tree(d: Path) -> dict[str, bytes]:

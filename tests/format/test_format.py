@@ -183,7 +183,7 @@ def test_manifest_round_trip():
     assert back == m
     assert back.to_bytes() == data
     obj = json.loads(data)
-    assert obj["format_version"] == FORMAT_VERSION == 1
+    assert obj["format_version"] == 1 < FORMAT_VERSION  # no shard units: still version 1, old readers read it
     assert [u.name for u in back.streamed] == ["model.layers.0", "model.layers.1"]
     assert [u.name for u in back.resident] == ["resident"]
     assert back.unit("model.layers.1").order == 2
@@ -230,7 +230,8 @@ BAD_MANIFESTS = {
     "not utf8": (b"\xff\xfe", "not valid JSON"),
     "array": (b"[]", "JSON object"),
     "no version": (_mut(_del(["format_version"])), "missing field 'format_version'"),
-    "version 2": (_mut(_set(["format_version"], 2)), "format_version 2 is not supported"),
+    "version 3": (_mut(_set(["format_version"], 3)), "format_version 3 is not supported"),
+    "version 0": (_mut(_set(["format_version"], 0)), "format_version 0 is not supported"),
     "version str": (_mut(_set(["format_version"], "1")), "'format_version' must be int"),
     "version bool": (_mut(_set(["format_version"], True)), "'format_version' must be int"),
     "no name": (_mut(_del(["name"])), "missing field 'name'"),

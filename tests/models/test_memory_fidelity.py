@@ -63,6 +63,8 @@ def test_depth_does_not_cost_memory(deep_and_shallow):
     assert abs(deep["peak"] - six["peak"]) <= unit, (six["peak"], deep["peak"], unit)
     for got in (six, deep):
         assert got["peak"] <= 1.1 * got["bound"] and got["new_buffers_in_steady_state"] == 0, got
+        # a fixed set: never more buffers than units alive at once plus the pool's one spare
+        assert got["buffers_allocated"] <= got["plan"]["live_units"] + 1, got
 
 
 def writable_memory_cgroup() -> tuple[Path | None, str]:

@@ -92,7 +92,7 @@ def _summaries(label: str, runs: dict[str, list], metrics: dict[str, Any], notes
         ok = [r for r in rs if "error" not in r]
         for r in rs:
             if "error" in r:
-                notes.append(f"{label} {name}: {r['error']}")
+                notes.append(f"{label} {name}: one run failed ({r['error']}), left out of n.")
         if not ok:
             continue
         metrics[f"{label}_{name}_s_per_token"] = summarize([_per_token(r) for r in ok], "s/token")

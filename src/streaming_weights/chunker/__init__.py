@@ -6,7 +6,8 @@ Public surface: :class:`ModelChunker`, :class:`ChunkProgress`, :func:`default_mo
 :class:`~streaming_weights.format.builder.ModelBuilder`: units first, the manifest last and atomically,
 so an interrupted run never leaves a manifest pointing at missing or partial units; rerunning completes
 it and produces byte-identical files. Peak memory is about one unit plus its largest tensor (GGUF input
-excepted: transformers dequantizes it whole).
+excepted: transformers dequantizes it whole); a tensor split into row shards is read once, and each shard
+unit is filled from it in turn.
 
 Run as ``surfing chunk SOURCE --output-dir DIR`` (or ``python -m streaming_weights.chunker``, the same
 command). This package never imports the CLI.
@@ -31,7 +32,7 @@ from ..format.quant import SCHEMES
 from ..format.quant import encode as quant_encode
 from ..storage.base import StorageBackend
 from ..storage.filesystem import FilesystemBackend
-from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, plan_model
+from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, parse_shard_size, plan_model
 from .readers import Source, anon_buffer, default_model_name, open_source
 
 
@@ -60,6 +61,10 @@ class ModelChunker:
         name: the model name recorded in the manifest (default: :func:`default_model_name` of the source).
         force: replace a *different* model stored at the target (its files are deleted first); without
             it, :meth:`chunk_model` raises ChunkingError there. Re-chunking the same name always works.
+        shard_size: split the input embedding's and the (untied) LM head's weights into row-shard units:
+            ``"auto"`` (default) only a weight larger than both the largest streamed unit and 16 MiB, into
+            shards of about the largest streamed unit; a size (``"64MB"``, ``"1GiB"``, bytes) every such
+            weight, into shards of at most that many stored bytes; ``None`` / ``"off"``: never.
         progress: show a progress bar (units and bytes) on stderr.
         on_unit: called with each unit's name once it is written.
         on_progress: called with a :class:`ChunkProgress` once each unit is written.
@@ -78,6 +83,7 @@ class ModelChunker:
         quantize: str | None = None,
         name: str | None = None,
         force: bool = False,
+        shard_size: int | str | None = "auto",
         progress: bool = False,
         s3_bucket: str | None = None,
         s3_prefix: str = "",
@@ -98,6 +104,7 @@ class ModelChunker:
         if quantize is not None and quantize not in SCHEMES:
             raise ConfigurationError(f"quantize must be one of {list(SCHEMES)} or None, got {quantize!r}")
         self.quantize = quantize
+        self.shard_size = parse_shard_size(shard_size)
         self.force = force
         self.progress = progress
         self._on_unit = on_unit
@@ -120,7 +127,7 @@ class ModelChunker:
 
         Returns:
             ``{"name", "manifest", "storage", "chunks": [unit names], "num_units", "num_streamed",
-            "total_size_mb", "largest_unit_mb", "dtype", "quantize", "architecture"}``
+            "num_shards", "total_size_mb", "largest_unit_mb", "dtype", "quantize", "architecture"}``
 
         Raises:
             ChunkingError: an unreadable or mismatched source, or a different model at the target
@@ -131,7 +138,8 @@ class ModelChunker:
         await builder.check()
         source = await asyncio.to_thread(open_source, self.model_name)
         try:
-            plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name, self.quantize)
+            plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name, self.quantize,
+                                           self.shard_size)
             manifest = await self._write(builder, source, plan)
         finally:
             source.close()
@@ -145,17 +153,24 @@ class ModelChunker:
             bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"chunking {self.name}")
         done = 0
+
+        def report(unit: str, entry: UnitEntry) -> None:
+            nonlocal done
+            done += entry.data_bytes
+            if bar is not None:
+                bar.update(entry.data_bytes)
+                bar.set_postfix_str(f"unit {len(builder.units)}/{len(plan.units)}")
+            if self._on_unit is not None:
+                self._on_unit(unit)
+            if self._on_progress is not None:
+                self._on_progress(ChunkProgress(unit, len(builder.units), len(plan.units), done, plan.total_bytes))
+
         try:
-            for i, unit in enumerate(plan.units):
-                entry = await self._write_unit(builder, unit, source, plan)
-                done += entry.data_bytes
-                if bar is not None:
-                    bar.update(entry.data_bytes)
-                    bar.set_postfix_str(f"unit {i + 1}/{len(plan.units)}")
-                if self._on_unit is not None:
-                    self._on_unit(unit)
-                if self._on_progress is not None:
-                    self._on_progress(ChunkProgress(unit, i + 1, len(plan.units), done, plan.total_bytes))
+            for group in plan.groups():
+                if group[0] in plan.shards:
+                    await self._write_shards(builder, group, source, plan, report)
+                else:
+                    report(group[0], await self._write_unit(builder, group[0], source, plan))
         finally:
             if bar is not None:
                 bar.close()
@@ -178,21 +193,33 @@ class ModelChunker:
             buf[: layout.data_start] = layout.header
             for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
                 name = back[ck]
-                want = plan.quant[name].shape if name in plan.quant else layout.tensors[name].shape
-                if tuple(tensor.shape) != want:
-                    raise ChunkingError(
-                        f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}"
-                    )
-                # quantized weights are encoded here, one source tensor at a time (format.quant)
-                parts = quant_encode(tensor, plan.quant[name]) if name in plan.quant else {"": tensor}
-                for suffix, part in parts.items():
-                    if part.numel():
-                        tensor_view(buf, layout, name + suffix, layout.tensors[name + suffix]).copy_(part)
-                del tensor, parts  # one source tensor at a time
+                _check_shape(ck, tensor, plan, name)
+                _put(buf, layout, name, tensor, plan.quant.get(name))
+                del tensor  # one source tensor at a time
             return buf, Digests.of(buf)  # hashed here too: off the event loop, BLAKE3 without the GIL
 
         buf, digests = await asyncio.to_thread(fill)
         return await builder.add_encoded_unit(unit, buf, digests=digests)
+
+    @staticmethod
+    async def _write_shards(builder: ModelBuilder, units: list[str], source: Source, plan: ModelPlan,
+                            report: Callable[[str, UnitEntry], None]) -> None:
+        """The row shards ``units`` of one tensor, from ONE read of it (held until its last shard is written)."""
+        key = plan.shards[units[0]][0]
+        reader = source.read_tensors([plan.mapping[key]])
+        try:
+            ck, tensor = await asyncio.to_thread(next, reader)
+            _check_shape(ck, tensor, plan, key)
+            for unit in units:
+                _, start, stop = plan.shards[unit]
+                layout, spec = plan.layout(unit), plan.unit_quant(unit).get(key)
+                buf, digests = await asyncio.to_thread(_fill_one, layout, key, tensor[start:stop], spec)
+                report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=(start, stop)))
+                del buf
+            del tensor
+            await asyncio.to_thread(lambda: next(reader, None))  # let the reader release it (a .bin's pages)
+        finally:
+            reader.close()
 
     def _summary(self, manifest: Manifest) -> dict[str, Any]:
         return {
@@ -202,12 +229,35 @@ class ModelChunker:
             "chunks": [u.name for u in manifest.units],
             "num_units": len(manifest.units),
             "num_streamed": len(manifest.streamed),
+            "num_shards": len(manifest.shards),
             "total_size_mb": manifest.total_bytes / (1 << 20),
             "largest_unit_mb": max(u.bytes for u in manifest.units) / (1 << 20),
             "dtype": manifest.dtype,
             "quantize": self.quantize,
             "architecture": manifest.architecture,
         }
+
+
+def _check_shape(ck: str, tensor: torch.Tensor, plan: ModelPlan, name: str) -> None:
+    want = plan.quant[name].shape if name in plan.quant else plan.specs[name][1]
+    if tuple(tensor.shape) != want:
+        raise ChunkingError(f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}")
+
+
+def _fill_one(layout: Any, name: str, tensor: torch.Tensor, spec: Any) -> tuple[Any, Digests]:
+    """A unit buffer holding just ``tensor`` (a shard's rows) as ``name``, and its digests."""
+    buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
+    buf[: layout.data_start] = layout.header
+    _put(buf, layout, name, tensor, spec)
+    return buf, Digests.of(buf)
+
+
+def _put(buf: Any, layout: Any, name: str, tensor: torch.Tensor, spec: Any) -> None:
+    """Store ``tensor`` as ``name`` into ``buf`` (cast to the stored dtype; quantized here if ``spec``)."""
+    parts = quant_encode(tensor, spec) if spec is not None else {"": tensor}
+    for suffix, part in parts.items():
+        if part.numel():
+            tensor_view(buf, layout, name + suffix, layout.tensors[name + suffix]).copy_(part)
 
 
 __all__ = ["ChunkProgress", "ModelChunker", "default_model_name", "map_checkpoint_keys", "parse_dtype"]

@@ -3,7 +3,8 @@
 From a checkpoint's config the model class is built on ``meta`` (no memory), its unit map says which
 tensor goes in which unit, the checkpoint's tensor names are mapped onto the model's, and each tensor's
 stored dtype is fixed (the source's, or the requested cast for floating tensors), and, with ``quantize``,
-which linear / embedding weights are stored quantized (:mod:`streaming_weights.format.quant`).
+which linear / embedding weights are stored quantized (:mod:`streaming_weights.format.quant`), and which
+embedding / LM-head weights are split into row shards (units of role ``shard``, see docs/format.md).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import torch
 
 from ..exceptions import ChunkingError, ConfigurationError
 from ..format.chunkfile import UnitLayout, dtype_name, itemsize, plan_unit
+from ..format.names import RESIDENT_UNIT, shard_unit_name
 from ..format.quant import QuantSpec, metadata_entry, quant_spec
+from ..memory import parse_size
 from ..models.architecture import build_meta_model, resolve_architecture, unit_map
 from .readers import Source
+
+#: ``shard_size="auto"`` shards a tensor only above this many stored bytes (or the largest streamed unit)
+AUTO_SHARD_MIN_BYTES = 16 << 20
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LEGACY = ((".gamma", ".weight"), (".beta", ".bias"))
@@ -38,6 +44,29 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise ConfigurationError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
+
+
+def parse_shard_size(value: int | str | None) -> int | str | None:
+    """``"auto"`` stays ``"auto"``; ``None`` / ``"off"`` -> ``None`` (no shards); ``"64MB"`` / ``"1GiB"`` / an int
+    -> bytes (> 0).
+
+    Raises:
+        ConfigurationError: anything else (a size that does not parse, 0 or less, a bool).
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigurationError(f"shard_size must be 'auto', 'off', None or a size such as 64MB, got {value!r}")
+    try:
+        size = parse_size(value, "shard_size")
+    except ConfigurationError:
+        raise ConfigurationError(f"shard_size={value!r} is not a size: use 'auto', 'off', or a size such as "
+                                 "64MB, 1GiB or a byte count above 0") from None
+    if size == "auto":
+        return "auto"
+    if int(size) <= 0:
+        raise ConfigurationError(f"shard_size must be more than 0 bytes (or 'off' for no shards), got {value!r}")
+    return int(size)
 
 
 def _candidates(ck: str, prefix: str) -> list[str]:
@@ -95,6 +124,8 @@ class ModelPlan:
         tied: ``{alias: stored tensor}`` (e.g. ``lm_head.weight`` -> the embedding).
         quant: ``{model tensor name: QuantSpec}`` of the tensors stored quantized (``specs`` then holds the
             codes tensor; the scale / offset companions are added by :meth:`layout`).
+        shards: ``{shard unit name: (model tensor name, start, stop)}``; each such unit is also in ``units``
+            (holding ``[tensor]``), and ``specs`` / ``quant`` describe the whole tensor.
     """
 
     architecture: str
@@ -105,23 +136,53 @@ class ModelPlan:
     specs: dict[str, tuple[str, tuple[int, ...]]]
     tied: dict[str, str]
     quant: dict[str, QuantSpec] = dataclasses.field(default_factory=dict)
+    shards: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+
+    def unit_quant(self, unit: str) -> dict[str, QuantSpec]:
+        """``{tensor: QuantSpec}`` of the quantized tensors of ``unit`` as stored there (a shard's: its rows)."""
+        quant = {k: self.quant[k] for k in self.units[unit] if k in self.quant}
+        if unit in self.shards and quant:
+            key, start, stop = self.shards[unit]
+            quant[key] = dataclasses.replace(quant[key], shape=(stop - start, quant[key].shape[1]))
+        return quant
 
     def layout(self, unit: str) -> UnitLayout:
         """The unit file's layout (header, quantization metadata and tensor offsets)."""
         entries: dict[str, tuple[str, tuple[int, ...]]] = {}
-        quant = {k: self.quant[k] for k in self.units[unit] if k in self.quant}
+        quant = self.unit_quant(unit)
         for k in self.units[unit]:
             if k in quant:
                 entries.update({k + suffix: spec for suffix, spec in quant[k].stored().items()})
+            elif unit in self.shards:
+                _, start, stop = self.shards[unit]
+                dt, shape = self.specs[k]
+                entries[k] = (dt, (stop - start, *shape[1:]))
             else:
                 entries[k] = self.specs[k]
         return plan_unit(entries, metadata_entry(quant))
 
+    def groups(self) -> list[list[str]]:
+        """Units in file order, the shards of one tensor together (written from one read of it)."""
+        out: list[list[str]] = []
+        for unit in self.units:
+            key = self.shards.get(unit, (None,))[0]
+            if key is not None and out and self.shards.get(out[-1][0], (None,))[0] == key:
+                out[-1].append(unit)
+            else:
+                out.append([unit])
+        return out
+
+    def stored_bytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` as stored (codes and quantization companions included)."""
+        if key in self.quant:
+            return self.quant[key].stored_bytes()
+        dt, shape = self.specs[key]
+        return math.prod(shape) * itemsize(dt)
+
     @property
     def total_bytes(self) -> int:
         """Tensor bytes of the whole model as stored (headers excluded)."""
-        return sum(self.quant[k].stored_bytes() if k in self.quant else math.prod(shape) * itemsize(dt)
-                   for k, (dt, shape) in self.specs.items())
+        return sum(self.stored_bytes(k) for k in self.specs)
 
 
 def quantizable(model: torch.nn.Module) -> set[str]:
@@ -131,11 +192,70 @@ def quantizable(model: torch.nn.Module) -> set[str]:
     return {f"{path}.weight" if path else "weight" for path, mod in model.named_modules() if isinstance(mod, kinds)}
 
 
-def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: str | None = None) -> ModelPlan:
+def embedding_weights(model: torch.nn.Module) -> list[str]:
+    """Stored names of the input embedding's weight, then the output embedding's (if it is not the same
+    tensor): only ``nn.Embedding`` / ``nn.Linear`` modules with a 2-D weight. Tied aliases resolve to the
+    stored name (the first in ``named_parameters()``, as :func:`~..models.architecture.tied_aliases`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: list[str] = []
+    for get in (model.get_input_embeddings, model.get_output_embeddings):
+        try:
+            mod = get()
+        except (AttributeError, NotImplementedError):
+            mod = None
+        weight = getattr(mod, "weight", None)
+        if not isinstance(mod, (torch.nn.Embedding, torch.nn.Linear)) or weight is None or weight.dim() != 2:
+            continue
+        key = names.get(id(weight))
+        if key is not None and key not in out:
+            out.append(key)
+    return out
+
+
+def shard_cuts(plan: ModelPlan, keys: list[str], shard_size: int | str) -> dict[str, list[tuple[int, int]]]:
+    """``{tensor: [(start, stop), ...]}`` for the tensors of ``keys`` to shard (see :func:`plan_model`)."""
+    if shard_size == "auto":
+        streamed = [sum(plan.stored_bytes(k) for k in ks) for u, ks in plan.units.items() if u != RESIDENT_UNIT]
+        largest = max(streamed, default=0)
+        size, above = largest or AUTO_SHARD_MIN_BYTES, max(largest, AUTO_SHARD_MIN_BYTES)
+    else:
+        size, above = int(shard_size), -1
+    out = {}
+    for key in keys:
+        total, rows = plan.stored_bytes(key), plan.specs[key][1][0]
+        if total <= above or rows == 0:
+            continue
+        step = max(1, size // (total // rows))
+        out[key] = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    return out
+
+
+def with_shards(plan: ModelPlan, keys: list[str], shard_size: int | str | None) -> ModelPlan:
+    """``plan`` with the chosen tensors of ``keys`` moved from ``resident`` into row-shard units, placed
+    after ``resident`` and before the streamed blocks (in the order of ``keys``)."""
+    keys = [k for k in keys if k in plan.units.get(RESIDENT_UNIT, ())]
+    cuts = shard_cuts(plan, keys, shard_size) if shard_size is not None else {}
+    if not cuts:
+        return plan
+    units = {RESIDENT_UNIT: [k for k in plan.units[RESIDENT_UNIT] if k not in cuts]}
+    shards = {shard_unit_name(k, a, b): (k, a, b) for k, spans in cuts.items() for a, b in spans}
+    units.update({u: [k] for u, (k, _, _) in shards.items()})
+    units.update({u: ks for u, ks in plan.units.items() if u != RESIDENT_UNIT})
+    return dataclasses.replace(plan, units={u: ks for u, ks in units.items() if ks}, shards=shards)
+
+
+def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: str | None = None,
+               shard_size: int | str | None = None) -> ModelPlan:
     """Plan the chunking of ``source`` (named ``what`` in errors), casting floating tensors to ``dtype``
     (``None``: each tensor keeps the checkpoint's dtype) and quantizing linear weights with ``quantize``
     (``None``, ``"int8"`` or ``"int4"``; weights whose input dimension the group size does not divide stay
     unquantized).
+
+    ``shard_size`` (:func:`parse_shard_size`'s result) splits the input embedding's and the output
+    embedding's weights (:func:`embedding_weights`; biases never) into row shards: ``None``: never;
+    ``"auto"``: a weight whose stored bytes exceed both the largest streamed unit's and
+    :data:`AUTO_SHARD_MIN_BYTES`, into shards of about the largest streamed unit's bytes; bytes: every such
+    weight, into shards of at most that many stored bytes (at least one row each; the last takes the rest).
 
     Raises:
         ChunkingError: no architecture in the config, or checkpoint and model class disagree.
@@ -157,6 +277,7 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
     mapping = map_checkpoint_keys(source.keys(), umap.state_keys, umap.tied, buffers, base_prefix)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     linear = quantizable(meta) if quantize else set()
+    embeddings = embedding_weights(meta)
     del meta
 
     def stored(key: str) -> torch.dtype:
@@ -168,12 +289,14 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
         units[umap.unit_of(key)].append(key)
     specs = {k: (dtype_name(stored(k)), shapes[k]) for k in umap.state_keys}
     quant = {k: q for k in sorted(linear & set(specs)) if (q := quant_spec(quantize, specs[k][1], specs[k][0])) is not None}
-    return ModelPlan(
+    plan = ModelPlan(
         architecture=cls.__name__, config=config, dtype=model_dtype,
         units={u: ks for u, ks in units.items() if ks}, mapping=mapping,
         specs={k: (quant[k].stored()[""] if k in quant else spec) for k, spec in specs.items()},
         tied=dict(umap.tied), quant=quant,
     )
+    return with_shards(plan, embeddings, shard_size)
 
 
-__all__ = ["ModelPlan", "map_checkpoint_keys", "parse_dtype", "plan_model", "quantizable"]
+__all__ = ["AUTO_SHARD_MIN_BYTES", "ModelPlan", "embedding_weights", "map_checkpoint_keys", "parse_dtype",
+           "parse_shard_size", "plan_model", "quantizable", "shard_cuts", "with_shards"]

@@ -156,9 +156,14 @@ class UnitCache:
         self.prefetched[name] = task.result()
 
     # --------------------------------------------------------------------------------------- API
-    async def acquire(self, name: str, *, prefetch: bool = True) -> FetchedUnit:
-        """Return the unit ``name`` for computing (fetching it if needed) and prefetch the next ones."""
-        self.policy.observe(name)
+    async def acquire(self, name: str, *, prefetch: bool = True, observe: bool = True) -> FetchedUnit:
+        """Return the unit ``name`` for computing (fetching it if needed) and prefetch the next ones.
+
+        ``observe=False``: a data-dependent use (an embedding shard holding this step's tokens) that is not
+        part of the execution order the policy learns and prefetches along.
+        """
+        if observe:
+            self.policy.observe(name)
         self._event("acquire", name)
         if name in self.active:
             unit, refs = self.active[name]

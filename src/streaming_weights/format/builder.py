@@ -124,30 +124,34 @@ class ModelBuilder:
             await self._delete_unlisted(set())
         self._begun = True
 
-    async def add_unit(self, name: str, tensors: Mapping[str, torch.Tensor], *, role: str | None = None) -> UnitEntry:
-        """Encode ``tensors`` as unit ``name`` and save it. ``role`` defaults to :func:`default_role`."""
-        return await self.add_encoded_unit(name, encode_tensors(tensors), role=role)
+    async def add_unit(self, name: str, tensors: Mapping[str, torch.Tensor], *, role: str | None = None,
+                       rows: tuple[int, int] | None = None) -> UnitEntry:
+        """Encode ``tensors`` as unit ``name`` and save it. ``role`` defaults to :func:`default_role`
+        (``"shard"`` when ``rows`` is given)."""
+        return await self.add_encoded_unit(name, encode_tensors(tensors), role=role, rows=rows)
 
     async def add_encoded_unit(self, name: str, data: Buffer, *, role: str | None = None,
-                               digests: Digests | None = None) -> UnitEntry:
+                               digests: Digests | None = None, rows: tuple[int, int] | None = None) -> UnitEntry:
         """Save ``data`` (a whole unit file, e.g. filled in place from a planned layout) as unit ``name``.
 
         ``digests`` (``Digests.of(data)``) may be computed by the caller, e.g. in the worker thread that
-        filled ``data``; otherwise they are computed here, on the caller's event loop.
+        filled ``data``; otherwise they are computed here, on the caller's event loop. ``rows``
+        (``(start, stop)``) makes it a row shard (role ``"shard"``) of the one tensor it holds.
 
         Raises:
-            ManifestError: an invalid or repeated unit name.
+            ManifestError: an invalid or repeated unit name, or ``rows`` / ``role`` that do not fit the unit.
             UnitFormatError: ``data`` is not a well-formed safetensors file.
         """
         path = unit_path(name)
         if any(u.name == name for u in self.units):
             raise ManifestError(f"unit {name!r} added twice")
         tensors, _, _ = parse_header(data)
+        role = role or ("shard" if rows is not None else default_role(name))
         await self.begin()
         digests = digests or Digests.of(data)
+        entry = UnitEntry(name, path, len(data), digests.sha256, digests.blake3, role=role, order=len(self.units),
+                          tensors=tensors, rows=rows)  # validated before anything is saved
         await self.storage.save(self.key(path), data)
-        entry = UnitEntry(name, path, len(data), digests.sha256, digests.blake3, role=role or default_role(name),
-                          order=len(self.units), tensors=tensors)
         self.units.append(entry)
         return entry
 
@@ -168,7 +172,8 @@ class ModelBuilder:
         """Validate and save the manifest (atomically, last), then delete objects it does not list.
 
         Raises:
-            ManifestError: the units do not make a valid model (none, a tensor in two units, bad ties...).
+            ManifestError: the units do not make a valid model (none, a tensor in two units, shards that do not
+                tile their tensor, bad ties...). ``format_version`` is 2 if there are shard units, else 1.
         """
         await self.begin()
         manifest = Manifest(name=self.name, architecture=architecture, model_type=model_type, config=config,
@@ -204,19 +209,21 @@ async def write_model(
     tied: Mapping[str, str] | None = None,
     source: str = "",
     force: bool = False,
+    rows: Mapping[str, tuple[int, int]] | None = None,
 ) -> Manifest:
     """Write a whole model in one call (tests, benchmarks, examples). Returns the saved manifest.
 
     ``units`` maps unit names, in execution order, to ``{tensor name: tensor}`` or to already-encoded
-    unit bytes; ``roles`` overrides :func:`default_role` per unit. The rest is :class:`ModelBuilder`'s.
+    unit bytes; ``roles`` overrides :func:`default_role` per unit; ``rows`` makes units row shards
+    (``{unit: (start, stop)}``, role ``"shard"``). The rest is :class:`ModelBuilder`'s.
     """
     builder = ModelBuilder(storage, prefix, name=name, force=force)
     for unit, content in units.items():
-        role = (roles or {}).get(unit)
+        role, span = (roles or {}).get(unit), (rows or {}).get(unit)
         if isinstance(content, (bytes, bytearray, memoryview)):
-            await builder.add_encoded_unit(unit, content, role=role)
+            await builder.add_encoded_unit(unit, content, role=role, rows=span)
         else:
-            await builder.add_unit(unit, content, role=role)
+            await builder.add_unit(unit, content, role=role, rows=span)
     for fname, data in (files or {}).items():
         await builder.add_file(fname, data)
     return await builder.finish(architecture=architecture, model_type=model_type, config=config, dtype=dtype,

@@ -16,9 +16,16 @@ from typing import Any
 from ..exceptions import ManifestError, ManifestLimitError, UnitFormatError
 from .chunkfile import TensorSpec
 from .names import RESIDENT_UNIT, check_name, file_path, unit_path
+from .quant import OFFSET_SUFFIX, SCALE_SUFFIX
 
-FORMAT_VERSION = 1
-ROLES = ("resident", "streamed")
+#: the newest format version this library reads and writes
+FORMAT_VERSION = 2
+#: versions this library reads; a manifest gets the lowest version that can describe it (1 without shards)
+SUPPORTED_VERSIONS = (1, 2)
+#: the version that introduced role "shard"
+SHARD_VERSION = 2
+ROLES = ("resident", "shard", "streamed")
+_COMPANIONS = (SCALE_SUFFIX, OFFSET_SUFFIX)
 _HEX64 = set("0123456789abcdef")
 
 
@@ -154,17 +161,60 @@ def _tensor(name: str, obj: Any, limits: ManifestLimits, where: str) -> TensorSp
     return spec
 
 
+def _rows(val: Any, where: str) -> tuple[int, int]:
+    """A shard's ``rows``: ``[start, stop]``, two ints with ``0 <= start < stop``."""
+    if (not isinstance(val, (list, tuple)) or len(val) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in val)):
+        raise ManifestError(f"{where}: field 'rows' must be [start, stop] (two ints), got {val!r}")
+    if not 0 <= val[0] < val[1]:
+        raise ManifestError(f"{where}: field 'rows' must have 0 <= start < stop, got {list(val)}")
+    return int(val[0]), int(val[1])
+
+
 @dataclass(frozen=True)
 class UnitEntry(BlobEntry):
-    """One unit: a streamed block (``model.layers.3``) or the resident parts (``resident``)."""
+    """One unit: a streamed block (``model.layers.3``), the resident parts (``resident``), or a row shard
+    (``model.embed_tokens.weight.rows-0-4096``: rows ``[start, stop)`` of one tensor, role ``shard``)."""
 
     role: str = "streamed"
     order: int = 0
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    rows: tuple[int, int] | None = None  # set for (and only for) role "shard"
+
+    def __post_init__(self) -> None:
+        where = f"unit {self.name!r}"
+        if (self.role == "shard") != (self.rows is not None):
+            raise ManifestError(f"{where}: field 'rows' is required for role 'shard' and allowed for no other role")
+        if self.rows is None:
+            return
+        start, stop = _rows(self.rows, where)
+        object.__setattr__(self, "rows", (start, stop))
+        main = self.shard_tensor
+        for t, spec in self.tensors.items():
+            if len(spec.shape) < 2 or spec.shape[0] != stop - start:
+                raise ManifestError(f"{where}: shard tensor {t!r} has shape {list(spec.shape)}; rows {[start, stop]} "
+                                    f"need a tensor of 2 or more dimensions with {stop - start} rows")
+            if t != main and t not in {main + c for c in _COMPANIONS}:
+                raise ManifestError(f"{where}: a shard holds one tensor and its quantization companions; "
+                                    f"{t!r} is neither {main!r} nor one of its companions")
+
+    @property
+    def shard_tensor(self) -> str | None:
+        """The model tensor a shard holds rows of (its tensors less quant companions); ``None`` for other roles."""
+        if self.role != "shard":
+            return None
+        main = [t for t in self.tensors if not t.endswith(_COMPANIONS)]
+        if len(main) != 1:
+            raise ManifestError(f"unit {self.name!r}: a shard holds exactly one model tensor (plus its quantization "
+                                f"companions), got {sorted(main)}")
+        return main[0]
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
-        out.update(role=self.role, order=self.order, tensors={n: s.to_json() for n, s in self.tensors.items()})
+        out.update(role=self.role, order=self.order)
+        if self.rows is not None:
+            out["rows"] = list(self.rows)
+        out["tensors"] = {n: s.to_json() for n, s in self.tensors.items()}
         return out
 
     @classmethod
@@ -178,6 +228,9 @@ class UnitEntry(BlobEntry):
         if role not in ROLES:
             raise ManifestError(f"{where}: role must be one of {ROLES}, got {role!r}")
         order = _require(obj, "order", int, where)
+        rows = _rows(_require(obj, "rows", list, where), where) if role == "shard" else None
+        if rows is None and "rows" in obj:
+            raise ManifestError(f"{where}: field 'rows' is only allowed for role 'shard' units")
         raw = _require(obj, "tensors", dict, where)
         limits.check_count(len(raw), limits.max_tensors, "tensors", where)
         try:
@@ -185,11 +238,37 @@ class UnitEntry(BlobEntry):
         except UnitFormatError as exc:
             raise ManifestError(f"{where}: {exc}") from exc
         limits.check_size(sum(t.nbytes for t in tensors.values()), limits.max_unit_bytes, "tensors", where)
-        return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors)
+        try:
+            return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors, rows=rows)
+        except ManifestError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
 
     @property
     def data_bytes(self) -> int:
         return sum(s.nbytes for s in self.tensors.values())
+
+
+def _check_shard_group(tensor: str, shards: list[UnitEntry]) -> None:
+    """``tensor``'s shards (manifest order) tile its rows from 0 and agree on names, dtypes, trailing dims."""
+    first, expected = shards[0], 0
+    for s in shards:
+        start, stop = s.rows or (0, 0)
+        if start > expected:
+            raise ManifestError(f"manifest: rows [{expected}, {start}) of sharded tensor {tensor!r} are in no shard "
+                                f"(a gap before unit {s.name!r}; shards must be listed by rows, from 0)")
+        if start < expected:
+            raise ManifestError(f"manifest: shard {s.name!r} (rows [{start}, {stop})) overlaps rows before {expected} "
+                                f"of sharded tensor {tensor!r} (shards must be listed by rows, without overlap)")
+        expected = stop
+        if set(s.tensors) != set(first.tensors):
+            raise ManifestError(f"manifest: shards {first.name!r} and {s.name!r} of {tensor!r} hold different "
+                                f"tensors: {sorted(first.tensors)} vs {sorted(s.tensors)}")
+        for t, spec in s.tensors.items():
+            ref = first.tensors[t]
+            if spec.dtype != ref.dtype or spec.shape[1:] != ref.shape[1:]:
+                raise ManifestError(f"manifest: shards of {tensor!r} disagree: {first.name!r} stores {t!r} as "
+                                    f"{ref.dtype}[*, {list(ref.shape[1:])}], {s.name!r} as {spec.dtype}[*, "
+                                    f"{list(spec.shape[1:])}] (dtype and trailing dimensions must match)")
 
 
 @dataclass(frozen=True)
@@ -205,9 +284,12 @@ class Manifest:
     files: tuple[BlobEntry, ...] = ()
     tied: dict[str, str] = field(default_factory=dict)
     source: str = ""
-    format_version: int = FORMAT_VERSION
+    #: ``None``: the lowest version that describes these units (:data:`SHARD_VERSION` with shards, else 1)
+    format_version: int | None = None
 
     def __post_init__(self) -> None:
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", SHARD_VERSION if self.shards else 1)
         self.validate()
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -230,6 +312,17 @@ class Manifest:
     @property
     def resident(self) -> list[UnitEntry]:
         return [u for u in self.units if u.role == "resident"]
+
+    @property
+    def shards(self) -> list[UnitEntry]:  # role "shard", in manifest order
+        return [u for u in self.units if u.role == "shard"]
+
+    def shard_groups(self) -> dict[str, list[UnitEntry]]:
+        """``{model tensor name: its shard units, by rows}`` (validation guarantees manifest order is row order)."""
+        out: dict[str, list[UnitEntry]] = {}
+        for u in self.shards:
+            out.setdefault(u.shard_tensor or "", []).append(u)
+        return {t: sorted(us, key=lambda u: u.rows or (0, 0)) for t, us in out.items()}
 
     @property
     def total_bytes(self) -> int:
@@ -256,18 +349,34 @@ class Manifest:
             raise ManifestError("manifest: units must be listed in 'order'")
         if not self.units:
             raise ManifestError("manifest: no units")
+        self._validate_version()
         seen: set[str] = set()
         for u in self.units:
-            for t in u.tensors:
+            for t in u.tensors if u.role != "shard" else ():
                 if t in seen:
                     raise ManifestError(f"manifest: tensor {t!r} appears in more than one unit")
                 seen.add(t)
+        for tensor, shards in self.shard_groups().items():
+            for t in shards[0].tensors:
+                if t in seen:
+                    raise ManifestError(f"manifest: tensor {t!r} is sharded (unit {shards[0].name!r}) and also stored "
+                                        "in a non-shard unit; a sharded tensor is stored only in its shards")
+            _check_shard_group(tensor, [u for u in self.units if u.shard_tensor == tensor])
+            seen.update(shards[0].tensors)
         for alias, target in self.tied.items():
             if target not in seen or alias in seen:
                 raise ManifestError(f"manifest: tied {alias!r} -> {target!r} must point at a stored tensor")
         fnames = [f.name for f in self.files]
         if len(set(fnames)) != len(fnames):
             raise ManifestError("manifest: duplicate file names")
+
+    def _validate_version(self) -> None:
+        if self.format_version not in SUPPORTED_VERSIONS:
+            raise ManifestError(f"manifest: format_version {self.format_version!r} is not supported "
+                                f"(this library reads {list(SUPPORTED_VERSIONS)})")
+        if self.format_version < SHARD_VERSION and self.shards:
+            raise ManifestError(f"manifest: role 'shard' needs format_version {SHARD_VERSION}, "
+                                f"the manifest says {self.format_version}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,9 +401,10 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ManifestError("manifest must be a JSON object")
         version = _require(obj, "format_version", int, "manifest")
-        if version != FORMAT_VERSION:
+        if version not in SUPPORTED_VERSIONS:
             raise ManifestError(
-                f"manifest format_version {version} is not supported (this library reads {FORMAT_VERSION}); "
+                f"manifest format_version {version} is not supported (this library reads "
+                f"{' and '.join(map(str, SUPPORTED_VERSIONS))}); "
                 "upgrade streaming_weights or re-chunk the model"
             )
         units = _require(obj, "units", list, "manifest")
@@ -334,5 +444,5 @@ class Manifest:
         return cls.from_json(obj, limits)
 
 
-__all__ = ["FORMAT_VERSION", "LIMITS", "BlobEntry", "Manifest", "ManifestLimits", "UnitEntry", "RESIDENT_UNIT",
+__all__ = ["FORMAT_VERSION", "LIMITS", "ROLES", "SHARD_VERSION", "SUPPORTED_VERSIONS", "BlobEntry", "Manifest", "ManifestLimits", "UnitEntry", "RESIDENT_UNIT",
            "json_depth"]

@@ -1,6 +1,7 @@
 """Unit names and storage keys.
 
-A unit is named after the module path it holds (``model.layers.3``); the resident unit is ``resident``.
+A unit is named after the module path it holds (``model.layers.3``); the resident unit is ``resident``;
+a row shard after its tensor and rows (``model.embed_tokens.weight.rows-0-4096``).
 Names are restricted so that a unit name can never turn into a path outside the model directory.
 """
 
@@ -25,6 +26,11 @@ def check_name(name: str, what: str = "unit name") -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise ManifestError(f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (no '..')")
     return name
+
+
+def shard_unit_name(tensor: str, start: int, stop: int) -> str:
+    """The name of the shard unit holding rows ``[start, stop)`` of ``tensor``: ``TENSOR.rows-START-STOP``."""
+    return check_name(f"{tensor}.rows-{start}-{stop}")
 
 
 def unit_path(name: str) -> str:

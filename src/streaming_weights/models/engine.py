@@ -35,6 +35,7 @@ from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
 from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
+from .edges import EdgeBinding, sharded_tensors
 from .hooks import UnitBinding
 from .placement import DevicePlacement
 from .planner import Plan, plan_memory
@@ -109,6 +110,7 @@ class StreamingEngine:
         self._rss_at_start = current_rss()  # what this model adds besides weights is measured from here
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
+        self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
         self.counters = InferenceCounters()
         self.monitor = config.monitor
@@ -213,17 +215,24 @@ class StreamingEngine:
         """Create the unit cache for ``manifest`` (sized by the plan) and hook every streamed unit of ``root``."""
         cfg = self.config
         plan = self.plan or self.make_plan(manifest)
-        streamed = [u.name for u in manifest.streamed]
+        blocks = [u.name for u in manifest.streamed]
+        streamed = set(plan.streamed)
+        edges = [EdgeBinding(root, manifest, t, self.acquire, self.release, self.placement.ops.device)
+                 for t in sharded_tensors(manifest).values() if set(t.units) <= streamed]
+        # The order the policy starts from: the blocks, then the lm_head's shards (an input embedding's
+        # shards are used by the tokens of each step, outside that order).
+        order = blocks + [u for e in edges if e.heads for u in e.tensor.units]
         # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
         # buffer is enough in steady state and is one of the plan's (cache + prefetch + 1) unit slots.
         self.source.buffer_pool = self.placement.pool(plan.unit_bytes)  # device hook (H): pinned on CUDA
         self.cache = UnitCache(
-            self._fetch, make_policy(cfg.cache_policy, streamed), {u.name: u.bytes for u in manifest.streamed},
-            max_units=plan.cache_size,
+            self._fetch, make_policy(cfg.cache_policy, order),
+            {u.name: u.bytes for u in manifest.units if u.name in streamed}, max_units=plan.cache_size,
             max_bytes=None if cfg.cache_size_mb is None else int(cfg.cache_size_mb * (1 << 20)),
             prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
         self.manifest = manifest
-        self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in streamed]
+        self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
+        self.edge_bindings = edges
         self._count_direct_calls(root)
         # device hook (H): resident parts and inputs to the device; the device tier in front of the cache
         self.placement.bind(root, manifest, peek=self._peek, headroom_bytes=getattr(plan, "headroom_bytes", 0))
@@ -246,15 +255,18 @@ class StreamingEngine:
     async def _fetch(self, name: str) -> FetchedUnit:
         return await self.source.fetch_unit(self.manifest, name)
 
-    def acquire(self, name: str) -> dict[str, torch.Tensor]:
-        """The tensors of streamed unit ``name`` for the compute about to run (blocks until fetched)."""
-        tensors = self.placement.acquire(name, self._host_acquire)  # device hook (H)
+    def acquire(self, name: str, ordered: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors of streamed unit ``name`` for the compute about to run (blocks until fetched).
+
+        ``ordered=False``: a data-dependent use (an embedding shard), neither learned nor prefetched along.
+        """
+        tensors = self.placement.acquire(name, lambda n: self._host_acquire(n, ordered))  # device hook (H)
         self.cache._event("compute_start", name)
         return tensors
 
-    def _host_acquire(self, name: str) -> FetchedUnit:
-        return self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled), "a forward pass",
-                        "await model.forward_async(...)` / `await model.generate_async(...)")
+    def _host_acquire(self, name: str, ordered: bool = True) -> FetchedUnit:
+        return self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled and ordered, observe=ordered),
+                        "a forward pass", "await model.forward_async(...)` / `await model.generate_async(...)")
 
     def _peek(self, name: str) -> FetchedUnit | None:
         """The host copy of ``name`` if it has arrived (prefetched or kept), without fetching it."""
@@ -312,11 +324,12 @@ class StreamingEngine:
     def cache_info(self) -> dict[str, Any]:
         """The cache's counters plus the requested and effective cache sizes."""
         info = self.call(self.cache.info)
-        n_streamed = len(self.manifest.streamed)
+        n_streamed = len(self.plan.streamed) if self.plan is not None else len(self.manifest.streamed)
         info["requested_cache_size"] = self.cache.max_units
         # More than every streamed unit cannot be kept: the size that actually bounds the cache.
         info["effective_cache_size"] = min(self.cache.max_units, n_streamed)
-        info["resident_mb"] = sum(u.bytes for u in self.manifest.resident) / (1 << 20)
+        info["resident_mb"] = (self.plan.resident_bytes if self.plan is not None else
+                               sum(u.bytes for u in self.manifest.resident)) / (1 << 20)
         info["streamed_units"] = n_streamed
         info["plan"] = self.plan.as_dict() if self.plan is not None else None
         if info["plan"] is not None:  # device hook (H): the device part of the budget

@@ -21,7 +21,8 @@ from ..client.convert import fp32_names
 from ..format import Manifest
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
-from .hooks import assign_unit
+from .edges import assemble, sharded_tensors
+from .hooks import assign_tensor, assign_unit
 
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                              "spiece.model", "sentencepiece.bpe.model"})
@@ -86,13 +87,20 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
             f"{streamed_module_names(model)[:3]}…; re-chunk with this version of streaming_weights")
     # The model's code is imported and its skeleton built: what is left is what the plan may use, and a
     # budget too small fails here, before the resident parts are fetched.
-    engine.make_plan(m)
+    plan = engine.make_plan(m)
+    fetch = lambda name: engine.run(engine.source.fetch_unit(m, name)).tensors  # noqa: E731
     for entry in m.resident:
-        assign_unit(model, engine.run(engine.source.fetch_unit(m, entry.name)).tensors)
+        assign_unit(model, fetch(entry.name))
+    streamed_shards: set[str] = set()  # sharded weights the plan streams (edges.EdgeBinding), and aliases
+    for tensor in sharded_tensors(m).values():
+        if set(tensor.units) <= set(plan.resident):
+            assign_tensor(model, tensor.name, assemble(fetch, tensor))
+        else:
+            streamed_shards |= {tensor.name, *(a for a, t in m.tied.items() if t == tensor.name)}
     tie_weights(model, m)
     streamed_prefixes = tuple(n + "." for n in expected)
     missing = [n for n, p in model.named_parameters(remove_duplicate=False)
-               if p.is_meta and not n.startswith(streamed_prefixes)]
+               if p.is_meta and not n.startswith(streamed_prefixes) and n not in streamed_shards]
     if missing:  # never compute with uninitialized weights
         raise ModelError(f"resident parts of {m.name!r} lack {missing[:5]}: the chunks are incomplete")
     return model

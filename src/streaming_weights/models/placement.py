@@ -197,7 +197,7 @@ class DevicePlacement:
         if unit is not None and unit.host is not None:
             self._finish(unit)
             host_release(name)
-        if not self.keep_all:
+        if not self.keep_all or name not in self.order:  # an embedding / lm_head shard is never kept here
             self.units.pop(name, None)  # the ring: the device copy goes with its compute...
             self._freed = self.ops.compute_done()  # ...and the next copy into its slot waits for that compute
 

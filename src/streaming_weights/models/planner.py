@@ -15,6 +15,10 @@ Everything the client holds for a model is counted (``bound_bytes``):
 The budget is filled in this order: the unit computing (the minimum: below it the model cannot run, a
 :class:`ConfigurationError` names it), then the prefetch window (up to ``prefetch_count``), then as many
 kept units as fit; when the whole model fits, all of it (after the first pass nothing is fetched).
+
+Weights stored as row shards (a large embedding / lm_head, :mod:`.edges`) are kept with the resident parts
+when that leaves room for the unit computing; otherwise they are streamed like the blocks (the minimum is then
+the rest of the resident parts plus one unit, a shard being at most a unit's size or the largest one).
 An explicit ``cache_size`` overrides the planner (the bound is then reported, not enforced).
 """
 
@@ -38,6 +42,10 @@ _ELEM = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+
+
+def _names(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f", … ({len(names)} units)" if len(names) > most else "") if names else "-"
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,9 @@ class Plan:
     headroom: Headroom | None = field(default=None, repr=False)
     #: the accelerator's share (helper H fills it; None on the CPU) and the host's
     device: dict[str, Any] | None = None
+    #: bytes of the weights stored as row shards (embedding / lm_head), and whether they are streamed
+    shard_bytes: int = 0
+    shards_streamed: bool = False
 
     @property
     def live_units(self) -> int:
@@ -133,7 +144,10 @@ class Plan:
             f"bound:     {_mib(self.bound_bytes)} = resident {_mib(self.resident_bytes)} + {self.live_units} x "
             f"{_mib(self.unit_bytes)} units + headroom {_mib(self.headroom_bytes)} "
             f"({self.seq_len} tokens x batch {self.batch}) + overhead {_mib(self.overhead_bytes)}",
-            f"resident:  {', '.join(self.resident) or '-'}",
+            f"resident:  {_names(self.resident)}",
+            *([f"shards:    {_mib(self.shard_bytes)} of embedding / lm_head rows "
+               f"{'streamed (not enough memory to keep them)' if self.shards_streamed else 'kept resident'}"]
+              if self.shard_bytes else []),
             f"streamed:  {len(self.streamed)} units; keep {self.cache_size}, prefetch {self.prefetch_count}{whole}",
         ])
 
@@ -150,36 +164,43 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
         ConfigurationError: ``budget`` is below the minimum (named in the message).
     """
     size = unit_bytes_of or (lambda entry: entry.bytes)
-    streamed = [u.name for u in manifest.streamed]
-    resident = [u.name for u in manifest.resident]
-    res_bytes = sum(size(u) for u in manifest.resident)
-    unit = max((size(u) for u in manifest.streamed), default=0)
-
-    def _bound(res: int, unit: int, live: int, head: int) -> int:
-        return res + live * unit + head + overhead_bytes
-
+    shards = list(getattr(manifest, "shards", ()))
+    blocks = [u.name for u in manifest.streamed]
+    core = sum(size(u) for u in manifest.resident)
+    shard_bytes = sum(size(u) for u in shards)
+    block_unit = max((size(u) for u in manifest.streamed), default=0)
     hr = headroom_of(manifest)
     tokens = seq_len or min(DEFAULT_PLAN_TOKENS, int(manifest.config.get("max_position_embeddings") or 10**9))
     head = hr.bytes(tokens, batch)
-    n = len(streamed)
-    common = dict(resident=resident, streamed=streamed, resident_bytes=res_bytes, unit_bytes=unit,
-                  headroom_bytes=head, overhead_bytes=overhead_bytes, seq_len=tokens, batch=batch, headroom=hr, budget_from=budget_from)
+
+    def plan(k: int, p: int, *, stream_shards: bool, source: str) -> Plan:
+        streamed = blocks + [u.name for u in shards] if stream_shards else blocks
+        unit = max([block_unit, *(size(u) for u in shards)]) if stream_shards else block_unit
+        res_bytes = core if stream_shards else core + shard_bytes
+        live = min(k + p + 1, len(streamed))
+        return Plan(budget, res_bytes + live * unit + head + overhead_bytes,
+                    resident=[u.name for u in manifest.resident] + ([] if stream_shards else [u.name for u in shards]),
+                    streamed=streamed, cache_size=k, prefetch_count=p, resident_bytes=res_bytes, unit_bytes=unit,
+                    headroom_bytes=head, overhead_bytes=overhead_bytes, seq_len=tokens, batch=batch, headroom=hr,
+                    budget_from=budget_from, source=source, shard_bytes=shard_bytes, shards_streamed=stream_shards)
+
     if config.cache_size is not None or budget is None:
         k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
-        p = config.prefetch_count
-        live = min(k + p + 1, n)
-        return Plan(budget, _bound(res_bytes, unit, live, head), cache_size=k, prefetch_count=p,
-                    source="default" if config.cache_size is None else "cache_size", **common)
-    minimum = _bound(res_bytes, unit, min(1, n), head)
+        return plan(k, config.prefetch_count, stream_shards=False,
+                    source="default" if config.cache_size is None else "cache_size")
+    least = plan(0, 0, stream_shards=False, source="budget")
+    if budget < least.bound_bytes and shards:  # the shards do not fit beside one unit: stream them
+        least = plan(0, 0, stream_shards=True, source="budget")
+    minimum = least.bound_bytes
     if budget < minimum:
         raise ConfigurationError(
             f"memory_budget {_mib(budget)} is below the minimum {_mib(minimum)} ({minimum} bytes) for "
-            f"{manifest.name!r}: resident {_mib(res_bytes)} + one {_mib(unit)} unit + headroom {_mib(head)} "
-            f"for {tokens} tokens x batch {batch} + overhead {_mib(overhead_bytes)} (tokenizer, skeleton)")
+            f"{manifest.name!r}: resident {_mib(least.resident_bytes)} + one {_mib(least.unit_bytes)} unit + "
+            f"headroom {_mib(head)} for {tokens} tokens x batch {batch} + overhead {_mib(overhead_bytes)} "
+            f"(tokenizer, skeleton){'; the embedding / lm_head shards already streamed' if least.shards_streamed else ''}")
+    n, unit = len(least.streamed), least.unit_bytes
     spare_units = (budget - minimum) // unit if unit else n
     p = min(config.prefetch_count, spare_units, max(0, n - 1))
     # n units alive at once is the whole model: keep all of it (nothing is fetched after the first pass)
     k = n if spare_units + 1 >= n else spare_units - p
-    live = min(k + p + 1, n)
-    return Plan(budget, _bound(res_bytes, unit, live, head), cache_size=k, prefetch_count=p, source="budget",
-                **common)
+    return plan(k, p, stream_shards=least.shards_streamed, source="budget")

@@ -1,0 +1,186 @@
+"""Embedding and lm_head weights stored as row shards (format role ``shard``): kept whole or streamed.
+
+A vocabulary of 128k–262k tokens makes the input embedding and the lm_head gigabytes; the chunker stores such
+a weight as units holding row ranges (:mod:`streaming_weights.format.manifest`). The planner decides:
+
+* **kept** (:func:`assemble`): the shards are fetched one at a time into one full tensor, assigned like any
+  resident tensor (peak: the tensor plus one shard).
+* **streamed** (:class:`EdgeBinding`): the weight stays a placeholder and the modules that use it run shard
+  by shard. This wraps their ``forward`` — the one place the package computes something itself, kept to
+  the two operations below, each tested against transformers running the whole weight:
+
+  - an ``nn.Embedding`` (the input embedding) gathers only the rows its ids need: the distinct ids are
+    copied out of the shards that hold them into a compact weight, and the module's *own* forward runs on
+    it with the ids renumbered, so a subclass's behaviour (a scaled embedding's multiplier) is kept;
+  - an ``nn.Linear`` (the lm_head, tied or not) computes its output features shard by shard into one
+    output tensor; its bias (never sharded) stays resident.
+
+The placeholder is a one-element NaN tensor expanded to the weight's shape on the compute device: it costs
+no memory, keeps ``model.device`` / ``dtype`` right (transformers reads the first parameter), and anything
+that bypassed the wrappers would compute NaN rather than plausible numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..exceptions import ModelError
+from ..format import Manifest
+
+Acquire = Callable[[str, bool], dict[str, torch.Tensor]]  # (unit, ordered) -> tensors
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """One model tensor stored as row shards: ``shards`` = ``(unit, start, stop)`` covering ``[0, rows)``."""
+
+    name: str
+    shards: tuple[tuple[str, int, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shards[-1][2]
+
+    @property
+    def units(self) -> list[str]:
+        return [u for u, _, _ in self.shards]
+
+    def holding(self, sorted_ids: torch.Tensor) -> list[tuple[str, int, int]]:
+        """The shards holding at least one of ``sorted_ids`` (ascending, in range)."""
+        if not sorted_ids.numel():
+            return []
+        starts = torch.tensor([a for _, a, _ in self.shards[1:]], dtype=sorted_ids.dtype, device=sorted_ids.device)
+        which = torch.unique(torch.bucketize(sorted_ids, starts, right=True)).tolist()
+        return [self.shards[i] for i in which]
+
+
+def sharded_tensors(manifest: Manifest) -> dict[str, ShardedTensor]:
+    """``{model tensor name: ShardedTensor}`` for every tensor ``manifest`` stores as row shards."""
+    return {name: ShardedTensor(name, tuple((u.name, *u.rows) for u in units))
+            for name, units in manifest.shard_groups().items()}
+
+
+def assemble(fetch: Callable[[str], dict[str, torch.Tensor]], tensor: ShardedTensor) -> torch.Tensor:
+    """The whole tensor, filled shard by shard (``fetch(unit)`` -> that unit's tensors)."""
+    full: torch.Tensor | None = None
+    for unit, start, stop in tensor.shards:
+        part = fetch(unit)[tensor.name]
+        if full is None:
+            full = part.new_empty((tensor.rows, *part.shape[1:]))
+        full[start:stop] = part
+        del part  # the shard's receive buffer goes before the next one is fetched
+    return full
+
+
+def users(root: nn.Module, manifest: Manifest, tensor: str) -> list[tuple[str, nn.Module]]:
+    """``(parameter name, module)`` of every module whose ``weight`` is ``tensor`` (or a tied alias of it).
+
+    Raises:
+        ModelError: the tensor is used otherwise than as an ``nn.Embedding`` / ``nn.Linear`` weight (it
+            cannot be streamed: the planner must keep it).
+    """
+    out = []
+    for name in [tensor, *(a for a, t in manifest.tied.items() if t == tensor)]:
+        path, _, attr = name.rpartition(".")
+        module = root.get_submodule(path) if path else root
+        if attr != "weight" or not isinstance(module, (nn.Embedding, nn.Linear)):
+            raise ModelError(f"{name} is used by a {type(module).__name__}, not an nn.Embedding / nn.Linear "
+                             "weight: it cannot be streamed in shards (a larger memory budget keeps it)")
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise ModelError(f"{name}: an nn.Embedding with max_norm renormalizes its weight in place and "
+                             "cannot be streamed in shards")
+        out.append((name, module))
+    return out
+
+
+class EdgeBinding:
+    """Streams one sharded weight through the modules that use it (see the module docstring).
+
+    Args:
+        acquire: ``(unit, ordered)`` -> the unit's tensors; ``ordered=False`` for the embedding's
+            data-dependent shards (not part of the execution order the cache learns and prefetches along).
+        release: the unit finished computing.
+        device: where the placeholder lives (the compute device).
+    """
+
+    def __init__(self, root: nn.Module, manifest: Manifest, tensor: ShardedTensor, acquire: Acquire,
+                 release: Callable[[str], None], device: torch.device | str = "cpu") -> None:
+        self.tensor = tensor
+        self._acquire, self._release = acquire, release
+        self.users = users(root, manifest, tensor.name)
+        meta = self.users[0][1].weight
+        nan = torch.full((), float("nan"), dtype=meta.dtype, device=device)
+        self.placeholder = nn.Parameter(nan.expand(meta.shape), requires_grad=False)
+        self._originals: dict[int, tuple[nn.Module, nn.Parameter]] = {}
+        for _, module in self.users:
+            if id(module) in self._originals:  # T5: one shared module reached by several names
+                continue
+            self._originals[id(module)] = (module, module._parameters["weight"])
+            module._parameters["weight"] = self.placeholder  # one object for every alias: ties kept
+            module.forward = (self._gather if isinstance(module, nn.Embedding) else self._linear)(module)
+
+    @property
+    def heads(self) -> bool:
+        """Whether an ``nn.Linear`` uses the weight (its shards run in order on every forward)."""
+        return any(isinstance(m, nn.Linear) for _, m in self.users)
+
+    def _gather(self, module: nn.Embedding) -> Callable[..., Any]:
+        own_forward = type(module).forward  # the class's own forward: a subclass's scaling is kept
+        t = self.tensor
+
+        def forward(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            ids, inverse = torch.unique(input_ids, sorted=True, return_inverse=True)
+            if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= t.rows):
+                raise IndexError(f"token id out of range for {t.name} with {t.rows} rows: "
+                                 f"{int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])}")
+            compact = self.placeholder.new_empty((ids.numel(), *self.placeholder.shape[1:]))
+            for unit, start, stop in t.holding(ids):
+                weight = self._acquire(unit, False)[t.name]
+                try:
+                    here = (ids >= start) & (ids < stop)
+                    compact[here] = weight[ids[here] - start]
+                finally:
+                    self._release(unit)
+            saved = module._parameters["weight"], module.padding_idx
+            # padding_idx only shapes gradients; the compact weight's rows are renumbered
+            module._parameters["weight"], module.padding_idx = nn.Parameter(compact, requires_grad=False), None
+            try:
+                return own_forward(module, inverse, *args, **kwargs)
+            finally:
+                module._parameters["weight"], module.padding_idx = saved
+
+        return forward
+
+    def _linear(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        t = self.tensor
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor | None = None
+            bias = module.bias
+            for unit, start, stop in t.shards:
+                weight = self._acquire(unit, True)[t.name]
+                try:
+                    part = F.linear(x, weight, None if bias is None else bias[start:stop])
+                finally:
+                    self._release(unit)
+                if out is None:
+                    out = part.new_empty((*part.shape[:-1], t.rows))
+                out[..., start:stop] = part
+            return out
+
+        return forward
+
+    def remove(self) -> None:
+        """Restore the modules' own forward and their (meta) weight."""
+        for module, weight in self._originals.values():
+            module.__dict__.pop("forward", None)
+            module._parameters["weight"] = weight
+        self._originals.clear()
+
+
+__all__ = ["EdgeBinding", "ShardedTensor", "assemble", "sharded_tensors", "users"]
