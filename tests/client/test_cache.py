@@ -147,6 +147,24 @@ def test_buffer_pool_reuses_only_unviewed_buffers():
     assert pool.take(1024) is not buf  # the pool handed it out once only
 
 
+def test_buffer_pool_takes_a_viewed_buffer_once_its_view_dies():
+    """A unit dropped while some frame still holds a view of it: the buffer is held aside (not freed, not
+    reused) and taken by the next fetch once the view is gone, so no new buffer is allocated."""
+    from streaming_weights.client.buffers import BufferPool
+
+    pool = BufferPool(max_bytes=1 << 20)
+    buf = pool.take(1024)
+    view = torch.frombuffer(buf, dtype=torch.uint8)
+    assert not pool.give(buf)
+    ident = id(buf)
+    del buf  # as the cache does: only the view (and the pool) still reference it
+    other = pool.take(1024)
+    assert id(other) != ident and pool.allocated == 2  # still viewed: not handed out
+    del view
+    assert id(pool.take(1024)) == ident and pool.allocated == 2 and pool.reused == 1
+    assert pool.give(other) and pool.bytes == 1024
+
+
 @pytest.mark.parametrize("wait_for_prefetch", [True, False])
 async def test_a_failed_prefetch_is_surfaced_not_retried_again(tmp_path, wait_for_prefetch):
     # A prefetch spends the whole retry policy (RetryingSource); the demand miss for that unit must report

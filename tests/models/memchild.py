@@ -56,6 +56,7 @@ def main() -> None:
         "tokens": out[0].tolist(), "same": out2[0].tolist() == out[0].tolist(),
         "new_buffers_in_steady_state": model.engine.source.buffer_pool.allocated - allocated,
         "buffers_allocated": model.engine.source.buffer_pool.allocated,
+        "buffers_refused": model.engine.source.buffer_pool.refused, "buffers_reused": model.engine.source.buffer_pool.reused,
         "fetches": info["fetches"], "streamed": info["streamed_units"], "cache_size": info["max_cache_size"],
         "load_plan": info["plan"]}))
 

@@ -43,6 +43,7 @@ class BufferPool:
         self.allocate = allocate
         self._kinds: set[type] = {bytearray} if allocate is unit_buffer else set()
         self._free: dict[int, list[Any]] = defaultdict(list)
+        self._pending: list[Any] = []  # given back while a view still lived (counted in ``bytes``)
         #: idle bytes the owner (the unit cache) allows on top of ``max_bytes`` right now: the unit slots of
         #: its bound that no live unit uses, so buffers are reused, never freed and allocated again
         self.slack_bytes = 0
@@ -59,6 +60,7 @@ class BufferPool:
         than left idle while a fresh one is allocated. Idle buffers have no view (see :meth:`give`), so
         resizing cannot pull memory from under a tensor.
         """
+        self._reclaim()
         buf = self._pop(size)
         if buf is not None:
             self.reused += 1
@@ -91,16 +93,33 @@ class BufferPool:
         """Offer a buffer back; it is kept only if no tensor view or other object references it."""
         if buf is None or type(buf) not in self._kinds | {bytearray}:
             return False
-        # References now: the caller's variable, this parameter, getrefcount's argument.
-        if sys.getrefcount(buf) > 3:
-            self.refused += 1
-            return False
+        for i, held in enumerate(self._pending):  # offered again: no longer held aside
+            if held is buf:
+                del self._pending[i], held
+                self.bytes -= len(buf)
+                break
         if self.bytes + len(buf) > max(self.max_bytes, self.slack_bytes):
             return False
-        self._free[len(buf)].append(buf)
         self.bytes += len(buf)
+        # References now: the caller's variable, this parameter, getrefcount's argument.
+        if sys.getrefcount(buf) > 3:
+            # A view still lives (a frame or callback that has not let go yet): hold the buffer aside and
+            # take it once the view is gone, rather than letting it be freed and allocating a new one.
+            self.refused += 1
+            self._pending.append(buf)
+            return False
+        self._free[len(buf)].append(buf)
         return True
+
+    def _reclaim(self) -> None:
+        """Move held-aside buffers whose last view has died to the idle set."""
+        waiting, self._pending = self._pending, []
+        while waiting:
+            buf = waiting.pop()
+            # References now: ``buf`` and getrefcount's argument.
+            (self._pending if sys.getrefcount(buf) > 2 else self._free[len(buf)]).append(buf)
 
     def clear(self) -> None:
         self._free.clear()
+        self._pending.clear()
         self.bytes = 0

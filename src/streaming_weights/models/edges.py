@@ -129,6 +129,14 @@ class EdgeBinding:
         """Whether an ``nn.Linear`` uses the weight (its shards run in order on every forward)."""
         return any(isinstance(m, nn.Linear) for _, m in self.users)
 
+    def _with_shard(self, unit: str, ordered: bool, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn(shard's rows)``; the shard is released once ``fn`` returned, with no view of it left in this
+        frame (so its receive buffer can be reused at once)."""
+        try:
+            return fn(self._acquire(unit, ordered)[self.tensor.name])
+        finally:
+            self._release(unit)
+
     def _gather(self, module: nn.Embedding) -> Callable[..., Any]:
         own_forward = type(module).forward  # the class's own forward: a subclass's scaling is kept
         t = self.tensor
@@ -140,12 +148,8 @@ class EdgeBinding:
                                  f"{int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])}")
             compact = self.placeholder.new_empty((ids.numel(), *self.placeholder.shape[1:]))
             for unit, start, stop in t.holding(ids):
-                weight = self._acquire(unit, False)[t.name]
-                try:
-                    here = (ids >= start) & (ids < stop)
-                    compact[here] = weight[ids[here] - start]
-                finally:
-                    self._release(unit)
+                here = (ids >= start) & (ids < stop)
+                compact[here] = self._with_shard(unit, False, lambda w: w[ids[here] - start])
             saved = module._parameters["weight"], module.padding_idx
             # padding_idx only shapes gradients; the compact weight's rows are renumbered
             module._parameters["weight"], module.padding_idx = nn.Parameter(compact, requires_grad=False), None
@@ -163,11 +167,8 @@ class EdgeBinding:
             out: torch.Tensor | None = None
             bias = module.bias
             for unit, start, stop in t.shards:
-                weight = self._acquire(unit, True)[t.name]
-                try:
-                    part = F.linear(x, weight, None if bias is None else bias[start:stop])
-                finally:
-                    self._release(unit)
+                b = None if bias is None else bias[start:stop]
+                part = self._with_shard(unit, True, lambda w: F.linear(x, w, b))
                 if out is None:
                     out = part.new_empty((*part.shape[:-1], t.rows))
                 out[..., start:stop] = part
