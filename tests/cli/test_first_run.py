@@ -199,6 +199,24 @@ def test_serve_beyond_loopback_without_a_token_prints_the_real_address_and_warns
     assert "Traceback" not in err
 
 
+def test_serve_takes_the_directory_as_an_argument(tiny_chunks):
+    """`surfing serve ./chunks` (what a new user types) serves like `--chunks-dir ./chunks`."""
+    _, chunks = tiny_chunks("llama")
+    port = free_port()
+    proc = subprocess.Popen([*SURFING, "serve", str(chunks), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        wait_for_port(port, proc=proc)
+        listed = surfing("inspect", f"ws://127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert f"ws://127.0.0.1:{port}" in line, line
+    assert listed.returncode == 0 and "LlamaForCausalLM" in listed.stdout, listed.stderr
+    assert_one_line_error(surfing("serve", str(chunks), "-d", "/elsewhere", "--port", "0"), "two chunk directories")
+
+
 # ------------------------------------------------------------------ 13: chat keeps the KV cache
 def test_chat_answers_two_turns_reusing_the_kv_cache(smollm2_chunks):
     res = surfing("chat", "--server", smollm2_chunks, "--cache-size", "30", "--max-new-tokens", "12", "-v",

@@ -12,6 +12,10 @@ from .options import add_common, add_s3_args, s3_backend
 
 
 def _storage(args: argparse.Namespace) -> tuple[Any, str]:
+    if args.chunks_path:
+        if args.chunks_dir and args.chunks_dir != args.chunks_path:
+            raise ConfigurationError(f"two chunk directories given: {args.chunks_path} and --chunks-dir {args.chunks_dir}")
+        args.chunks_dir = args.chunks_path
     backend = s3_backend(args)
     if backend is None and not args.chunks_dir:
         raise ConfigurationError("pass --chunks-dir DIR (or --s3-bucket)")
@@ -58,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve chunked model(s) over WebSocket")
+    p.add_argument("chunks_path", nargs="?", metavar="DIR", help="same as --chunks-dir DIR")
     p.add_argument("--chunks-dir", "-d", help="a chunked model directory, or a directory of several")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", "-p", type=int, default=8765, help="TCP port (0 = any free port)")
