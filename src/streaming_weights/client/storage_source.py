@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..exceptions import IntegrityError, NotFoundError
 from ..format import Manifest, join_key
 from ..storage import StorageBackend
-from ..storage.catalog import discover_models, pick_model
+from ..storage.catalog import StoredModel, discover_stored, pick_model
 from .base import FetchedUnit, UnitSource
 from .verify import trusted_manifest, verify_and_decode, verify_blob
 
@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 class StorageSource(UnitSource):
     """Read chunks straight from a :class:`StorageBackend`; ``prefix`` is where the model(s) live in it.
 
-    ``trust``: when set, :meth:`get_manifest` re-reads the stored ``manifest.json`` bytes and
-    ``manifest.json.sig`` and checks them (SignatureError) before the manifest is used.
+    ``trust``: when set, :meth:`get_manifest` checks the exact stored ``manifest.json`` bytes against
+    ``manifest.json.sig`` (SignatureError) before the manifest is used; both were read once, together,
+    when the storage was first listed (:func:`~..storage.catalog.discover_stored`).
     """
 
     def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None) -> None:
@@ -29,13 +30,13 @@ class StorageSource(UnitSource):
         self.storage = storage
         self.prefix = prefix.strip("/")
         self.location = f"{storage.location}/{self.prefix}".rstrip("/")
-        self._models: dict[str, tuple[str, Manifest]] | None = None
+        self._models: dict[str, StoredModel] | None = None
         self._lock = asyncio.Lock()
 
-    async def _catalog(self) -> dict[str, tuple[str, Manifest]]:
+    async def _catalog(self) -> dict[str, StoredModel]:
         async with self._lock:
             if self._models is None:
-                self._models = await discover_models(self.storage, self.prefix)
+                self._models = await discover_stored(self.storage, self.prefix)
                 if not self._models:
                     raise NotFoundError(f"no chunked model (manifest.json) under {self.location}")
             return self._models
@@ -45,21 +46,15 @@ class StorageSource(UnitSource):
 
     async def get_manifest(self, model_name: str | None) -> Manifest:
         models = await self._catalog()
-        model_prefix, manifest = models[pick_model(models, model_name, self.location)]
+        stored = models[pick_model(models, model_name, self.location)]
         if self.trust is None:
-            return manifest
-        from ..format.signing import read_signed_manifest
-
-        data, signature = await read_signed_manifest(self.storage, model_prefix)
-        verified = trusted_manifest(data, signature, self.trust, f"{self.storage.location}/{model_prefix}".rstrip("/"))
-        if verified.name != manifest.name:
-            raise NotFoundError(f"{self.location}: the manifest of {manifest.name!r} changed while it was read; try again")
-        models[verified.name] = (model_prefix, verified)  # from now on, the verified one
-        return verified
+            return stored.manifest
+        where = f"{self.storage.location}/{stored.prefix}".rstrip("/")
+        return trusted_manifest(stored.data, stored.signature, self.trust, where)
 
     async def _key(self, manifest: Manifest, rel: str) -> str:
         models = await self._catalog()
-        return join_key(models[pick_model(models, manifest.name, self.location)][0], rel)
+        return join_key(models[pick_model(models, manifest.name, self.location)].prefix, rel)
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
         loop = asyncio.get_running_loop()
