@@ -61,4 +61,43 @@ class UnitSource(ABC):
         pass
 
 
-__all__ = ["FetchedUnit", "UnitSource"]
+class SourceWrapper(UnitSource):
+    """A source in front of another (``source``): its location, attempt span and buffer pool are the inner
+    source's, and every call passes through unless the subclass overrides it."""
+
+    def __init__(self, source: UnitSource) -> None:
+        self.source = source
+
+    @property
+    def location(self) -> str:  # type: ignore[override]
+        return self.source.location
+
+    @property
+    def attempt_span(self) -> int:  # type: ignore[override]
+        return self.source.attempt_span
+
+    @property
+    def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
+        return self.source.buffer_pool
+
+    @buffer_pool.setter
+    def buffer_pool(self, pool: BufferPool | None) -> None:
+        self.source.buffer_pool = pool
+
+    async def list_models(self) -> list[str]:
+        return await self.source.list_models()
+
+    async def get_manifest(self, model_name: str | None) -> Manifest:
+        return await self.source.get_manifest(model_name)
+
+    async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
+        return await self.source.fetch_unit(manifest, unit)
+
+    async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
+        return await self.source.fetch_file(manifest, name)
+
+    async def close(self) -> None:
+        await self.source.close()
+
+
+__all__ = ["FetchedUnit", "SourceWrapper", "UnitSource"]

@@ -27,6 +27,10 @@ def unit_buffer(size: int) -> mmap.mmap | bytearray:
     return mmap.mmap(-1, size) if size else bytearray()
 
 
+#: buffers held aside while a view of them still lives (each one is alive anyway until the view dies)
+MAX_PENDING = 4
+
+
 class BufferPool:
     """Reusable unit buffers keyed by exact size, bounded by ``max_bytes``.
 
@@ -43,7 +47,7 @@ class BufferPool:
         self.allocate = allocate
         self._kinds: set[type] = {bytearray} if allocate is unit_buffer else set()
         self._free: dict[int, list[Any]] = defaultdict(list)
-        self._pending: list[Any] = []  # given back while a view still lived (counted in ``bytes``)
+        self._pending: list[Any] = []  # given back while a view still lived
         #: idle bytes the owner (the unit cache) allows on top of ``max_bytes`` right now: the unit slots of
         #: its bound that no live unit uses, so buffers are reused, never freed and allocated again
         self.slack_bytes = 0
@@ -93,31 +97,36 @@ class BufferPool:
         """Offer a buffer back; it is kept only if no tensor view or other object references it."""
         if buf is None or type(buf) not in self._kinds | {bytearray}:
             return False
-        for i, held in enumerate(self._pending):  # offered again: no longer held aside
-            if held is buf:
-                del self._pending[i], held
-                self.bytes -= len(buf)
-                break
-        if self.bytes + len(buf) > max(self.max_bytes, self.slack_bytes):
-            return False
-        self.bytes += len(buf)
+        self._pending = [held for held in self._pending if held is not buf]  # offered again: judge it now
         # References now: the caller's variable, this parameter, getrefcount's argument.
         if sys.getrefcount(buf) > 3:
-            # A view still lives (a frame or callback that has not let go yet): hold the buffer aside and
-            # take it once the view is gone, rather than letting it be freed and allocating a new one.
+            # A view still lives (a frame or a worker's finished future that has not let go yet): hold the
+            # buffer aside and take it once the view is gone, rather than letting it be freed and
+            # allocating a new one. Held-aside buffers count once they are idle (:meth:`_reclaim`).
             self.refused += 1
-            self._pending.append(buf)
+            if len(self._pending) < MAX_PENDING:
+                self._pending.append(buf)
+            return False
+        return self._keep_idle(buf)
+
+    def _keep_idle(self, buf: Any) -> bool:
+        if self.bytes + len(buf) > max(self.max_bytes, self.slack_bytes):
             return False
         self._free[len(buf)].append(buf)
+        self.bytes += len(buf)
         return True
 
     def _reclaim(self) -> None:
-        """Move held-aside buffers whose last view has died to the idle set."""
+        """Move held-aside buffers whose last view has died to the idle set (within its bound)."""
         waiting, self._pending = self._pending, []
         while waiting:
             buf = waiting.pop()
             # References now: ``buf`` and getrefcount's argument.
-            (self._pending if sys.getrefcount(buf) > 2 else self._free[len(buf)]).append(buf)
+            if sys.getrefcount(buf) > 2:
+                self._pending.append(buf)
+            else:
+                self._keep_idle(buf)
+            del buf
 
     def clear(self) -> None:
         self._free.clear()

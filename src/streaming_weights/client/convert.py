@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -30,13 +29,11 @@ from ..exceptions import ConfigurationError, UnitFormatError
 from ..format import Manifest, UnitEntry
 from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, plan_unit, tensor_view
 from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, read_quant_metadata
-from .base import FetchedUnit, UnitSource
+from .base import FetchedUnit, SourceWrapper, UnitSource
 
 if TYPE_CHECKING:
     from .buffers import BufferPool
 
-#: receive buffers kept for a later give-back (each is one unit: this bounds the extra memory)
-_MAX_PENDING = 1
 _NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float": torch.float32, "half": torch.float16, "float64": torch.float64}
 
@@ -91,7 +88,7 @@ def _target(dtype: str, want: torch.dtype, keep32: bool) -> str:
     return "F32" if keep32 else dtype_name(want)
 
 
-class ConvertingSource(UnitSource):
+class ConvertingSource(SourceWrapper):
     """A :class:`UnitSource` whose units arrive in the compute dtype, dequantized.
 
     Args:
@@ -108,7 +105,7 @@ class ConvertingSource(UnitSource):
 
     def __init__(self, source: UnitSource, dtype: str | torch.dtype | None = None,
                  keep_fp32: Iterable[str] = ()) -> None:
-        self.source = source
+        super().__init__(source)
         self.dtype = parse_compute_dtype(dtype)
         self.keep_fp32 = frozenset(keep_fp32)
         self.converted_units = 0
@@ -116,26 +113,13 @@ class ConvertingSource(UnitSource):
         self.converted_bytes = 0  # compute-dtype bytes written
         self._plans: dict[tuple[str, str, frozenset[str]], _Plan | None] = {}
         self._reserved: set[int] = set()
-        self._pending: list[Any] = []  # receive buffers the pool refused while a view still lived
 
     def __getattr__(self, name: str) -> Any:  # only reached for attributes this class lacks
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
 
-    @property
-    def location(self) -> str:  # type: ignore[override]
-        return self.source.location
-
-    @property
-    def attempt_span(self) -> int:  # type: ignore[override]
-        return self.source.attempt_span
-
-    @property
-    def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
-        return self.source.buffer_pool
-
-    @buffer_pool.setter
+    @SourceWrapper.buffer_pool.setter  # type: ignore[attr-defined]
     def buffer_pool(self, pool: BufferPool | None) -> None:
         self.source.buffer_pool = pool
         self._reserved.clear()
@@ -166,19 +150,6 @@ class ConvertingSource(UnitSource):
             total += math.prod(shape) * itemsize(dt)
         return total if changed else entry.bytes
 
-    # ------------------------------------------------------------------------------ pass-through
-    async def list_models(self) -> list[str]:
-        return await self.source.list_models()
-
-    async def get_manifest(self, model_name: str | None) -> Manifest:
-        return await self.source.get_manifest(model_name)
-
-    async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
-        return await self.source.fetch_file(manifest, name)
-
-    async def close(self) -> None:
-        await self.source.close()
-
     # -------------------------------------------------------------------------------- conversion
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
         """Fetch ``unit`` (verified by the wrapped source) and convert it to the compute dtype.
@@ -206,16 +177,10 @@ class ConvertingSource(UnitSource):
         return fetched
 
     def _give_back(self, pool: BufferPool, raw: Any) -> None:
-        """Return receive buffers to the pool. The wrapped source decodes in a worker thread whose finished
-        future may keep the stored views alive a moment longer (until that thread drops it), so a refused
-        buffer is offered again on the next call instead of being lost to reuse."""
-        self._pending.append(raw)
-        del raw
-        for _ in range(len(self._pending)):
-            buf = self._pending.pop(0)
-            if not pool.give(buf) and sys.getrefcount(buf) > 2 and len(self._pending) < _MAX_PENDING:
-                self._pending.append(buf)  # still viewed (or the pool is full): try again later
-            del buf
+        """Return a receive buffer to the pool. The wrapped source decodes in a worker thread whose finished
+        future may keep the stored views alive a moment longer; the pool holds such a buffer aside and
+        takes it once they are gone (:meth:`BufferPool.give`)."""
+        pool.give(raw)
 
     def _plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
         key = (manifest.name, manifest.unit(fetched.name).blake3, self.keep_fp32)

@@ -32,8 +32,7 @@ from ..exceptions import (
     UnitUnavailableError,
 )
 from ..format import Manifest
-from .base import FetchedUnit, UnitSource
-from .buffers import BufferPool
+from .base import FetchedUnit, SourceWrapper, UnitSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,7 +105,7 @@ class RetryPolicy:
         return (self.max_retries + 1) * attempt + waits
 
 
-class RetryingSource(UnitSource):
+class RetryingSource(SourceWrapper):
     """A :class:`UnitSource` that retries ``source``'s transient failures under ``policy``.
 
     Auth, not-found and bad-request errors propagate at once, unchanged. After the last attempt a unit
@@ -117,24 +116,14 @@ class RetryingSource(UnitSource):
     def __init__(self, source: UnitSource, policy: RetryPolicy | None = None) -> None:
         while isinstance(source, RetryingSource):
             source = source.source
-        self.source = source
+        super().__init__(source)
         self.policy = policy or RetryPolicy()
-        self.location = source.location
-        self.attempt_span = source.attempt_span
         #: Retries made so far (all calls).
         self.retries = 0
 
     def deadline(self) -> float:
         """:meth:`RetryPolicy.deadline` for this source: what the sync bridge waits at most."""
         return self.policy.deadline(self.attempt_span)
-
-    @property
-    def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
-        return self.source.buffer_pool
-
-    @buffer_pool.setter
-    def buffer_pool(self, pool: BufferPool | None) -> None:
-        self.source.buffer_pool = pool
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]], *, unit: bool = False) -> T:
         retry = 0
@@ -166,9 +155,6 @@ class RetryingSource(UnitSource):
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
         return await self._call(f"file {name!r}", lambda: self.source.fetch_file(manifest, name))
-
-    async def close(self) -> None:
-        await self.source.close()
 
     async def __aenter__(self) -> RetryingSource:
         return self
