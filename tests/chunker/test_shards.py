@@ -304,4 +304,7 @@ def test_peak_rss_is_one_tensor_plus_a_unit_while_sharding(tmp_path, safe):
     assert len(m.shards) == 16 and tensor == 64 << 20
     largest = max(u.bytes for u in m.units)
     growth = r["peak"] - r["base"]
-    assert growth < tensor + 2 * largest + SLACK, (growth >> 20, tensor >> 20, largest >> 20)
+    # .bin: torch.load maps the whole archive; the pages of neighbouring tensors touched while reading count
+    # too (measured 78-91 MiB on this box, vs 137 MiB if the shards' buffers were held)
+    units = 2 if safe else 4
+    assert growth < tensor + units * largest + SLACK, (growth >> 20, tensor >> 20, largest >> 20)
