@@ -68,6 +68,16 @@ def test_tensors_declaring_more_than_a_unit_may_hold_are_refused(good):
         Manifest.from_bytes(_bytes(obj))
 
 
+def test_tensor_data_beyond_its_units_declared_size_is_refused(good):
+    obj = json.loads(json.dumps(good))
+    unit = obj["units"][1]
+    name = next(iter(unit["tensors"]))
+    n = 1 << 30  # 4 GiB of float32 declared inside a unit that says it is a few KB (within every limit)
+    unit["tensors"][name] = {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}
+    with pytest.raises(ManifestLimitError, match="beyond the unit's declared"):
+        Manifest.from_bytes(_bytes(obj))
+
+
 def test_absurd_ranks_counts_and_totals_are_refused(good):
     obj = json.loads(json.dumps(good))
     name = next(iter(obj["units"][1]["tensors"]))

@@ -29,7 +29,8 @@ def _spec(dtype: str, shape: tuple[int, ...], start: int = 0) -> TensorSpec:
 
 
 def _unit(name: str, order: int, role: str, tensors: dict[str, TensorSpec], rows=None) -> UnitEntry:
-    return UnitEntry(name, f"units/{name}.safetensors", 8, D.sha256, D.blake3, role=role, order=order,
+    size = 8 + max((t.data_offsets[1] for t in tensors.values()), default=0)  # a file holding its data
+    return UnitEntry(name, f"units/{name}.safetensors", size, D.sha256, D.blake3, role=role, order=order,
                      tensors=tensors, rows=rows)
 
 

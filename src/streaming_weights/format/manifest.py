@@ -152,7 +152,7 @@ class BlobEntry:
 
 def _tensor(name: str, obj: Any, limits: ManifestLimits, where: str) -> TensorSpec:
     """One tensor entry; its rank is bounded before its shape is multiplied out, and its data must end
-    within ``max_unit_bytes`` (a tensor disagreeing with its unit's real file is caught when it is fetched)."""
+    within ``max_unit_bytes`` (and, checked by the caller, within its unit's declared size)."""
     shape = obj.get("shape") if isinstance(obj, dict) else None
     if isinstance(shape, list) and len(shape) > limits.max_ndim:
         raise ManifestLimitError(f"{where}: tensor {name!r} has {len(shape)} dimensions; the limit is {limits.max_ndim}")
@@ -238,6 +238,10 @@ class UnitEntry(BlobEntry):
         except UnitFormatError as exc:
             raise ManifestError(f"{where}: {exc}") from exc
         limits.check_size(sum(t.nbytes for t in tensors.values()), limits.max_unit_bytes, "tensors", where)
+        for t, spec in tensors.items():  # no shape may claim more memory than the unit's own size
+            if spec.data_offsets[1] > size:
+                raise ManifestLimitError(f"{where}: tensor {t!r} ends at byte {spec.data_offsets[1]} of its data, "
+                                         f"beyond the unit's declared {size} bytes")
         try:
             return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors, rows=rows)
         except ManifestError as exc:
