@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -188,17 +188,14 @@ class ModelChunker:
         layout = plan.layout(unit)
         back = {plan.mapping[k]: k for k in keys}
 
-        def fill() -> tuple[Any, Digests]:
-            buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
-            buf[: layout.data_start] = layout.header
+        def parts() -> Iterator[tuple[str, torch.Tensor, Any]]:
             for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
                 name = back[ck]
                 _check_shape(ck, tensor, plan, name)
-                _put(buf, layout, name, tensor, plan.quant.get(name))
-                del tensor  # one source tensor at a time
-            return buf, Digests.of(buf)  # hashed here too: off the event loop, BLAKE3 without the GIL
+                yield name, tensor, plan.quant.get(name)
+                del tensor  # one source tensor at a time: gone before the next is read
 
-        buf, digests = await asyncio.to_thread(fill)
+        buf, digests = await asyncio.to_thread(_fill, layout, parts())
         return await builder.add_encoded_unit(unit, buf, digests=digests)
 
     @staticmethod
@@ -213,7 +210,7 @@ class ModelChunker:
             for unit in units:
                 _, start, stop = plan.shards[unit]
                 layout, spec = plan.layout(unit), plan.unit_quant(unit).get(key)
-                buf, digests = await asyncio.to_thread(_fill_one, layout, key, tensor[start:stop], spec)
+                buf, digests = await asyncio.to_thread(_fill, layout, [(key, tensor[start:stop], spec)])
                 report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=(start, stop)))
                 del buf
             del tensor
@@ -244,11 +241,14 @@ def _check_shape(ck: str, tensor: torch.Tensor, plan: ModelPlan, name: str) -> N
         raise ChunkingError(f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}")
 
 
-def _fill_one(layout: Any, name: str, tensor: torch.Tensor, spec: Any) -> tuple[Any, Digests]:
-    """A unit buffer holding just ``tensor`` (a shard's rows) as ``name``, and its digests."""
+def _fill(layout: Any, parts: Iterable[tuple[str, torch.Tensor, Any]]) -> tuple[Any, Digests]:
+    """A unit buffer laid out as ``layout`` holding ``parts`` (``(name, tensor, quant spec or None)``), and its
+    digests (hashed here too: in the worker thread, BLAKE3 without the GIL)."""
     buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
     buf[: layout.data_start] = layout.header
-    _put(buf, layout, name, tensor, spec)
+    for name, tensor, spec in parts:
+        _put(buf, layout, name, tensor, spec)
+        del tensor
     return buf, Digests.of(buf)
 
 
