@@ -322,11 +322,11 @@ class Manifest:
         return [u for u in self.units if u.role == "shard"]
 
     def shard_groups(self) -> dict[str, list[UnitEntry]]:
-        """``{model tensor name: its shard units, by rows}`` (validation guarantees manifest order is row order)."""
+        """``{model tensor name: its shard units, by rows}`` (in manifest order, which validation makes row order)."""
         out: dict[str, list[UnitEntry]] = {}
         for u in self.shards:
             out.setdefault(u.shard_tensor or "", []).append(u)
-        return {t: sorted(us, key=lambda u: u.rows or (0, 0)) for t, us in out.items()}
+        return out
 
     @property
     def total_bytes(self) -> int:
@@ -365,7 +365,7 @@ class Manifest:
                 if t in seen:
                     raise ManifestError(f"manifest: tensor {t!r} is sharded (unit {shards[0].name!r}) and also stored "
                                         "in a non-shard unit; a sharded tensor is stored only in its shards")
-            _check_shard_group(tensor, [u for u in self.units if u.shard_tensor == tensor])
+            _check_shard_group(tensor, shards)
             seen.update(shards[0].tensors)
         for alias, target in self.tied.items():
             if target not in seen or alias in seen:
