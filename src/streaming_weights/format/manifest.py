@@ -22,8 +22,7 @@ from .quant import OFFSET_SUFFIX, SCALE_SUFFIX
 FORMAT_VERSION = 2
 #: versions this library reads; a manifest gets the lowest version that can describe it (1 without shards)
 SUPPORTED_VERSIONS = (1, 2)
-#: the version that introduced role "shard"
-SHARD_VERSION = 2
+SHARD_VERSION = 2  # the version that introduced role "shard"
 ROLES = ("resident", "shard", "streamed")
 _COMPANIONS = (SCALE_SUFFIX, OFFSET_SUFFIX)
 _HEX64 = set("0123456789abcdef")
@@ -240,8 +239,7 @@ class UnitEntry(BlobEntry):
         limits.check_size(sum(t.nbytes for t in tensors.values()), limits.max_unit_bytes, "tensors", where)
         for t, spec in tensors.items():  # no shape may claim more memory than the unit's own size
             if spec.data_offsets[1] > size:
-                raise ManifestLimitError(f"{where}: tensor {t!r} ends at byte {spec.data_offsets[1]} of its data, "
-                                         f"beyond the unit's declared {size} bytes")
+                raise ManifestLimitError(f"{where}: tensor {t!r} ends at byte {spec.data_offsets[1]}, beyond the unit's declared {size} bytes")
         try:
             return cls(name, path, size, sha, b3, role=role, order=order, tensors=tensors, rows=rows)
         except ManifestError as exc:
