@@ -148,15 +148,20 @@ def auto_budget(proc: str | os.PathLike[str] = "/proc") -> tuple[int, MemoryLimi
     return max(0, int(left * (1 - AUTO_MARGIN_FRACTION)) - AUTO_MARGIN_BYTES), limit
 
 
-def current_rss() -> int:
-    """This process's resident set size now (bytes; 0 where ``/proc/self/status`` is unreadable)."""
+def status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``…) in bytes; ``None`` where unreadable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss() -> int:
+    """This process's resident set size now (bytes; 0 where ``/proc/self/status`` is unreadable)."""
+    return status_bytes("VmRSS") or 0
 
 
 def resolve_budget(value: int | str | None) -> tuple[int | None, str]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..memory import current_rss, status_bytes
 from .common import prompt_ids
 from .fixtures import build_random_llama, chunk_source, load_manifest
 
@@ -27,22 +28,12 @@ def _reset_peak() -> bool:
         return False
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def _peak() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This child's own peak RSS (VmHWM; ``ru_maxrss`` would carry the forking parent's peak)."""
+    peak = status_bytes("VmHWM")
+    if peak is None:
+        raise RuntimeError("/proc/self/status has no VmHWM: peak memory cannot be measured on this system")
+    return peak
 
 
 class TokenClock:
@@ -165,7 +156,7 @@ def child_accelerate(a: dict[str, Any]) -> dict[str, Any]:
     """accelerate's big-model inference: weights beyond ``max_memory`` offloaded to disk. Under a cap, its
     CPU budget is what the cap leaves after this process's runtime and a margin for activations."""
     Path(a["offload"]).mkdir(parents=True, exist_ok=True)
-    budget = int(a["budget"]) if a.get("budget") else max(32 << 20, int(a["cap"]) - _rss() - a["margin"])
+    budget = int(a["budget"]) if a.get("budget") else max(32 << 20, int(a["cap"]) - current_rss() - a["margin"])
     r = child_hf(a, device_map="auto", max_memory={"cpu": budget}, offload_folder=a["offload"])
     return r | {"max_memory_cpu": budget}
 
@@ -215,7 +206,7 @@ def measure(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """Run measurement ``kind`` with the peak RSS reset first; adds baseline/peak RSS to its result."""
     if kind not in MEASUREMENTS:
         raise SystemExit(f"unknown benchmark child {kind!r}")
-    baseline = _rss()
+    baseline = current_rss()
     peak_reset = _reset_peak()
     res = MEASUREMENTS[kind](args)
     res["baseline_rss"] = baseline
@@ -226,7 +217,6 @@ def measure(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def _import_baseline(kinds: list[str]) -> None:
     """Import everything the measured code imports, before the clock and the peak reset."""
-    import psutil  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch
     import transformers  # noqa: F401
