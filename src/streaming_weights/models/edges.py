@@ -65,6 +65,19 @@ def sharded_tensors(manifest: Manifest) -> dict[str, ShardedTensor]:
             for name, units in manifest.shard_groups().items()}
 
 
+def names_of(manifest: Manifest, tensor: str) -> list[str]:
+    """``tensor`` and every tied alias of it (e.g. ``lm_head.weight`` for a tied embedding)."""
+    return [tensor, *(a for a, t in manifest.tied.items() if t == tensor)]
+
+
+def kept_and_streamed(manifest: Manifest, streamed_units: list[str]) -> tuple[list[ShardedTensor], list[ShardedTensor]]:
+    """The sharded tensors of ``manifest`` the plan keeps whole, and those it streams (``streamed_units``:
+    the plan's streamed unit names)."""
+    streamed = set(streamed_units)
+    tensors = list(sharded_tensors(manifest).values())
+    return ([t for t in tensors if not set(t.units) & streamed], [t for t in tensors if set(t.units) <= streamed])
+
+
 def assemble(fetch: Callable[[str], dict[str, torch.Tensor]], tensor: ShardedTensor) -> torch.Tensor:
     """The whole tensor, filled shard by shard (``fetch(unit)`` -> that unit's tensors)."""
     full: torch.Tensor | None = None
@@ -85,7 +98,7 @@ def users(root: nn.Module, manifest: Manifest, tensor: str) -> list[tuple[str, n
             cannot be streamed: the planner must keep it).
     """
     out = []
-    for name in [tensor, *(a for a, t in manifest.tied.items() if t == tensor)]:
+    for name in names_of(manifest, tensor):
         path, _, attr = name.rpartition(".")
         module = root.get_submodule(path) if path else root
         if attr != "weight" or not isinstance(module, (nn.Embedding, nn.Linear)):
@@ -184,4 +197,4 @@ class EdgeBinding:
         self._originals.clear()
 
 
-__all__ = ["EdgeBinding", "ShardedTensor", "assemble", "sharded_tensors", "users"]
+__all__ = ["EdgeBinding", "ShardedTensor", "assemble", "kept_and_streamed", "names_of", "sharded_tensors", "users"]

@@ -35,7 +35,7 @@ from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
 from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
-from .edges import EdgeBinding, sharded_tensors
+from .edges import EdgeBinding, kept_and_streamed
 from .hooks import UnitBinding
 from .placement import DevicePlacement
 from .planner import Plan, plan_memory
@@ -218,7 +218,7 @@ class StreamingEngine:
         blocks = [u.name for u in manifest.streamed]
         streamed = set(plan.streamed)
         edges = [EdgeBinding(root, manifest, t, self.acquire, self.release, self.placement.ops.device)
-                 for t in sharded_tensors(manifest).values() if set(t.units) <= streamed]
+                 for t in kept_and_streamed(manifest, plan.streamed)[1]]
         # The order the policy starts from: the blocks, then the lm_head's shards (an input embedding's
         # shards are used by the tokens of each step, outside that order).
         order = blocks + [u for e in edges if e.heads for u in e.tensor.units]

@@ -21,7 +21,7 @@ from ..client.convert import fp32_names
 from ..format import Manifest
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
-from .edges import assemble, sharded_tensors
+from .edges import assemble, kept_and_streamed, names_of
 from .hooks import assign_tensor, assign_unit
 
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -117,12 +117,11 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     fetch = lambda name: engine.run(engine.source.fetch_unit(m, name)).tensors  # noqa: E731
     for entry in m.resident:
         assign_unit(model, fetch(entry.name))
-    streamed_shards: set[str] = set()  # sharded weights the plan streams (edges.EdgeBinding), and aliases
-    for tensor in sharded_tensors(m).values():
-        if set(tensor.units) <= set(plan.resident):
-            assign_tensor(model, tensor.name, assemble(fetch, tensor))
-        else:
-            streamed_shards |= {tensor.name, *(a for a, t in m.tied.items() if t == tensor.name)}
+    kept, streamed = kept_and_streamed(m, plan.streamed)
+    for tensor in kept:
+        assign_tensor(model, tensor.name, assemble(fetch, tensor))
+    # sharded weights the plan streams stay meta here (edges.EdgeBinding takes them), their aliases too
+    streamed_shards = {name for tensor in streamed for name in names_of(m, tensor.name)}
     tie_weights(model, m)
     streamed_prefixes = tuple(n + "." for n in expected)
     missing = [n for n, p in model.named_parameters(remove_duplicate=False)
