@@ -110,7 +110,9 @@ def test_unit_file_does_not_match_manifest(chunks, where, update_hash, cause):
 
 
 def test_unit_with_foreign_tensors_and_updated_hash(chunks):
-    data = encode_tensors({"evil.weight": torch.zeros(3)})
+    # as large as the unit's real data, so the manifest stays self-consistent and only the fetch can tell
+    listed = unit_entry(json.loads((chunks / "manifest.json").read_text()), "model.layers.2")
+    data = encode_tensors({"evil.weight": torch.zeros(max(t["data_offsets"][1] for t in listed["tensors"].values()) // 4)})
     (chunks / "units" / "model.layers.2.safetensors").write_bytes(data)
     d = Digests.of(data)
     edit_manifest(chunks, lambda m: unit_entry(m, "model.layers.2").update(sha256=d.sha256, blake3=d.blake3,
