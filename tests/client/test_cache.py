@@ -147,6 +147,25 @@ def test_buffer_pool_reuses_only_unviewed_buffers():
     assert pool.take(1024) is not buf  # the pool handed it out once only
 
 
+def test_an_idle_buffer_grown_in_place_is_writable_to_its_end():
+    """take() resizes an idle buffer of another size; growing one must give real pages (a shared anonymous
+    map would SIGBUS on them, so this runs in a child process)."""
+    import subprocess
+    import sys
+
+    code = ("from streaming_weights.client.buffers import BufferPool\n"
+            "pool = BufferPool(max_bytes=1 << 20)\n"
+            "small = pool.take(74912)\n"
+            "assert pool.give(small)\n"
+            "del small\n"
+            "big = pool.take(147968)\n"
+            "assert pool.reused == 1 and len(big) == 147968\n"
+            "big[-1] = 7\n"
+            "print(big[-1])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "7", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_buffer_pool_takes_a_viewed_buffer_once_its_view_dies():
     """A unit dropped while some frame still holds a view of it: the buffer is held aside (not freed, not
     reused) and taken by the next fetch once the view is gone, so no new buffer is allocated."""

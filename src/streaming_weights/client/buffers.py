@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 def unit_buffer(size: int) -> mmap.mmap | bytearray:
     """A writable, zero-filled buffer of ``size`` bytes outside the malloc heap (see the module doc)."""
-    return mmap.mmap(-1, size) if size else bytearray()
+    # Private, not mmap's default MAP_SHARED: a shared anonymous map is a fixed-size shmem object, and
+    # growing it in place (:meth:`BufferPool.take` resizes idle buffers) would SIGBUS on the new pages.
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if size else bytearray()
 
 
 #: buffers held aside while a view of them still lives (each one is alive anyway until the view dies)
