@@ -40,6 +40,9 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "generation_config.json",
+    # sentence-transformers' embedding pipeline (pooling, normalization, max_seq_length): the API honors it
+    "modules.json",
+    "sentence_bert_config.json",
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -67,10 +70,28 @@ class Source:
             p = self.path / name
             if p.is_file():
                 out[name] = p.read_bytes()
+        out.update(sentence_module_configs(self.path))
         return out
 
     def close(self) -> None:
         pass
+
+
+def sentence_module_configs(path: Path) -> dict[str, bytes]:
+    """The ``config.json`` of each module folder that ``modules.json`` lists (``1_Pooling/config.json``), stored
+    flat as ``1_Pooling.config.json`` (manifest file names hold no ``/``); ``{}`` without a ``modules.json``."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for m in modules if isinstance(modules, list) else []:
+        folder = m.get("path") if isinstance(m, dict) else None
+        if isinstance(folder, str) and folder and "/" not in folder and ".." not in folder:
+            cfg = path / folder / "config.json"
+            if cfg.is_file():
+                out[f"{folder}.config.json"] = cfg.read_bytes()
+    return out
 
 
 def _load_config(path: Path):
