@@ -14,7 +14,7 @@ import torch
 
 from ..exceptions import ConfigurationError, ModelError
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "max")
 #: Padded tokens per block when the caller gives no ``batch_size`` (and no memory budget chooses):
 #: 256 texts of up to 128 tokens, more when shorter. Attention memory grows with block x length^2,
 #: so long texts get smaller blocks.
@@ -47,9 +47,12 @@ def plan_blocks(lengths: Sequence[int], batch_size: int | None = None,
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(batch, seq, hidden) -> (batch, hidden): mean over the unmasked tokens, or the first token (CLS)."""
+    """(batch, seq, hidden) -> (batch, hidden): mean over the unmasked tokens, the first token (CLS), or the
+    element-wise max over the unmasked tokens (sentence-transformers' three pooling modes)."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "max":
+        return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
@@ -65,9 +68,9 @@ def embed(model: Any, texts: Sequence[str], *, batch_size: int | None = None, po
     """Embed ``texts``: a float tensor (N, hidden), row i for ``texts[i]``.
 
     Each text is tokenized with the model's tokenizer (special tokens added, truncated to the model's
-    maximum length), pooled over its own tokens (``"mean"``, as sentence-transformers' mean pooling) or
-    taken at its first token (``"cls"``), and L2-normalized when ``normalize``. Blocks come from
-    :func:`plan_blocks`; ``progress(done, total)`` is called after each block.
+    maximum length), pooled over its own tokens (``"mean"``, as sentence-transformers' mean pooling;
+    ``"max"``, the element-wise max) or taken at its first token (``"cls"``), and L2-normalized when
+    ``normalize``. Blocks come from :func:`plan_blocks`; ``progress(done, total)`` is called after each block.
 
     Raises:
         ConfigurationError: an unknown ``pooling``, ``batch_size < 1``, or a text that is not a string.
