@@ -17,6 +17,7 @@
     │   ├── AuthenticationError       missing / wrong token
     │   └── SignatureError            unsigned / wrongly signed / unpinned manifest while trust is configured
     ├── IntegrityError                fetched bytes do not match the manifest's hash
+    │   └── ModelChangedError         ... because the model was re-chunked since its manifest was loaded
     ├── WeightServerError             failures reported by or talking to a weight server
     │   ├── ProtocolError             malformed / unexpected messages
     │   ├── RemoteError               typed error response from the server (``code`` attribute)
@@ -98,6 +99,13 @@ class SignatureError(SecurityError):
 
 class IntegrityError(StreamingWeightsError):
     pass
+
+
+class ModelChangedError(IntegrityError):
+    """A unit no longer matches the manifest the client loaded because the model was re-chunked (its stored
+    manifest changed): load the model again. Never retried: every copy of the unit is the new one."""
+
+    retryable = False
 
 
 class WeightServerError(StreamingWeightsError):

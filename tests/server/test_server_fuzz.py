@@ -149,9 +149,11 @@ MESSAGE = st.one_of(
 )
 
 
-async def exchange(port: int, messages: list) -> tuple[list[proto.Message], bool]:
-    """Send ``messages``, then a PING; collect replies until its PONG (or a close)."""
+async def exchange(port: int, messages: list, errors_for: frozenset[int] = frozenset()) -> tuple[list[proto.Message], bool]:
+    """Send ``messages``, then a PING; collect replies until its PONG (or a close), and an ERROR for each
+    request id in ``errors_for`` (a reply that waits on the storage, e.g. an unknown model's, may come later)."""
     replies: list[proto.Message] = []
+    pong = False
     async with connect(f"ws://127.0.0.1:{port}", max_size=None, compression=None, open_timeout=20,
                        additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
         try:
@@ -164,7 +166,8 @@ async def exchange(port: int, messages: list) -> tuple[list[proto.Message], bool
                     assert isinstance(raw, bytes), "the server sent a text message"
                     msg = proto.decode(raw)  # anything the server sends is well-formed
                     replies.append(msg)
-                    if isinstance(msg, proto.Result) and msg.request_id == PING_ID and msg.body.get("pong"):
+                    pong = pong or (isinstance(msg, proto.Result) and msg.request_id == PING_ID and msg.body.get("pong"))
+                    if pong and errors_for <= {r.request_id for r in replies if isinstance(r, proto.Error)}:
                         return replies, False
                     if isinstance(msg, proto.Error) and msg.request_id == PING_ID:
                         assert msg.code == "busy", msg  # the probe hit the in-flight limit: ask again
@@ -233,7 +236,7 @@ def test_unknown_models_units_and_traversal_are_not_found_or_bad_request(live):
     }
     replies = []
     for i, (op, model, name) in enumerate(cases):  # one at a time: stay under the in-flight limit
-        got, closed = asyncio.run(exchange(port, [proto.encode(proto.Request(i + 1, op, model, name))]))
+        got, closed = asyncio.run(exchange(port, [proto.encode(proto.Request(i + 1, op, model, name))], frozenset({i + 1})))
         assert not closed
         replies += got
     errors = {r.request_id: r for r in replies if isinstance(r, proto.Error)}

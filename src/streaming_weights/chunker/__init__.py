@@ -33,7 +33,8 @@ from ..format.quant import encode as quant_encode
 from ..storage.base import StorageBackend
 from ..storage.filesystem import FilesystemBackend
 from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, parse_shard_size, plan_model
-from .readers import Source, anon_buffer, default_model_name, open_source
+from .naming import default_model_name, source_id
+from .readers import Source, anon_buffer, open_source
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class ModelChunker:
         return await builder.finish(
             architecture=plan.architecture, model_type=plan.config.model_type, config=plan.config.to_dict(),
             dtype=str(plan.dtype).removeprefix("torch."), tied=plan.tied,
-            source=os.path.basename(self.model_name.rstrip("/")),
+            source=source_id(self.model_name),
         )
 
     @staticmethod

@@ -26,6 +26,7 @@ import torch
 
 from ..exceptions import ChunkingError, UnsafeFormatError
 from ..format.chunkfile import DTYPES, TensorSpec, parse_header
+from .naming import default_model_name, source_id  # noqa: F401  (re-exported: they lived here)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -303,24 +304,6 @@ def _download(repo_id: str) -> Path:
             f"{repo_id!r} is not a local directory or .gguf file, and the Hugging Face hub could not provide "
             f"it ({type(exc).__name__}: {exc})"
         ) from exc
-
-
-def default_model_name(source: str | os.PathLike[str]) -> str:
-    """The name a model chunked from ``source`` gets when none is given: its base name.
-
-    A directory or hub id gives its last component (``./models/llama/`` -> ``llama``, resolved, so
-    ``.`` names the current folder), a ``.gguf`` file its stem (``SmolLM2-135M-Instruct.Q4_1``), and a
-    ``.safetensors`` file its folder's name (the file only holds that folder's weights).
-    """
-    path = Path(source).expanduser()
-    if path.exists():
-        path = path.resolve()
-        if path.is_file() and path.suffix == ".safetensors":
-            path = path.parent
-    name = path.name
-    if path.suffix in (".gguf", ".safetensors"):
-        name = path.stem
-    return name or str(source)
 
 
 def open_source(source: str | os.PathLike[str]) -> Source:

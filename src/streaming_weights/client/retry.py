@@ -33,6 +33,7 @@ from ..exceptions import (
 )
 from ..format import Manifest
 from .base import FetchedUnit, SourceWrapper, UnitSource
+from .verify import check_unchanged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,7 +152,16 @@ class RetryingSource(SourceWrapper):
         return await self._call("get manifest", lambda: self.source.get_manifest(model_name))
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
-        return await self._call(f"unit {unit!r}", lambda: self.source.fetch_unit(manifest, unit), unit=True)
+        """The unit, retried; a unit that changed because the model was re-chunked since ``manifest`` was
+        loaded raises :class:`ModelChangedError` at once (no retry can bring the old bytes back)."""
+        async def attempt() -> FetchedUnit:
+            try:
+                return await self.source.fetch_unit(manifest, unit)
+            except Exception as exc:
+                await check_unchanged(self.source, manifest, unit, exc)
+                raise
+
+        return await self._call(f"unit {unit!r}", attempt, unit=True)
 
     async def fetch_file(self, manifest: Manifest, name: str) -> bytes:
         return await self._call(f"file {name!r}", lambda: self.source.fetch_file(manifest, name))

@@ -6,10 +6,10 @@ import asyncio
 
 from typing import TYPE_CHECKING
 
-from ..exceptions import IntegrityError, NotFoundError
+from ..exceptions import IntegrityError, KeyNotFoundError, NotFoundError
 from ..format import Manifest, join_key
 from ..storage import StorageBackend
-from ..storage.catalog import StoredModel, discover_stored, pick_model
+from ..storage.catalog import StoredModel, discover_stored, pick_model, read_stored
 from .base import FetchedUnit, UnitSource
 from .verify import trusted_manifest, verify_and_decode, verify_blob
 
@@ -20,9 +20,13 @@ if TYPE_CHECKING:
 class StorageSource(UnitSource):
     """Read chunks straight from a :class:`StorageBackend`; ``prefix`` is where the model(s) live in it.
 
+    Every :meth:`get_manifest` returns what the storage holds now: a model chunked there since the storage
+    was first listed is found (a name the catalog does not know lists the storage again), and a re-chunked
+    model's manifest is read again (so a unit that no longer matches an older manifest can be told apart
+    from a corrupted one: :class:`~streaming_weights.exceptions.ModelChangedError`).
+
     ``trust``: when set, :meth:`get_manifest` checks the exact stored ``manifest.json`` bytes against
-    ``manifest.json.sig`` (SignatureError) before the manifest is used; both were read once, together,
-    when the storage was first listed (:func:`~..storage.catalog.discover_stored`).
+    ``manifest.json.sig`` (SignatureError) before the manifest is used.
     """
 
     def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None) -> None:
@@ -33,27 +37,50 @@ class StorageSource(UnitSource):
         self._models: dict[str, StoredModel] | None = None
         self._lock = asyncio.Lock()
 
-    async def _catalog(self) -> dict[str, StoredModel]:
+    async def _catalog(self, *, again: bool = False) -> tuple[dict[str, StoredModel], bool]:
+        """(the models, whether they were just read from the storage)."""
         async with self._lock:
-            if self._models is None:
+            fresh = self._models is None or again
+            if fresh:
                 self._models = await discover_stored(self.storage, self.prefix)
-                if not self._models:
-                    raise NotFoundError(f"no chunked model (manifest.json) under {self.location}")
-            return self._models
+            assert self._models is not None
+            if not self._models:
+                raise NotFoundError(f"no chunked model (manifest.json) under {self.location}")
+            return self._models, fresh
 
     async def list_models(self) -> list[str]:
-        return sorted(await self._catalog())
+        return sorted((await self._catalog(again=self._models is not None))[0])
 
     async def get_manifest(self, model_name: str | None) -> Manifest:
-        models = await self._catalog()
-        stored = models[pick_model(models, model_name, self.location)]
+        stored = await self._current(model_name)
         if self.trust is None:
             return stored.manifest
         where = f"{self.storage.location}/{stored.prefix}".rstrip("/")
         return trusted_manifest(stored.data, stored.signature, self.trust, where)
 
+    async def _current(self, model_name: str | None) -> StoredModel:
+        """``model_name``'s stored model as the storage holds it now."""
+        models, fresh = await self._catalog()
+        try:
+            stored = models[pick_model(models, model_name, self.location)]
+        except NotFoundError:
+            if fresh:
+                raise
+            models, fresh = await self._catalog(again=True)  # chunked since the storage was listed?
+            stored = models[pick_model(models, model_name, self.location)]
+        if fresh:
+            return stored
+        try:
+            now = await read_stored(self.storage, stored.prefix)
+        except KeyNotFoundError:
+            raise NotFoundError(f"model {stored.manifest.name!r} is no longer in {self.location}") from None
+        async with self._lock:
+            models.pop(stored.manifest.name, None)
+            models[now.manifest.name] = now
+        return now
+
     async def _key(self, manifest: Manifest, rel: str) -> str:
-        models = await self._catalog()
+        models = (await self._catalog())[0]
         return join_key(models[pick_model(models, manifest.name, self.location)].prefix, rel)
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:

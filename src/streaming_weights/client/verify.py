@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..exceptions import IntegrityError, UnitFormatError
+from ..exceptions import (
+    IntegrityError,
+    ManifestError,
+    ModelChangedError,
+    NotFoundError,
+    RemoteError,
+    StreamingWeightsError,
+    UnitFormatError,
+)
 from ..format import Manifest, UnitEntry, blake3_hex, decode_unit
 from ..format.manifest import BlobEntry
 
@@ -13,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..format.signing import TrustPolicy
+    from .base import UnitSource
 
 
 def trusted_manifest(data: bytes | bytearray | memoryview, signature: bytes | None, trust: TrustPolicy | None,
@@ -58,4 +67,38 @@ def verify_and_decode(entry: UnitEntry, buf: bytearray, where: str) -> dict[str,
     return decode_verified(entry, buf, where)
 
 
-__all__ = ["check_blake3", "decode_verified", "trusted_manifest", "verify_and_decode", "verify_blob"]
+def may_be_stale(exc: BaseException) -> bool:
+    """Whether a unit fetch that raised ``exc`` may have met a model re-chunked since its manifest was loaded
+    (bytes that do not match it, a unit that is gone, a stored object of another size)."""
+    if isinstance(exc, (IntegrityError, UnitFormatError, NotFoundError)):
+        return not isinstance(exc, ModelChangedError)
+    return isinstance(exc, RemoteError) and exc.code == "internal"
+
+
+async def check_unchanged(source: UnitSource, manifest: Manifest, unit: str, exc: BaseException) -> None:
+    """After a unit fetch from ``source`` failed with ``exc``: raise :class:`ModelChangedError` (from
+    ``exc``) if the model's current manifest there no longer lists ``unit`` as ``manifest`` does, i.e. the
+    model was re-chunked since ``manifest`` was loaded. Returns when it did not change, or when the current
+    manifest cannot be had (the original error then stands)."""
+    if not may_be_stale(exc):
+        return
+    try:
+        current = await source.get_manifest(manifest.name)
+    except StreamingWeightsError:
+        return
+    held = manifest.unit(unit)
+    try:
+        now: UnitEntry | None = current.unit(unit)
+    except ManifestError:
+        now = None
+    if now is not None and (now.bytes, now.blake3) == (held.bytes, held.blake3):
+        return
+    what = (f"unit {unit!r} is now {now.bytes} bytes with BLAKE3 {now.blake3[:16]}…, the loaded manifest says "
+            f"{held.bytes} bytes with {held.blake3[:16]}…" if now is not None else f"unit {unit!r} is no longer part of it")
+    raise ModelChangedError(
+        f"model {manifest.name!r} was re-chunked at {source.location} after this client loaded its manifest "
+        f"({what}); load the model again (a new model object, or run the command again) to use the new weights"
+    ) from exc
+
+
+__all__ = ["check_blake3", "check_unchanged", "may_be_stale", "decode_verified", "trusted_manifest", "verify_and_decode", "verify_blob"]

@@ -91,6 +91,13 @@ class ByteLRU:
         fut.set_result(data)
         return data, False
 
+    def discard(self, keys: list[str]) -> None:
+        """Forget ``keys`` (their objects changed in storage)."""
+        for key in keys:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0

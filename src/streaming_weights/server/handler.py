@@ -63,6 +63,11 @@ class Answer:
     key: str = ""
     model: str = ""
     error: tuple[str, str] | None = field(default=None)
+    #: The answer depends on which models the storage holds now: ``"manifest"`` (re-read ``model``'s
+    #: manifest) or ``"scan"`` (an unknown model name, or list_models: discover the storage's models), then
+    #: answer ``request`` again with :meth:`RequestHandler.answer`. Empty: final.
+    refresh: str = field(default="", compare=False)
+    request: proto.Request | None = field(default=None, repr=False, compare=False)
 
 
 Plan = Union[Cancel, Reject, Answer]
@@ -104,22 +109,33 @@ class RequestHandler:
             return Reject(msg.request_id, proto.ErrorCode.BUSY.value,
                           f"more than {self.max_inflight} requests in flight on one connection; wait for some to finish",
                           "busy", msg.op)
-        try:
-            return self._answer(msg, grant)
-        except RemoteError as exc:
-            return Answer(msg.request_id, msg.op, error=(proto.code_for_exception(exc), str(exc)))
+        return self.answer(msg, grant, refresh=True)
 
-    def _answer(self, req: proto.Request, grant: Grant) -> Answer:
+    def answer(self, req: proto.Request, grant: Grant = OPEN, *, refresh: bool = False) -> Answer:
+        """The answer to one valid request. ``refresh``: mark answers that depend on what the storage holds
+        now (see :attr:`Answer.refresh`) so the server can bring its catalog up to date and ask again."""
+        try:
+            return self._answer(req, grant, refresh)
+        except RemoteError as exc:
+            return Answer(req.request_id, req.op, error=(proto.code_for_exception(exc), str(exc)))
+
+    def _answer(self, req: proto.Request, grant: Grant, refresh: bool) -> Answer:
         rid, op = req.request_id, req.op
         if op is proto.Op.PING:
             return Answer(rid, op, body={"pong": True, "version": proto.PROTOCOL_VERSION})
         visible = grant.visible(self.models)
         if op is proto.Op.LIST_MODELS:
-            return Answer(rid, op, body={"models": sorted(visible)})
-        hosted = visible[pick_model(visible, req.model, "this server")]
+            return Answer(rid, op, body={"models": sorted(visible)}, refresh="scan" if refresh else "", request=req)
+        try:
+            hosted = visible[pick_model(visible, req.model, "this server")]
+        except NotFoundError as exc:
+            if not refresh:
+                raise
+            return Answer(rid, op, error=(exc.code, str(exc)), refresh="scan", request=req)
         name = hosted.manifest.name
         if op is proto.Op.GET_MANIFEST:
-            return Answer(rid, op, data=hosted.manifest_bytes, model=name)
+            return Answer(rid, op, data=hosted.manifest_bytes, model=name, refresh="manifest" if refresh else "",
+                          request=req)
         if op is proto.Op.GET_SIGNATURE:
             if hosted.signature is None:
                 raise NotFoundError(f"model {name!r} is not signed (no manifest.json.sig)")

@@ -1,16 +1,24 @@
-"""What a server hosts: the storage it reads, and each model's manifest bytes (verbatim) and signature."""
+"""What a server hosts: the storage it reads, and each model's manifest bytes (verbatim) and signature,
+kept in step with the storage by :class:`Catalog` (models chunked, re-chunked or removed while it runs)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, KeyNotFoundError, ManifestError, NotFoundError, StorageError
 from ..format import join_key
+from ..format.names import SIGNATURE_FILE
 from ..storage import StorageBackend, open_storage
-from ..storage.catalog import discover_stored
-from .handler import Hosted
+from ..storage.catalog import StoredModel, discover_stored, manifest_prefixes, read_stored
+from .access import Grant
+from .cache import ByteLRU
+from .handler import Answer, Hosted, RequestHandler
+
+logger = logging.getLogger("streaming_weights.server")
 
 
 async def load_hosted(storage: StorageBackend, prefix: str) -> dict[str, Hosted]:
@@ -47,4 +55,135 @@ def resolve_storage(source: Any, chunks_dir: Any, storage_backend: StorageBacken
     return storage, (join_key(extra, prefix.strip("/")).strip("/") if prefix else extra)
 
 
-__all__ = ["load_hosted", "resolve_storage"]
+class Catalog:
+    """The models a server hosts (:attr:`models`, ``{name: Hosted}``, one dict updated in place), kept in
+    step with the storage while the server runs.
+
+    * :meth:`refresh` re-reads one model's ``manifest.json`` (and signature): a server answers every
+      ``get_manifest`` with what the storage holds now, so a re-chunked model is served with the manifest
+      that matches its units, never the one read at start-up.
+    * :meth:`rescan` lists the storage again and reads its manifests: a request naming a model the server
+      does not know (or ``list_models``) finds a model chunked after start-up. Rescans are coalesced and
+      at most one starts per ``rescan_interval`` seconds, so requests for unknown names cannot hammer the
+      storage; a request waits for a rescan that starts after it arrived.
+
+    Manifests are read from the storage under any cache in front of it (its ``inner`` backend): they are
+    how the server knows which bytes are current. A manifest that turns malformed while serving is logged
+    and its model withdrawn; it never stops the server. When a model's stored manifest changes or vanishes,
+    the bytes cached for it (the server's ``cache``, a shared cache's entries) are dropped.
+    """
+
+    def __init__(self, storage: StorageBackend, prefix: str, *, rescan_interval: float = 1.0,
+                 cache: ByteLRU | None = None) -> None:
+        self.cached = storage  # the storage the server reads blobs through (it may be a shared cache)
+        self.storage = getattr(storage, "inner", storage)
+        self.cache = cache
+        self.prefix = prefix
+        self.rescan_interval = rescan_interval
+        self.models: dict[str, Hosted] = {}
+        self._stored: dict[str, tuple[bytes, bytes | None]] = {}  # prefix -> (manifest bytes, signature) as stored
+        self._scan_lock = asyncio.Lock()
+        self._scanned_at = float("-inf")
+        self._read_locks: dict[str, asyncio.Lock] = {}
+        self._read_at: dict[str, float] = {}
+
+    async def load(self) -> dict[str, Hosted]:
+        """The start-up discovery: strict (raises what :func:`load_hosted` raises)."""
+        found = await discover_stored(self.storage, self.prefix)
+        if not found:
+            raise ConfigurationError(f"no chunked model (manifest.json) under {self.storage.location}/{self.prefix}")
+        self._scanned_at = asyncio.get_running_loop().time()
+        await self._apply({s.prefix: s for s in found.values()}, everything=True)
+        return self.models
+
+    async def rescan(self) -> None:
+        """Discover the storage's models again (coalesced, at most one start per ``rescan_interval``)."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        async with self._scan_lock:
+            if self._scanned_at >= arrived:
+                return  # a rescan that started after this request arrived has finished
+            wait = self._scanned_at + self.rescan_interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._scanned_at = loop.time()
+            try:
+                prefixes, listed = await manifest_prefixes(self.storage, self.prefix)
+            except StorageError as exc:
+                logger.warning("cannot list %s to find new models: %s", self.storage.location, exc)
+                return
+            found = {p: await self._read(p, signed=join_key(p, SIGNATURE_FILE) in listed) for p in prefixes}
+            await self._apply({p: s for p, s in found.items() if s is not None}, everything=True)
+
+    async def refresh(self, name: str) -> None:
+        """Re-read hosted model ``name``'s manifest from the storage (coalesced per model)."""
+        hosted = self.models.get(name)
+        if hosted is None:
+            return
+        loop = asyncio.get_running_loop()
+        arrived, prefix = loop.time(), hosted.prefix
+        async with self._read_locks.setdefault(prefix, asyncio.Lock()):
+            if self._read_at.get(prefix, float("-inf")) >= arrived:
+                return
+            self._read_at[prefix] = loop.time()
+            stored = await self._read(prefix)
+            await self._apply({prefix: stored} if stored is not None else {}, only=prefix)
+
+    async def _read(self, prefix: str, *, signed: bool | None = None) -> StoredModel | None:
+        try:
+            return await read_stored(self.storage, prefix, signed=signed)
+        except KeyNotFoundError:
+            return None
+        except (ManifestError, StorageError) as exc:
+            logger.warning("not serving the model under %r: %s", prefix, exc)
+            return None
+
+    async def _apply(self, found: dict[str, StoredModel], *, everything: bool = False, only: str = "") -> None:
+        """Make :attr:`models` hold ``found`` (``{prefix: StoredModel}``): for every prefix when
+        ``everything``, else for prefix ``only``; unchanged models keep their ``Hosted``."""
+        by_prefix = {h.prefix: (name, h) for name, h in self.models.items()}
+        changed: list[Hosted] = []
+        for prefix in set(by_prefix) | set(found):
+            if not everything and prefix != only:
+                continue
+            stored, (name, old) = found.get(prefix), by_prefix.get(prefix, ("", None))
+            if old is not None and stored is not None and self._stored.get(prefix) == (stored.data, stored.signature):
+                continue  # unchanged: keep serving the same Hosted
+            if old is not None:
+                changed.append(self.models.pop(name))
+                self._stored.pop(prefix, None)
+            if stored is not None:
+                if stored.manifest.name in self.models:
+                    logger.warning("two models named %r: serving %r, not %r", stored.manifest.name,
+                                   self.models[stored.manifest.name].prefix, prefix)
+                    continue
+                self.models[stored.manifest.name] = Hosted(prefix, stored.manifest, stored.data, stored.signature)
+                self._stored[prefix] = (stored.data, stored.signature)
+                logger.info("serving %r from %r%s", stored.manifest.name, prefix, " (changed)" if old else "")
+        for old in changed:
+            await self._forget(old)
+
+    async def _forget(self, old: Hosted) -> None:
+        keys = [join_key(old.prefix, b.path) for b in (*old.manifest.units, *old.manifest.files)]
+        if self.cache is not None:
+            self.cache.discard(keys)
+        invalidate = getattr(self.cached, "invalidate", None) if self.cached is not self.storage else None
+        for key in keys if invalidate is not None else ():
+            await invalidate(key)
+
+
+async def answer_current(catalog: Catalog, handler: RequestHandler, plan: Answer, grant: Grant) -> Answer:
+    """Answer ``plan``'s request again once ``catalog`` is up to date for it (:attr:`Answer.refresh`):
+    ``get_manifest`` after re-reading that model's manifest (and, if it is gone, a rescan); an unknown
+    model name and ``list_models`` after a rescan."""
+    assert plan.request is not None and plan.refresh
+    if plan.refresh == "manifest":
+        await catalog.refresh(plan.model)
+        again = handler.answer(plan.request, grant)
+        if again.error is None or again.error[0] != NotFoundError.code:
+            return again
+    await catalog.rescan()
+    return handler.answer(plan.request, grant)
+
+
+__all__ = ["Catalog", "answer_current", "load_hosted", "resolve_storage"]

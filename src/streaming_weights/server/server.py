@@ -35,15 +35,13 @@ from .access import OPEN, AccessList, Grant
 from .cache import ByteLRU
 from .endpoint import authorize, bearer, bind_error, bracket, http_response, is_loopback, is_wildcard, peer, server_tls
 from .handler import Answer, Cancel, Hosted, Reject, RequestHandler, error_reply
-from .hosting import load_hosted
+from .hosting import Catalog, answer_current
 from .hosting import resolve_storage as _resolve_storage  # compatibility: it lived here
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("streaming_weights.server")
 
 TOKEN_ENV = "SURFING_TOKEN"
-
-
 _Hosted = Hosted  # compatibility alias
 
 
@@ -80,6 +78,8 @@ class WeightServer:
         max_request_bytes: largest inbound WebSocket message; larger ones close the connection (1009).
         chunk_bytes: DATA body size.
         write_limit: websockets' transport high-water mark (bytes buffered before a send waits).
+        rescan_interval: least seconds between two storage listings for models chunked since start-up (see
+            :class:`~.hosting.Catalog`; every ``get_manifest`` re-reads that model's manifest from storage).
 
     Raises:
         ConfigurationError: no storage given, TLS files unreadable, bad limits.
@@ -112,14 +112,14 @@ class WeightServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 2.0,
+        rescan_interval: float = 1.0,
     ) -> None:
         self.storage, self.prefix = _resolve_storage(source, chunks_dir, storage_backend, prefix)
         if min(max_connections, max_inflight_per_connection, max_request_bytes, chunk_bytes) <= 0:
             raise ConfigurationError("server limits must be positive")
         if max_request_bytes < proto.HEADER_SIZE + 64:
             raise ConfigurationError(f"max_request_bytes must be at least {proto.HEADER_SIZE + 64}")
-        self.host = host
-        self.port = port
+        self.host, self.port = host, port
         #: Optional :class:`~.pacing.TokenBucket` shared by all connections (``surfing serve --max-rate``).
         self.pacer = None
         self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
@@ -133,11 +133,11 @@ class WeightServer:
         self.max_request_bytes = max_request_bytes
         self.chunk_bytes = chunk_bytes
         self.write_limit = write_limit
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.close_timeout = close_timeout
         self.metrics = ServerMetrics(storage=self.storage)
-        self.models: dict[str, Hosted] = {}
+        self.catalog = Catalog(self.storage, self.prefix, rescan_interval=rescan_interval, cache=self.cache)
+        self.models: dict[str, Hosted] = self.catalog.models
         self.handler = RequestHandler(self.models, max_inflight=self.max_inflight)
         self._server: Server | None = None
         self._conns: set[_Conn] = set()
@@ -163,10 +163,7 @@ class WeightServer:
         return f"{self.scheme}://{bracket(self.host or '0.0.0.0')}:{self.port}"
 
     async def load_models(self) -> dict[str, Hosted]:
-        """(Re)discover the hosted models' manifests. Raises ConfigurationError if there are none."""
-        self.models = await load_hosted(self.storage, self.prefix)
-        self.handler.models = self.models
-        return self.models
+        return await self.catalog.load()  # (re)discover the manifests; ConfigurationError if there are none
 
     def reload_access(self) -> None:
         """Re-read the token file; open connections whose token is gone are closed (1008), the others get
@@ -362,6 +359,8 @@ class WeightServer:
         self.metrics.inflight.inc()
         status = "ok"
         try:
+            if plan.refresh:  # it depends on what the storage holds now
+                plan = await answer_current(self.catalog, self.handler, plan, conn.grant)
             status = await self._execute(conn, plan)
         except asyncio.CancelledError:
             status = "cancelled"
