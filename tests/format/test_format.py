@@ -230,7 +230,7 @@ BAD_MANIFESTS = {
     "not utf8": (b"\xff\xfe", "not valid JSON"),
     "array": (b"[]", "JSON object"),
     "no version": (_mut(_del(["format_version"])), "missing field 'format_version'"),
-    "version 3": (_mut(_set(["format_version"], 3)), "format_version 3 is not supported"),
+    "version 4": (_mut(_set(["format_version"], 4)), "format_version 4 is not supported"),
     "version 0": (_mut(_set(["format_version"], 0)), "format_version 0 is not supported"),
     "version str": (_mut(_set(["format_version"], "1")), "'format_version' must be int"),
     "version bool": (_mut(_set(["format_version"], True)), "'format_version' must be int"),

@@ -157,7 +157,7 @@ BAD_JSON = {
     "rows on streamed": (lambda o: o["units"][3].__setitem__("rows", [0, 8]), r"units\[3\]: field 'rows' is only"),
     "rows vs shape": (lambda o: o["units"][1].__setitem__("rows", [0, 3]), r"units\[1\]: .*with 3 rows"),
     "version 1 with shards": (lambda o: o.__setitem__("format_version", 1), "role 'shard' needs format_version 2"),
-    "version 3": (lambda o: o.__setitem__("format_version", 3), "format_version 3 is not supported.*upgrade"),
+    "version 4": (lambda o: o.__setitem__("format_version", 4), "format_version 4 is not supported.*upgrade"),
 }
 
 

@@ -19,10 +19,12 @@ import torch
 
 from ..exceptions import ChunkingError, ConfigurationError
 from ..format.chunkfile import UnitLayout, dtype_name, itemsize, plan_unit
-from ..format.names import RESIDENT_UNIT, shard_unit_name
+from ..format.names import RESIDENT_UNIT, expert_unit_name, shard_unit_name
 from ..format.quant import QuantSpec, metadata_entry, quant_spec
 from ..memory import parse_size
 from ..models.architecture import build_meta_model, resolve_architecture, unit_map
+from ..models.experts import expert_modules
+from .convert import Recipe, plan_recipes
 from .readers import Source
 
 #: ``shard_size="auto"`` shards a tensor only above this many stored bytes (or the largest streamed unit)
@@ -126,6 +128,11 @@ class ModelPlan:
             codes tensor; the scale / offset companions are added by :meth:`layout`).
         shards: ``{shard unit name: (model tensor name, start, stop)}``; each such unit is also in ``units``
             (holding ``[tensor]``), and ``specs`` / ``quant`` describe the whole tensor.
+        recipes: ``{model tensor name: Recipe}`` for tensors transformers' conversion mapping produces from
+            several checkpoint tensors (or with an operation); ``mapping`` holds the plain renames.
+        experts: ``{expert unit name: (experts module path, start, stop)}``: experts ``[start, stop)`` of a
+            mixture-of-experts module; the unit (also in ``units``) holds those rows of each of the module's
+            fused tensors, and ``specs`` describe the whole tensors.
     """
 
     architecture: str
@@ -137,6 +144,17 @@ class ModelPlan:
     tied: dict[str, str]
     quant: dict[str, QuantSpec] = dataclasses.field(default_factory=dict)
     shards: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+    recipes: dict[str, Recipe] = dataclasses.field(default_factory=dict)
+    experts: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+
+    def rows_of(self, unit: str) -> tuple[int, int] | None:
+        """``(start, stop)`` of a shard or expert unit (rows of its tensors' first dimension), else ``None``."""
+        span = self.shards.get(unit) or self.experts.get(unit)
+        return None if span is None else (span[1], span[2])
+
+    def source_keys(self, key: str) -> list[str]:
+        """The checkpoint tensors model tensor ``key`` is read from."""
+        return self.recipes[key].keys if key in self.recipes else [self.mapping[key]]
 
     def unit_quant(self, unit: str) -> dict[str, QuantSpec]:
         """``{tensor: QuantSpec}`` of the quantized tensors of ``unit`` as stored there (a shard's: its rows)."""
@@ -153,8 +171,8 @@ class ModelPlan:
         for k in self.units[unit]:
             if k in quant:
                 entries.update({k + suffix: spec for suffix, spec in quant[k].stored().items()})
-            elif unit in self.shards:
-                _, start, stop = self.shards[unit]
+            elif (span := self.rows_of(unit)) is not None:
+                start, stop = span
                 dt, shape = self.specs[k]
                 entries[k] = (dt, (stop - start, *shape[1:]))
             else:
@@ -162,11 +180,16 @@ class ModelPlan:
         return plan_unit(entries, metadata_entry(quant))
 
     def groups(self) -> list[list[str]]:
-        """Units in file order, the shards of one tensor together (written from one read of it)."""
+        """Units in file order, the shards of one tensor (the experts of one module) together: written from
+        one read of it (them)."""
         out: list[list[str]] = []
+
+        def owner(unit: str) -> str | None:
+            return (self.shards.get(unit) or self.experts.get(unit) or (None,))[0]
+
         for unit in self.units:
-            key = self.shards.get(unit, (None,))[0]
-            if key is not None and out and self.shards.get(out[-1][0], (None,))[0] == key:
+            key = owner(unit)
+            if key is not None and out and owner(out[-1][0]) == key:
                 out[-1].append(unit)
             else:
                 out.append([unit])
@@ -271,32 +294,73 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
     config.dtype = model_dtype
     meta = build_meta_model(cls, config, model_dtype)
     umap = unit_map(meta)
-    buffers = {n for n, _ in meta.named_buffers()}
-    # Checkpoints of a head model loaded into a base model (or the reverse) differ by this prefix.
-    base_prefix = getattr(meta, "base_model_prefix", "") or ""
-    mapping = map_checkpoint_keys(source.keys(), umap.state_keys, umap.tied, buffers, base_prefix)
+    recipes, mapping = match_checkpoint(meta, source.keys(), umap)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     linear = quantizable(meta) if quantize else set()
     embeddings = embedding_weights(meta)
+    experts = {p: (n, [f"{p}.{t}" for t, _ in m.named_parameters(recurse=False)])
+               for p, (m, n) in expert_modules(meta).items() if umap.unit_of(p + ".") != RESIDENT_UNIT}
     del meta
 
     def stored(key: str) -> torch.dtype:
-        src = src_dtypes[mapping[key]]
+        src = src_dtypes[recipes[key].keys[0] if key in recipes else mapping[key]]
         return dtype if (dtype is not None and src.is_floating_point) else src
 
-    units: dict[str, list[str]] = {u: [] for u in umap.units()}
-    for key in umap.state_keys:
-        units[umap.unit_of(key)].append(key)
+    units, expert_units = _unit_lists(umap, experts)
     specs = {k: (dtype_name(stored(k)), shapes[k]) for k in umap.state_keys}
     quant = {k: q for k in sorted(linear & set(specs)) if (q := quant_spec(quantize, specs[k][1], specs[k][0])) is not None}
     plan = ModelPlan(
         architecture=cls.__name__, config=config, dtype=model_dtype,
         units={u: ks for u, ks in units.items() if ks}, mapping=mapping,
         specs={k: (quant[k].stored()[""] if k in quant else spec) for k, spec in specs.items()},
-        tied=dict(umap.tied), quant=quant,
+        tied=dict(umap.tied), quant=quant, recipes=recipes, experts=expert_units,
     )
     return with_shards(plan, embeddings, shard_size)
 
 
-__all__ = ["AUTO_SHARD_MIN_BYTES", "ModelPlan", "embedding_weights", "map_checkpoint_keys", "parse_dtype",
+def match_checkpoint(meta: torch.nn.Module, ckpt_keys: list[str], umap: Any) -> tuple[dict[str, Recipe], dict[str, str]]:
+    """``({model tensor: Recipe}, {model tensor: checkpoint key})``: converted tensors, plain renames.
+
+    transformers' own conversion mapping first (:func:`.convert.plan_recipes`); checkpoint keys it leaves
+    unmatched go through :func:`map_checkpoint_keys` (base-model prefix on one side, legacy names, saved
+    buffers), which raises for anything still missing or unexpected.
+
+    Raises:
+        ChunkingError: checkpoint and model class disagree.
+    """
+    wanted = set(umap.state_keys)
+    recipes, unmatched = plan_recipes(meta, ckpt_keys, wanted)
+    converted = {k: r for k, r in recipes.items() if r.converter is not None}
+    mapping = {k: r.keys[0] for k, r in recipes.items() if r.converter is None}
+    rest = [k for k in umap.state_keys if k not in recipes]
+    buffers = {n for n, _ in meta.named_buffers()}
+    # Checkpoints of a head model loaded into a base model (or the reverse) differ by this prefix.
+    base_prefix = getattr(meta, "base_model_prefix", "") or ""
+    mapping.update(map_checkpoint_keys(unmatched, rest, umap.tied, buffers, base_prefix))
+    return converted, mapping
+
+
+def _unit_lists(umap: Any, experts: dict[str, tuple[int, list[str]]]
+                ) -> tuple[dict[str, list[str]], dict[str, tuple[str, int, int]]]:
+    """Units in file order, ``{unit: [tensors]}``, each experts module's experts placed right after the
+    unit of its layer, one expert per unit; and ``{expert unit: (module path, start, stop)}``."""
+    units: dict[str, list[str]] = {u: [] for u in umap.units()}
+    fused = {k for _, keys in experts.values() for k in keys}
+    for key in umap.state_keys:
+        if key not in fused:
+            units[umap.unit_of(key)].append(key)
+    out: dict[str, list[str]] = {}
+    spans: dict[str, tuple[str, int, int]] = {}
+    for unit, keys in units.items():
+        out[unit] = keys
+        for path, (count, params) in experts.items():
+            if umap.unit_of(params[0]) != unit:
+                continue
+            for e in range(count):
+                name = expert_unit_name(path, e, e + 1)
+                out[name], spans[name] = list(params), (path, e, e + 1)
+    return out, spans
+
+
+__all__ = ["AUTO_SHARD_MIN_BYTES", "ModelPlan", "match_checkpoint", "embedding_weights", "map_checkpoint_keys", "parse_dtype",
            "parse_shard_size", "plan_model", "quantizable", "shard_cuts", "with_shards"]

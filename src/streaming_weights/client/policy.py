@@ -95,7 +95,39 @@ class LRUPolicy(CachePolicy):
         return min(cands, key=rank.__getitem__)
 
 
-POLICIES: dict[str, type[CachePolicy]] = {"order": ExecutionOrderPolicy, "lru": LRUPolicy}
+class PopularityPolicy(CachePolicy):
+    """Evict the least popular unit: use frequency with exponential aging (half-life ``half_life`` uses).
+
+    For units used by data-dependent choice rather than in an order — a mixture-of-experts layer's experts,
+    whose popularity is skewed and drifts with the text — so nothing is predicted or prefetched along.
+    """
+
+    name = "popularity"
+
+    def __init__(self, order: list[str], half_life: int = 1024) -> None:
+        super().__init__(order)
+        self.half_life = half_life
+        self.clock = 0
+        self.score: dict[str, tuple[float, int]] = {}  # unit -> (score, clock when last updated)
+
+    def observe(self, unit: str) -> None:
+        self.clock += 1
+        self.last = unit
+        self.score[unit] = (self.popularity(unit) + 1.0, self.clock)
+
+    def popularity(self, unit: str) -> float:
+        value, when = self.score.get(unit, (0.0, self.clock))
+        return value * 0.5 ** ((self.clock - when) / self.half_life)
+
+    def predict(self, unit: str, k: int) -> list[str]:
+        return []
+
+    def victim(self, cached: Iterable[str], current: str | None) -> str:
+        return min(cached, key=self.popularity)
+
+
+POLICIES: dict[str, type[CachePolicy]] = {"order": ExecutionOrderPolicy, "lru": LRUPolicy,
+                                          "popularity": PopularityPolicy}
 
 
 def make_policy(name: str | CachePolicy, order: list[str]) -> CachePolicy:

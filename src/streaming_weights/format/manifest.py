@@ -9,93 +9,26 @@ raises :class:`~streaming_weights.exceptions.ManifestLimitError` naming the limi
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import ManifestError, ManifestLimitError, UnitFormatError
+from .limits import LIMITS, ManifestLimits, json_depth  # noqa: F401 - re-exported
 from .chunkfile import TensorSpec
-from .names import RESIDENT_UNIT, check_name, file_path, unit_path
+from .names import RESIDENT_UNIT, check_name, expert_unit_name, file_path, unit_path
 from .quant import OFFSET_SUFFIX, SCALE_SUFFIX
 
 #: the newest format version this library reads and writes
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: versions this library reads; a manifest gets the lowest version that can describe it (1 without shards)
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 SHARD_VERSION = 2  # the version that introduced role "shard"
-ROLES = ("resident", "shard", "streamed")
+EXPERT_VERSION = 3  # the version that introduced role "expert"
+ROLES = ("expert", "resident", "shard", "streamed")
+#: roles whose units hold rows ``[start, stop)`` of their tensors' first dimension (field ``rows``)
+ROW_ROLES = ("expert", "shard")
 _COMPANIONS = (SCALE_SUFFIX, OFFSET_SUFFIX)
 _HEX64 = set("0123456789abcdef")
-
-
-@dataclass(frozen=True)
-class ManifestLimits:
-    """Hard bounds on what one manifest may declare. Defaults fit any real checkpoint with room to spare
-    (a 405B-parameter model's largest unit is ~7 GB in bf16; its manifest well under 10 MB)."""
-
-    max_manifest_bytes: int = 64 << 20
-    max_json_depth: int = 32  # real manifests nest 6 deep (units -> unit -> tensors -> tensor -> shape)
-    max_units: int = 100_000
-    max_files: int = 1_000
-    max_tensors: int = 1_000_000  # in the whole manifest
-    max_ndim: int = 8
-    max_unit_bytes: int = 64 << 30
-    max_file_bytes: int = 4 << 30
-    max_total_bytes: int = 16 << 40
-
-    def check_bytes(self, data: bytes | bytearray) -> None:
-        """Size and nesting depth of the raw JSON, before it is parsed."""
-        if len(data) > self.max_manifest_bytes:
-            raise ManifestLimitError(f"manifest.json is {len(data)} bytes; the limit is {self.max_manifest_bytes}")
-        if json_depth(bytes(data), self.max_json_depth) > self.max_json_depth:
-            raise ManifestLimitError(f"manifest.json nests deeper than {self.max_json_depth} levels")
-
-    def check_size(self, size: int, limit: int, what: str, where: str) -> None:
-        if size > limit:
-            raise ManifestLimitError(f"{where}: declares {what} of {size} bytes; the limit is {limit} bytes "
-                                     f"({_human(limit)}): refusing the manifest")
-
-    def check_count(self, count: int, limit: int, what: str, where: str) -> None:
-        if count > limit:
-            raise ManifestLimitError(f"{where}: {count} {what}; the limit is {limit}")
-
-
-LIMITS = ManifestLimits()
-
-# A JSON string (escapes included): stripped before counting brackets, so '[' inside names does not count.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_BRACKETS = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
-_PIECE = 1 << 20
-
-
-def json_depth(data: bytes, limit: int) -> int:
-    """Nesting depth of JSON text, or ``limit + 1`` as soon as it is deeper (unbalanced text: an upper bound).
-
-    Strings are cut out, ``{}`` folded onto ``[]`` and everything else deleted, then the running depth is
-    a cumulative sum over 1 MiB pieces: linear time, bounded memory, no recursion (``json.loads`` would
-    recurse once per level).
-    """
-    import numpy as np  # lazily: a server that never sees a big manifest need not import it
-
-    text = _STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
-    if b"[" * (limit + 1) in text:  # the plain ``[[[[...`` attack, found by one search
-        return limit + 1
-    steps = np.frombuffer(text, dtype=np.uint8)
-    depth = deepest = 0
-    for start in range(0, len(steps), _PIECE):
-        run = np.cumsum(np.where(steps[start:start + _PIECE] == ord("["), 1, -1), dtype=np.int64) + depth
-        deepest, depth = max(deepest, int(run.max())), int(run[-1])
-        if deepest > limit:
-            return limit + 1
-    return deepest
-
-
-def _human(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):g} {unit}"
-    return f"{n} B"
 
 
 def _require(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -172,22 +105,29 @@ def _rows(val: Any, where: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class UnitEntry(BlobEntry):
-    """One unit: a streamed block (``model.layers.3``), the resident parts (``resident``), or a row shard
-    (``model.embed_tokens.weight.rows-0-4096``: rows ``[start, stop)`` of one tensor, role ``shard``)."""
+    """One unit: a streamed block (``model.layers.3``), the resident parts (``resident``), a row shard
+    (``model.embed_tokens.weight.rows-0-4096``: rows ``[start, stop)`` of one tensor, role ``shard``), or
+    experts ``[start, stop)`` of one experts module (``model.layers.3.mlp.experts.5``, role ``expert``: those
+    rows of each of the module's fused tensors)."""
 
     role: str = "streamed"
     order: int = 0
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
-    rows: tuple[int, int] | None = None  # set for (and only for) role "shard"
+    rows: tuple[int, int] | None = None  # set for (and only for) roles "shard" and "expert"
 
     def __post_init__(self) -> None:
         where = f"unit {self.name!r}"
-        if (self.role == "shard") != (self.rows is not None):
-            raise ManifestError(f"{where}: field 'rows' is required for role 'shard' and allowed for no other role")
+        if (self.role in ROW_ROLES) != (self.rows is not None):
+            raise ManifestError(f"{where}: field 'rows' is required for role {self.role!r} and allowed for no "
+                                f"roles but {list(ROW_ROLES)}" if self.role in ROW_ROLES else
+                                f"{where}: field 'rows' is required for role 'shard' and allowed for no other role")
         if self.rows is None:
             return
         start, stop = _rows(self.rows, where)
         object.__setattr__(self, "rows", (start, stop))
+        if self.role == "expert":
+            self._check_expert(where)
+            return
         main = self.shard_tensor
         for t, spec in self.tensors.items():
             if len(spec.shape) < 2 or spec.shape[0] != stop - start:
@@ -196,6 +136,28 @@ class UnitEntry(BlobEntry):
             if t != main and t not in {main + c for c in _COMPANIONS}:
                 raise ManifestError(f"{where}: a shard holds one tensor and its quantization companions; "
                                     f"{t!r} is neither {main!r} nor one of its companions")
+
+    @property
+    def expert_module(self) -> str | None:
+        """The experts module an expert unit holds rows of (its tensors' common parent); ``None`` for other roles."""
+        if self.role != "expert":
+            return None
+        parents = {t.rpartition(".")[0] for t in self.tensors}
+        if len(parents) != 1 or "" in parents:
+            raise ManifestError(f"unit {self.name!r}: an expert unit holds tensors of exactly one experts module, "
+                                f"got {sorted(self.tensors)}")
+        return parents.pop()
+
+    def _check_expert(self, where: str) -> None:
+        start, stop = self.rows
+        module = self.expert_module
+        if self.name != expert_unit_name(module, start, stop):
+            raise ManifestError(f"{where}: an expert unit holding experts [{start}, {stop}) of {module!r} must be named "
+                                f"{expert_unit_name(module, start, stop)!r}")
+        for t, spec in self.tensors.items():
+            if len(spec.shape) < 2 or spec.shape[0] != stop - start:
+                raise ManifestError(f"{where}: expert tensor {t!r} has shape {list(spec.shape)}; experts "
+                                    f"{[start, stop]} need a tensor of 2 or more dimensions with {stop - start} rows")
 
     @property
     def shard_tensor(self) -> str | None:
@@ -227,9 +189,9 @@ class UnitEntry(BlobEntry):
         if role not in ROLES:
             raise ManifestError(f"{where}: role must be one of {ROLES}, got {role!r}")
         order = _require(obj, "order", int, where)
-        rows = _rows(_require(obj, "rows", list, where), where) if role == "shard" else None
+        rows = _rows(_require(obj, "rows", list, where), where) if role in ROW_ROLES else None
         if rows is None and "rows" in obj:
-            raise ManifestError(f"{where}: field 'rows' is only allowed for role 'shard' units")
+            raise ManifestError(f"{where}: field 'rows' is only allowed for role 'shard' and 'expert' units")
         raw = _require(obj, "tensors", dict, where)
         limits.check_count(len(raw), limits.max_tensors, "tensors", where)
         try:
@@ -291,7 +253,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.format_version is None:
-            object.__setattr__(self, "format_version", SHARD_VERSION if self.shards else 1)
+            version = EXPERT_VERSION if self.experts else SHARD_VERSION if self.shards else 1
+            object.__setattr__(self, "format_version", version)
         self.validate()
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -318,6 +281,17 @@ class Manifest:
     @property
     def shards(self) -> list[UnitEntry]:  # role "shard", in manifest order
         return [u for u in self.units if u.role == "shard"]
+
+    @property
+    def experts(self) -> list[UnitEntry]:  # role "expert", in manifest order
+        return [u for u in self.units if u.role == "expert"]
+
+    def expert_groups(self) -> dict[str, list[UnitEntry]]:
+        """``{experts module path: its expert units, by rows}`` (manifest order, which validation makes row order)."""
+        out: dict[str, list[UnitEntry]] = {}
+        for u in self.experts:
+            out.setdefault(u.expert_module or "", []).append(u)
+        return out
 
     def shard_groups(self) -> dict[str, list[UnitEntry]]:
         """``{model tensor name: its shard units, by rows}`` (in manifest order, which validation makes row order)."""
@@ -354,7 +328,7 @@ class Manifest:
         self._validate_version()
         seen: set[str] = set()
         for u in self.units:
-            for t in u.tensors if u.role != "shard" else ():
+            for t in u.tensors if u.role not in ROW_ROLES else ():
                 if t in seen:
                     raise ManifestError(f"manifest: tensor {t!r} appears in more than one unit")
                 seen.add(t)
@@ -365,6 +339,13 @@ class Manifest:
                                         "in a non-shard unit; a sharded tensor is stored only in its shards")
             _check_shard_group(tensor, shards)
             seen.update(shards[0].tensors)
+        for module, experts in self.expert_groups().items():
+            for t in experts[0].tensors:
+                if t in seen:
+                    raise ManifestError(f"manifest: tensor {t!r} is split into expert units ({experts[0].name!r}…) "
+                                        "and also stored in another unit")
+            _check_shard_group(module, experts)
+            seen.update(experts[0].tensors)
         for alias, target in self.tied.items():
             if target not in seen or alias in seen:
                 raise ManifestError(f"manifest: tied {alias!r} -> {target!r} must point at a stored tensor")
@@ -376,6 +357,9 @@ class Manifest:
         if self.format_version not in SUPPORTED_VERSIONS:
             raise ManifestError(f"manifest: format_version {self.format_version!r} is not supported "
                                 f"(this library reads {list(SUPPORTED_VERSIONS)})")
+        if self.format_version < EXPERT_VERSION and self.experts:
+            raise ManifestError(f"manifest: role 'expert' needs format_version {EXPERT_VERSION}, "
+                                f"the manifest says {self.format_version}")
         if self.format_version < SHARD_VERSION and self.shards:
             raise ManifestError(f"manifest: role 'shard' needs format_version {SHARD_VERSION}, "
                                 f"the manifest says {self.format_version}")
@@ -446,5 +430,5 @@ class Manifest:
         return cls.from_json(obj, limits)
 
 
-__all__ = ["FORMAT_VERSION", "LIMITS", "ROLES", "SHARD_VERSION", "SUPPORTED_VERSIONS", "BlobEntry", "Manifest", "ManifestLimits", "UnitEntry", "RESIDENT_UNIT",
+__all__ = ["EXPERT_VERSION", "FORMAT_VERSION", "LIMITS", "ROLES", "ROW_ROLES", "SHARD_VERSION", "SUPPORTED_VERSIONS", "BlobEntry", "Manifest", "ManifestLimits", "UnitEntry", "RESIDENT_UNIT",
            "json_depth"]

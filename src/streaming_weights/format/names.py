@@ -1,7 +1,8 @@
 """Unit names and storage keys.
 
 A unit is named after the module path it holds (``model.layers.3``); the resident unit is ``resident``;
-a row shard after its tensor and rows (``model.embed_tokens.weight.rows-0-4096``).
+a row shard after its tensor and rows (``model.embed_tokens.weight.rows-0-4096``); an expert unit after
+its experts module and expert index (``model.layers.3.mlp.experts.5``).
 Names are restricted so that a unit name can never turn into a path outside the model directory.
 """
 
@@ -31,6 +32,12 @@ def check_name(name: str, what: str = "unit name") -> str:
 def shard_unit_name(tensor: str, start: int, stop: int) -> str:
     """The name of the shard unit holding rows ``[start, stop)`` of ``tensor``: ``TENSOR.rows-START-STOP``."""
     return check_name(f"{tensor}.rows-{start}-{stop}")
+
+
+def expert_unit_name(module: str, start: int, stop: int) -> str:
+    """The name of the unit holding experts ``[start, stop)`` of the experts module at path ``module``:
+    ``MODULE.START`` for one expert (``model.layers.3.mlp.experts.5``), ``MODULE.START-LAST`` for several."""
+    return check_name(f"{module}.{start}" if stop == start + 1 else f"{module}.{start}-{stop - 1}")
 
 
 def unit_path(name: str) -> str:

@@ -36,6 +36,7 @@ from ..format import Manifest
 from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
 from .edges import EdgeBinding, kept_and_streamed
+from .experts import ExpertStreams
 from .hooks import UnitBinding
 from .placement import DevicePlacement
 from .planner import Plan, plan_memory
@@ -110,6 +111,7 @@ class StreamingEngine:
         self._rss_at_start = current_rss()  # what this model adds besides weights is measured from here
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
+        self.experts: ExpertStreams | None = None  # mixture-of-experts models only
         self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
         self.counters = InferenceCounters()
@@ -232,6 +234,7 @@ class StreamingEngine:
             prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
+        self.experts = ExpertStreams.bind(manifest, root, plan, self._fetch, self.run, self.call, cfg.trace)
         self.edge_bindings = edges
         self._count_direct_calls(root)
         # device hook (H): resident parts and inputs to the device; the device tier in front of the cache
@@ -334,6 +337,8 @@ class StreamingEngine:
         info["plan"] = self.plan.as_dict() if self.plan is not None else None
         if info["plan"] is not None:  # device hook (H): the device part of the budget
             info["plan"]["device"] = self.placement.plan_part()
+        if self.experts is not None:
+            info["experts"] = self.call(self.experts.info)
         return info
 
     def inference_stats(self) -> dict[str, Any]:
@@ -357,6 +362,8 @@ class StreamingEngine:
         self.placement.clear()  # device hook (H)
         if self.cache is not None:
             await self.cache.clear()
+        if self.experts is not None:
+            await self.experts.cache.clear()
         await self.source.close()
 
     def close(self, timeout: float = 10.0) -> None:

@@ -19,6 +19,12 @@ kept units as fit; when the whole model fits, all of it (after the first pass no
 Weights stored as row shards (a large embedding / lm_head, :mod:`.edges`) are kept with the resident parts
 when that leaves room for the unit computing; otherwise they are streamed like the blocks (the minimum is then
 the rest of the resident parts plus one unit, a shard being at most a unit's size or the largest one).
+Mixture-of-experts models (expert units, :mod:`.experts`) add two parts: the *working set* — every expert of
+one layer, which one step may select at once (a long prompt routes its tokens to all of them) — and the
+*expert cache*, which keeps popular experts between uses. Dense units are used by every token and experts by
+a few, so the dense plan is made first and the expert cache gets what the budget leaves after it. Without
+a budget the expert cache keeps ``cache_size`` layers' worth of experts.
+
 An explicit ``cache_size`` overrides the planner (the bound is then reported, not enforced).
 """
 
@@ -108,6 +114,13 @@ class Plan:
     #: bytes of the weights stored as row shards (embedding / lm_head), and whether they are streamed
     shard_bytes: int = 0
     shards_streamed: bool = False
+    #: mixture-of-experts: experts per layer (most), the largest expert unit, the working set (one layer's
+    #: experts, in use at once at worst) and the expert cache (popular experts kept between uses), bytes
+    experts_per_layer: int = 0
+    expert_layers: int = 0
+    expert_unit_bytes: int = 0
+    expert_working_bytes: int = 0
+    expert_cache_bytes: int = 0
 
     @property
     def live_units(self) -> int:
@@ -149,7 +162,19 @@ class Plan:
                f"{'streamed (not enough memory to keep them)' if self.shards_streamed else 'kept resident'}"]
               if self.shard_bytes else []),
             f"streamed:  {len(self.streamed)} units; keep {self.cache_size}, prefetch {self.prefetch_count}{whole}",
+            *([f"experts:   {self.expert_layers} layers x {self.experts_per_layer} experts of up to "
+               f"{_mib(self.expert_unit_bytes)}; fetched as routed: working set {_mib(self.expert_working_bytes)} "
+               f"(one layer's), cache {_mib(self.expert_cache_bytes)} "
+               f"(~{self.expert_cache_bytes // max(1, self.expert_unit_bytes)} experts kept by popularity)"]
+              if self.expert_layers else []),
         ])
+
+
+def _experts(manifest: Manifest, size: Callable[[UnitEntry], int]) -> tuple[int, int, int]:
+    """``(layers with expert units, most experts in one layer, largest expert unit's bytes)``."""
+    groups = manifest.expert_groups() if hasattr(manifest, "expert_groups") else {}
+    return (len(groups), max((len(g) for g in groups.values()), default=0),
+            max((size(u) for g in groups.values() for u in g), default=0))
 
 
 def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
@@ -159,7 +184,6 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
 
     ``overhead_bytes``: what the model holds besides weights and the forward (measured by the engine);
     ``unit_bytes_of``: a unit's bytes once received (default: its stored size; larger when converted).
-
     Raises:
         ConfigurationError: ``budget`` is below the minimum (named in the message).
     """
@@ -169,24 +193,28 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
     core = sum(size(u) for u in manifest.resident)
     shard_bytes = sum(size(u) for u in shards)
     block_unit = max((size(u) for u in manifest.streamed), default=0)
+    layers, per_layer, expert_unit = _experts(manifest, size)
+    working = per_layer * expert_unit
     hr = headroom_of(manifest)
     tokens = seq_len or min(DEFAULT_PLAN_TOKENS, int(manifest.config.get("max_position_embeddings") or 10**9))
     head = hr.bytes(tokens, batch)
 
-    def plan(k: int, p: int, *, stream_shards: bool, source: str) -> Plan:
+    def plan(k: int, p: int, *, stream_shards: bool, source: str, expert_cache: int = 0) -> Plan:
         streamed = blocks + [u.name for u in shards] if stream_shards else blocks
         unit = max([block_unit, *(size(u) for u in shards)]) if stream_shards else block_unit
         res_bytes = core if stream_shards else core + shard_bytes
         live = min(k + p + 1, len(streamed))
-        return Plan(budget, res_bytes + live * unit + head + overhead_bytes,
+        return Plan(budget, res_bytes + live * unit + head + overhead_bytes + working + expert_cache,
                     resident=[u.name for u in manifest.resident] + ([] if stream_shards else [u.name for u in shards]),
                     streamed=streamed, cache_size=k, prefetch_count=p, resident_bytes=res_bytes, unit_bytes=unit,
                     headroom_bytes=head, overhead_bytes=overhead_bytes, seq_len=tokens, batch=batch, headroom=hr,
-                    budget_from=budget_from, source=source, shard_bytes=shard_bytes, shards_streamed=stream_shards)
+                    budget_from=budget_from, source=source, shard_bytes=shard_bytes, shards_streamed=stream_shards,
+                    experts_per_layer=per_layer, expert_layers=layers, expert_unit_bytes=expert_unit,
+                    expert_working_bytes=working, expert_cache_bytes=expert_cache)
 
     if config.cache_size is not None or budget is None:
         k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
-        return plan(k, config.prefetch_count, stream_shards=False,
+        return plan(k, config.prefetch_count, stream_shards=False, expert_cache=k * working,
                     source="default" if config.cache_size is None else "cache_size")
     least = plan(0, 0, stream_shards=False, source="budget")
     if budget < least.bound_bytes and shards:  # the shards do not fit beside one unit: stream them
@@ -197,10 +225,14 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
             f"memory_budget {_mib(budget)} is below the minimum {_mib(minimum)} ({minimum} bytes) for "
             f"{manifest.name!r}: resident {_mib(least.resident_bytes)} + one {_mib(least.unit_bytes)} unit + "
             f"headroom {_mib(head)} for {tokens} tokens x batch {batch} + overhead {_mib(overhead_bytes)} "
+            f"{f'+ one layer of experts {_mib(working)} ' if working else ''}"
             f"(tokenizer, skeleton){'; the embedding / lm_head shards already streamed' if least.shards_streamed else ''}")
     n, unit = len(least.streamed), least.unit_bytes
     spare_units = (budget - minimum) // unit if unit else n
     p = min(config.prefetch_count, spare_units, max(0, n - 1))
     # n units alive at once is the whole model: keep all of it (nothing is fetched after the first pass)
     k = n if spare_units + 1 >= n else spare_units - p
-    return plan(k, p, stream_shards=least.shards_streamed, source="budget")
+    dense = plan(k, p, stream_shards=least.shards_streamed, source="budget")
+    # what the dense plan leaves keeps experts (dense units serve every token, experts a few)
+    return plan(k, p, stream_shards=least.shards_streamed, source="budget",
+                expert_cache=max(0, budget - dense.bound_bytes)) if working else dense
