@@ -168,8 +168,8 @@ class ModelChunker:
 
         try:
             for group in plan.groups():
-                if group[0] in plan.shards:
-                    await self._write_shards(builder, group, source, plan, report)
+                if plan.rows_of(group[0]) is not None:
+                    await self._write_rows(builder, group, source, plan, report)
                 else:
                     report(group[0], await self._write_unit(builder, group[0], source, plan))
         finally:
@@ -186,36 +186,28 @@ class ModelChunker:
     @staticmethod
     async def _write_unit(builder: ModelBuilder, unit: str, source: Source, plan: ModelPlan) -> UnitEntry:
         keys = plan.units[unit]
-        layout = plan.layout(unit)
-        back = {plan.mapping[k]: k for k in keys}
-
-        def parts() -> Iterator[tuple[str, torch.Tensor, Any]]:
-            for ck, tensor in source.read_tensors([plan.mapping[k] for k in keys]):
-                name = back[ck]
-                _check_shape(ck, tensor, plan, name)
-                yield name, tensor, plan.quant.get(name)
-                del tensor  # one source tensor at a time: gone before the next is read
-
-        buf, digests = await asyncio.to_thread(_fill, layout, parts())
+        parts = ((name, tensor, plan.quant.get(name)) for name, tensor in _model_tensors(keys, source, plan))
+        buf, digests = await asyncio.to_thread(_fill, plan.layout(unit), parts)
         return await builder.add_encoded_unit(unit, buf, digests=digests)
 
     @staticmethod
-    async def _write_shards(builder: ModelBuilder, units: list[str], source: Source, plan: ModelPlan,
-                            report: Callable[[str, UnitEntry], None]) -> None:
-        """The row shards ``units`` of one tensor, from ONE read of it (held until its last shard is written)."""
-        key = plan.shards[units[0]][0]
-        reader = source.read_tensors([plan.mapping[key]])
+    async def _write_rows(builder: ModelBuilder, units: list[str], source: Source, plan: ModelPlan,
+                          report: Callable[[str, UnitEntry], None]) -> None:
+        """Units holding row ranges of the same tensors (the row shards of one tensor, or the experts of one
+        experts module), from ONE read of those tensors (held until the last of the units is written)."""
+        keys = plan.units[units[0]]
+        reader = _model_tensors(keys, source, plan)
         try:
-            ck, tensor = await asyncio.to_thread(next, reader)
-            _check_shape(ck, tensor, plan, key)
+            whole = dict(await asyncio.to_thread(list, reader))
+            role = "expert" if units[0] in plan.experts else None
             for unit in units:
-                _, start, stop = plan.shards[unit]
-                layout, spec = plan.layout(unit), plan.unit_quant(unit).get(key)
-                buf, digests = await asyncio.to_thread(_fill, layout, [(key, tensor[start:stop], spec)])
-                report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=(start, stop)))
-                del buf
-            del tensor
-            await asyncio.to_thread(lambda: next(reader, None))  # let the reader release it (a .bin's pages)
+                start, stop = plan.rows_of(unit)
+                layout, quant = plan.layout(unit), plan.unit_quant(unit)
+                parts = [(k, whole[k][start:stop], quant.get(k)) for k in keys]
+                buf, digests = await asyncio.to_thread(_fill, layout, parts)
+                report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=(start, stop), role=role))
+                del buf, parts
+            whole.clear()
         finally:
             reader.close()
 
@@ -234,6 +226,39 @@ class ModelChunker:
             "quantize": self.quantize,
             "architecture": manifest.architecture,
         }
+
+
+def _model_tensors(keys: list[str], source: Source, plan: ModelPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(model tensor name, tensor)`` for ``keys``, one at a time: plain renames in one pass over the
+    checkpoint, converted tensors (:mod:`.convert`) each from just the checkpoint tensors it needs."""
+    plain = [k for k in keys if k not in plan.recipes]
+    back = {plan.mapping[k]: k for k in plain}
+    reader = source.read_tensors([plan.mapping[k] for k in plain])
+    try:
+        for ck, tensor in reader:
+            _check_shape(ck, tensor, plan, back[ck])
+            yield back[ck], tensor
+            del tensor  # one source tensor at a time: gone before the next is read
+    finally:
+        reader.close()
+    done: set[str] = set()
+    for key in keys:
+        if key not in plan.recipes or key in done:
+            continue
+        out = plan.recipes[key].run(lambda k: _read_one(source, k), None, plan.config)
+        for name in [n for n in out if n in keys]:
+            _check_shape(f"{plan.recipes[key].keys[0]}…", out[name], plan, name)
+            done.add(name)
+            yield name, out.pop(name)
+        del out
+
+
+def _read_one(source: Source, key: str) -> torch.Tensor:
+    reader = source.read_tensors([key])
+    try:
+        return next(reader)[1]
+    finally:
+        reader.close()
 
 
 def _check_shape(ck: str, tensor: torch.Tensor, plan: ModelPlan, name: str) -> None:
