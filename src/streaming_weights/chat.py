@@ -24,6 +24,25 @@ def common_prefix_length(a: Any, b: Any) -> int:
     return int(diff[0, 0]) if diff.numel() else n
 
 
+def crop_cache(cache: Any, keep: int) -> bool:
+    """Cut ``cache`` down to its first ``keep`` tokens; False when it cannot be (then start a fresh cache).
+
+    transformers 5 ``DynamicCache.crop(n)`` takes a *negative* count of tokens to remove (a positive value,
+    the 4.x "new length", raises); a negative count also meant "remove that many" in 4.x, so this call is
+    right on both. Layers that cannot roll back (a sliding window already full, recurrent state) refuse,
+    and a cache that does not end up exactly ``keep`` long is not trusted.
+    """
+    held = int(cache.get_seq_length())
+    if held < keep:
+        return False
+    if held > keep:
+        try:
+            cache.crop(keep - held)
+        except (ValueError, RuntimeError, NotImplementedError):
+            return False
+    return int(cache.get_seq_length()) == keep
+
+
 @dataclass
 class TurnStats:
     """What one turn cost: prompt tokens taken from the KV cache vs computed, tokens generated."""
@@ -70,26 +89,34 @@ class ChatSession:
 
         reuse = 0 if self._cached_ids is None else common_prefix_length(self._cached_ids, ids)
         reuse = min(reuse, int(ids.shape[-1]) - 1)  # generate needs at least one token to compute
-        if reuse <= 0:
-            self._cache = DynamicCache()
-            return 0
-        if self._cache.get_seq_length() > reuse:
-            self._cache.crop(reuse)
-        return reuse
+        if reuse > 0 and crop_cache(self._cache, reuse):
+            return reuse
+        self._cache = DynamicCache()
+        return 0
 
     def reply(self, text: str, *, streamer: Any = None) -> tuple[str, TurnStats]:
-        """Add a user message, generate the answer greedily (streamed to ``streamer``), return it."""
+        """Add a user message, generate the answer greedily (streamed to ``streamer``), return it.
+
+        A turn that raises (an interrupted generate, a conversation grown past the model's context) leaves the
+        session as it was before the turn: the user message is taken back and the next turn starts a fresh
+        KV cache.
+        """
         import torch
 
         tok = self.model.tokenizer
         self.messages.append({"role": "user", "content": text})
-        enc = tok.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
-        ids = enc["input_ids"]
-        reuse = self._reusable(ids[0])
-        # `cache=` is transformers 5's name for the KV cache argument (`past_key_values=` is deprecated)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=self._cache,
-                                  max_new_tokens=self.max_new_tokens, do_sample=False, streamer=streamer)
+        try:
+            enc = tok.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)
+            ids = enc["input_ids"]
+            reuse = self._reusable(ids[0])
+            self._cached_ids = None  # until this turn completes, the cache's contents are not known
+            # `cache=` is transformers 5's name for the KV cache argument (`past_key_values=` is deprecated)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=self._cache,
+                                      max_new_tokens=self.max_new_tokens, do_sample=False, streamer=streamer)
+        except BaseException:
+            self.messages.pop()
+            raise
         seq = out[0]
         answer = tok.decode(seq[ids.shape[-1]:], skip_special_tokens=True)
         self._cached_ids = seq[: self._cache.get_seq_length()]
@@ -97,4 +124,4 @@ class ChatSession:
         return answer, TurnStats(reuse, int(ids.shape[-1]) - reuse, int(seq.shape[-1] - ids.shape[-1]))
 
 
-__all__ = ["ChatSession", "TurnStats", "common_prefix_length"]
+__all__ = ["ChatSession", "TurnStats", "common_prefix_length", "crop_cache"]
