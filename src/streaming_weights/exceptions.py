@@ -4,7 +4,8 @@
 
     StreamingWeightsError
     ├── ConfigurationError            bad option / environment value
-    │   └── UnknownOptionError        an option name that does not exist (also TypeError)
+    │   ├── UnknownOptionError        an option name that does not exist (also TypeError)
+    │   └── ContextLengthError        prompt + new tokens beyond the model's positions (max_position_embeddings)
     ├── FormatError                   chunk format problems
     │   ├── ManifestError             missing / malformed / inconsistent manifest.json
     │   │   └── ManifestLimitError    a manifest beyond a hard limit (sizes, counts, depth; also SecurityError)
@@ -48,6 +49,11 @@ class ConfigurationError(StreamingWeightsError, ValueError):
 
 class UnknownOptionError(ConfigurationError, TypeError):
     """An option (keyword argument or config field) that does not exist; the message names it."""
+
+
+class ContextLengthError(ConfigurationError):
+    """A request that would run past the model's context: its prompt plus ``max_new_tokens`` exceed
+    ``max_position_embeddings`` (checked before anything is planned or fetched)."""
 
 
 class FormatError(StreamingWeightsError):
