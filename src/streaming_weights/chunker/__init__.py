@@ -66,6 +66,8 @@ class ModelChunker:
             ``"auto"`` (default) only a weight larger than both the largest streamed unit and 16 MiB, into
             shards of about the largest streamed unit; a size (``"64MB"``, ``"1GiB"``, bytes) every such
             weight, into shards of at most that many stored bytes; ``None`` / ``"off"``: never.
+        expert_units: mixture-of-experts models: store each expert as a unit of its own (default; a token
+            fetches only the experts its router picks); ``False``: experts stay in their layer's unit.
         progress: show a progress bar (units and bytes) on stderr.
         on_unit: called with each unit's name once it is written.
         on_progress: called with a :class:`ChunkProgress` once each unit is written.
@@ -85,6 +87,7 @@ class ModelChunker:
         name: str | None = None,
         force: bool = False,
         shard_size: int | str | None = "auto",
+        expert_units: bool = True,
         progress: bool = False,
         s3_bucket: str | None = None,
         s3_prefix: str = "",
@@ -106,6 +109,7 @@ class ModelChunker:
             raise ConfigurationError(f"quantize must be one of {list(SCHEMES)} or None, got {quantize!r}")
         self.quantize = quantize
         self.shard_size = parse_shard_size(shard_size)
+        self.expert_units = bool(expert_units)
         self.force = force
         self.progress = progress
         self._on_unit = on_unit
@@ -128,7 +132,7 @@ class ModelChunker:
 
         Returns:
             ``{"name", "manifest", "storage", "chunks": [unit names], "num_units", "num_streamed",
-            "num_shards", "total_size_mb", "largest_unit_mb", "dtype", "quantize", "architecture"}``
+            "num_shards", "num_experts", "total_size_mb", "largest_unit_mb", "dtype", "quantize", "architecture"}``
 
         Raises:
             ChunkingError: an unreadable or mismatched source, or a different model at the target
@@ -140,7 +144,7 @@ class ModelChunker:
         source = await asyncio.to_thread(open_source, self.model_name)
         try:
             plan = await asyncio.to_thread(plan_model, source, self.dtype, self.model_name, self.quantize,
-                                           self.shard_size)
+                                           self.shard_size, self.expert_units)
             manifest = await self._write(builder, source, plan)
         finally:
             source.close()
@@ -220,6 +224,7 @@ class ModelChunker:
             "num_units": len(manifest.units),
             "num_streamed": len(manifest.streamed),
             "num_shards": len(manifest.shards),
+            "num_experts": len(manifest.experts),
             "total_size_mb": manifest.total_bytes / (1 << 20),
             "largest_unit_mb": max(u.bytes for u in manifest.units) / (1 << 20),
             "dtype": manifest.dtype,

@@ -268,7 +268,7 @@ def with_shards(plan: ModelPlan, keys: list[str], shard_size: int | str | None) 
 
 
 def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: str | None = None,
-               shard_size: int | str | None = None) -> ModelPlan:
+               shard_size: int | str | None = None, expert_units: bool = True) -> ModelPlan:
     """Plan the chunking of ``source`` (named ``what`` in errors), casting floating tensors to ``dtype``
     (``None``: each tensor keeps the checkpoint's dtype) and quantizing linear weights with ``quantize``
     (``None``, ``"int8"`` or ``"int4"``; weights whose input dimension the group size does not divide stay
@@ -279,6 +279,10 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
     ``"auto"``: a weight whose stored bytes exceed both the largest streamed unit's and
     :data:`AUTO_SHARD_MIN_BYTES`, into shards of about the largest streamed unit's bytes; bytes: every such
     weight, into shards of at most that many stored bytes (at least one row each; the last takes the rest).
+
+    ``expert_units``: each expert of a mixture-of-experts layer (its rows of the experts module's fused
+    tensors) is a unit of its own, fetched only when the router picks it; ``False`` keeps them in the layer's
+    unit (whole-layer streaming: every expert fetched with its layer).
 
     Raises:
         ChunkingError: no architecture in the config, or checkpoint and model class disagree.
@@ -299,7 +303,8 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
     linear = quantizable(meta) if quantize else set()
     embeddings = embedding_weights(meta)
     experts = {p: (n, [f"{p}.{t}" for t, _ in m.named_parameters(recurse=False)])
-               for p, (m, n) in expert_modules(meta).items() if umap.unit_of(p + ".") != RESIDENT_UNIT}
+               for p, (m, n) in expert_modules(meta).items()
+               if expert_units and umap.unit_of(p + ".") != RESIDENT_UNIT}
     del meta
 
     def stored(key: str) -> torch.dtype:

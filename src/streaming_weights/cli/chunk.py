@@ -36,14 +36,15 @@ def cmd_chunk(args: argparse.Namespace) -> int:
         args.source,
         output_dir=None if backend else (args.output_dir or str(Path("chunks") / name)),
         storage_backend=backend, dtype=args.dtype, compress=args.compress, quantize=args.quantize, name=name,
-        force=args.force, shard_size=args.shard_size,
+        force=args.force, shard_size=args.shard_size, expert_units=args.experts == "units",
         progress=tty and not args.quiet, on_progress=None if tty or args.quiet else PlainProgress(),
     )
     result = asyncio.run(chunker.chunk_model())
     print(
         f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}"
         f"{', ' + result['quantize'] if result['quantize'] else ''}): {result['num_units']} units"
-        f"{' (' + str(result['num_shards']) + ' row shards)' if result['num_shards'] else ''}, "
+        f"{' (' + str(result['num_shards']) + ' row shards)' if result['num_shards'] else ''}"
+        f"{' (' + str(result['num_experts']) + ' expert units)' if result.get('num_experts') else ''}, "
         f"{result['total_size_mb']:.1f} MiB total, largest {result['largest_unit_mb']:.1f} MiB -> "
         f"{result['storage']}/{result['manifest']}"
     )
@@ -53,14 +54,15 @@ def cmd_chunk(args: argparse.Namespace) -> int:
 def _print_manifest(m: Any) -> None:
     print(f"model        {m.name}")
     print(f"architecture {m.architecture} ({m.model_type}), dtype {m.dtype}, format v{m.format_version}")
-    shards = f", {len(m.shards)} row shards" if m.shards else ""
+    shards = (f", {len(m.shards)} row shards" if m.shards else "") + (
+        f", {len(m.experts)} expert units in {len(m.expert_groups())} layers" if m.experts else "")
     print(f"units        {len(m.units)} ({len(m.streamed)} streamed{shards}), {m.total_bytes / 2**20:.1f} MiB")
     print(f"files        {', '.join(f.name for f in m.files) or '-'}")
     if m.tied:
         print(f"tied         {', '.join(f'{a} -> {t}' for a, t in m.tied.items())}")
     print(f"{'order':>5}  {'role':9} {'unit':32} {'MiB':>9}  {'tensors':>7}  sha256")
     for u in m.units:
-        name = u.name if u.rows is None else f"{u.shard_tensor}[{u.rows[0]}:{u.rows[1]}]"
+        name = u.name if u.role != "shard" else f"{u.shard_tensor}[{u.rows[0]}:{u.rows[1]}]"
         print(f"{u.order:>5}  {u.role:9} {name:32} {u.bytes / 2**20:9.2f}  {len(u.tensors):>7}  {u.sha256}")
     print()
 
@@ -114,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="store linear/embedding weights quantized: int8 (groups of 64, ~0.26x float32 bytes) or "
                         "int4 (groups of 32, ~0.16x); lossy, see docs/format.md")
+    p.add_argument("--experts", choices=("units", "layer"), default="units",
+                   help="mixture-of-experts models: 'units' (default) stores each expert as its own unit, fetched "
+                        "only when the router picks it; 'layer' keeps the experts in their layer's unit")
     p.add_argument("--shard-size", default="auto", metavar="auto|off|SIZE",
                    help="split the embedding / LM head weights into row-shard units a client can stream: auto "
                         "(default: only weights larger than the largest layer and 16 MiB, in layer-sized shards), "

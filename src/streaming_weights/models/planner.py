@@ -165,7 +165,8 @@ class Plan:
             *([f"experts:   {self.expert_layers} layers x {self.experts_per_layer} experts of up to "
                f"{_mib(self.expert_unit_bytes)}; fetched as routed: working set {_mib(self.expert_working_bytes)} "
                f"(one layer's), cache {_mib(self.expert_cache_bytes)} "
-               f"(~{self.expert_cache_bytes // max(1, self.expert_unit_bytes)} experts kept by popularity)"]
+               f"(up to {min(self.expert_layers * self.experts_per_layer, self.expert_cache_bytes // max(1, self.expert_unit_bytes))}"
+               f" of {self.expert_layers * self.experts_per_layer} experts kept, by popularity)"]
               if self.expert_layers else []),
         ])
 
