@@ -54,7 +54,7 @@ def tiny_chunks(workdir, tiny_source):
 def smollm2_chunks(workdir) -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF, chunked once per session (dequantizing takes ~10 s)."""
     out = workdir / "smollm2"
-    chunk(tiny.packaged_smollm2_gguf(), out, name="SmolLM2-135M-Instruct")
+    chunk(tiny.packaged_smollm2_gguf(), out)  # the default name drops the GGUF's ".Q4_1": SmolLM2-135M-Instruct
     return out
 
 
@@ -74,7 +74,7 @@ def smollm2_reference():
 @pytest.fixture(scope="session")
 def minilm_chunks(workdir) -> Path:
     out = workdir / "minilm"
-    chunk(tiny.packaged_minilm_dir(), out, name="all-MiniLM-L6-v2")
+    chunk(tiny.packaged_minilm_dir(), out)  # its folder is "model": the default name is the card's all-MiniLM-L6-v2
     return out
 
 

