@@ -64,6 +64,12 @@ def total(metrics: dict, name: str, **labels) -> float:
     return sum(v for (n, lab), v in metrics.items() if n == name and labels.items() <= dict(lab).items())
 
 
+def manifest_reads(starts: int, *scraped: dict) -> float:
+    """S3 reads of manifest.json: a server reads it from S3 itself (never through Redis: it is how the server
+    knows which bytes are current) at each start and for each get_manifest it answers."""
+    return starts + sum(total(m, "surfing_server_requests_total", op="get_manifest") for m in scraped)
+
+
 async def fetch_everything(source) -> tuple[dict[str, torch.Tensor], list[str]]:
     manifest = await source.get_manifest("llama")
     tensors = {}
@@ -136,14 +142,14 @@ def test_two_servers_shared_redis_failover_parity_and_each_unit_read_from_s3_onc
         sizes = {e.path: e.bytes for e in [*manifest.units, *manifest.files]}
         blobs = {dict(lab)["blob"] for side in (a, b) for (n, lab) in side if n == "surfing_server_storage_reads_total"}
         assert {u.path for u in manifest.units} <= blobs <= sizes.keys()  # every unit (and the files used) served
-        objects = 1 + len(blobs)  # + the manifest, read by both servers at start
-        nbytes = len(raw_manifest) + sum(sizes[p] for p in blobs)
+        manifests = manifest_reads(3, a, b)  # A started twice, B once
+        nbytes = manifests * len(raw_manifest) + sum(sizes[p] for p in blobs)
         s3 = {"backend": "S3Backend"}
-        # Each object was read from S3 exactly once across both servers; every other read hit Redis.
-        assert total(a, "surfing_storage_get_requests_total", **s3) + total(b, "surfing_storage_get_requests_total", **s3) == objects
+        # Each unit and file was read from S3 exactly once across both servers; every other read hit Redis.
+        assert total(a, "surfing_storage_get_requests_total", **s3) + total(b, "surfing_storage_get_requests_total", **s3) == manifests + len(blobs)
         assert total(a, "surfing_storage_get_bytes_total", **s3) + total(b, "surfing_storage_get_bytes_total", **s3) == nbytes
         redis = {"backend": "RedisCacheBackend"}
-        assert total(a, "surfing_storage_fills_total", **redis) + total(b, "surfing_storage_fills_total", **redis) == objects
+        assert total(a, "surfing_storage_fills_total", **redis) + total(b, "surfing_storage_fills_total", **redis) == len(blobs)
         assert total(b, "surfing_storage_hits_total", **redis) + total(b, "surfing_storage_waits_total", **redis) > 0
         assert total(a, "surfing_storage_errors_total", **s3) == total(b, "surfing_storage_errors_total", **s3) == 0
     finally:
@@ -174,7 +180,8 @@ def test_advanced_server_num_servers_ports_and_metrics(s3_server, s3_bucket, red
             assert_same(results[0][0], results[1][0])
             metrics = await asyncio.to_thread(scrape, adv.ports[1])
             # one process, one storage chain: every server exports the same backend counters
-            assert total(metrics, "surfing_storage_get_requests_total", backend="S3Backend") == 1 + len(results[0][1])
+            manifests = manifest_reads(2, *[await asyncio.to_thread(scrape, p) for p in adv.ports])
+            assert total(metrics, "surfing_storage_get_requests_total", backend="S3Backend") == manifests + len(results[0][1])
             assert total(metrics, "surfing_storage_hits_total", backend="RedisCacheBackend") >= len(results[0][1])
         # consecutive ports from `port`
         adv2 = AdvancedWeightServer(chunks_dir=f"s3://{s3_bucket}/models", redis_url=None, port=port, num_servers=1)
@@ -292,7 +299,7 @@ def test_cli_serve_and_weight_server_over_s3_with_redis(s3_server, s3_bucket, re
         ports = [int(u.rsplit(":", 1)[1]) for u in uris]
         m = [scrape(p) for p in ports]
         gets = sum(total(x, "surfing_storage_get_requests_total", backend="S3Backend") for x in m)
-        assert gets == 1 + len(units)  # two processes, one Redis: each object read from S3 once
+        assert gets == manifest_reads(2, *m) + len(units)  # two processes, one Redis: each unit read from S3 once
         assert total(m[1], "surfing_storage_hits_total", backend="RedisCacheBackend") >= len(units)
     finally:
         for proc in spawned:
