@@ -119,6 +119,9 @@ class StreamingConfig:
     enable_compression: bool = opt(False, parse=parse_bool)  # compatibility only: weights go raw
     prefetch_layers: bool = opt(True, parse=parse_bool)
     prefetch_count: int = opt(1, parse=parse_int)
+    #: mixture-of-experts: while layer i computes, apply layer i+1's router to layer i's hidden state and
+    #: fetch the experts it predicts (pre-gating); off by default (see the benchmark's hit rate and stall)
+    expert_prefetch: bool = opt(False, parse=parse_bool)
     timeout_seconds: float = opt(30.0, parse=parse_float)
     max_retries: int = opt(3, parse=parse_int)
     model_name: str | None = opt(None, parse=parse_optional_str)

@@ -261,6 +261,33 @@ class UnitCache:
             started.append(name)
         return started
 
+    def fetch_ahead(self, names: list[str]) -> list[str]:
+        """Start fetching ``names`` (a prediction made outside the policy's order, e.g. a router's) unless
+        held or in flight; they wait in ``prefetched`` for their use or for :meth:`settle`. Returns the started."""
+        started = []
+        for name in names:
+            if any(name in held for held in (self.active, self.cached, self.prefetched, self.inflight)):
+                continue
+            self.failed.pop(name, None)
+            self._start_fetch(name, prefetch=True)
+            self._event("prefetch", name)
+            started.append(name)
+        return started
+
+    def settle(self, names: list[str]) -> None:
+        """Predicted units among ``names`` that arrived unused join the cache (which evicts by its policy);
+        those still in flight are cancelled. Keeps what :meth:`fetch_ahead` started bounded."""
+        for name in names:
+            if name in self.prefetched:
+                self.stats.prefetches_wasted += 1
+                self._keep(name, self.prefetched.pop(name), current=None)
+            elif name in self._prefetch_tasks:
+                self._prefetch_tasks.discard(name)
+                task = self.inflight.pop(name, None)
+                if task is not None:
+                    task.cancel()
+                    self.stats.prefetches_wasted += 1
+
     async def warm(self, names: list[str]) -> None:
         """Fetch ``names`` into the cache now (up to its capacity; later names win)."""
         for name in names:

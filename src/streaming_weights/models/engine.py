@@ -234,7 +234,8 @@ class StreamingEngine:
             prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
-        self.experts = ExpertStreams.bind(manifest, root, plan, self._fetch, self.run, self.call, cfg.trace)
+        self.experts = ExpertStreams.bind(manifest, root, plan, self._fetch, self.run, self.call, cfg.trace,
+                                          peek=self._peek if cfg.expert_prefetch else None)
         self.edge_bindings = edges
         self._count_direct_calls(root)
         # device hook (H): resident parts and inputs to the device; the device tier in front of the cache
@@ -284,9 +285,18 @@ class StreamingEngine:
         if self.cache is None or self.closed:
             return {}
         try:
-            return self.call(lambda: dict(vars(self.cache.stats)))
+            return self.call(self._totals)
         except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to count against
             return {}
+
+    def _totals(self) -> dict[str, Any]:
+        """The unit cache's counters, the expert cache's added in (on the I/O loop)."""
+        out = dict(vars(self.cache.stats))
+        if self.experts is not None:
+            e = self.experts.cache.stats
+            out.update(stall_seconds=out["stall_seconds"] + self.experts.stall_seconds,
+                       **{k: out[k] + getattr(e, k) for k in ("fetch_seconds", "bytes_fetched", "hits", "misses")})
+        return out
 
     def enter(self, kind: str) -> None:
         """Open a counted inference scope (nested scopes belong to the outermost one). Never raises:
@@ -352,7 +362,7 @@ class StreamingEngine:
             "fetch_seconds": c.fetch_seconds,
             "stall_seconds": c.stall_seconds,
             "compute_seconds": total - c.stall_seconds,
-            "bytes_fetched": info["bytes_fetched"],
+            "bytes_fetched": info["bytes_fetched"] + info.get("experts", {}).get("bytes_fetched", 0),
             "generated_tokens": c.tokens,
             "tokens_per_second": c.tokens / total if total and c.tokens else 0.0,
         }

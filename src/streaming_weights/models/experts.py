@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import inspect
+import time
 from typing import Any, Awaitable, Callable
 
 import torch
@@ -58,6 +59,21 @@ def expert_modules(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
 
 Acquire = Callable[[list[str]], dict[str, dict[str, torch.Tensor]]]
 Release = Callable[[list[str]], None]
+#: told which experts a binding's router picked, with the hidden states it routed: ``(binding, hidden, ids)``
+OnRoute = Callable[["ExpertBinding", torch.Tensor, list[int]], None]
+
+
+def router_of(root: nn.Module, path: str, num_experts: int) -> tuple[str, int] | None:
+    """``(path of the router, its top-k)`` beside the experts module at ``path``: the sibling module with a
+    ``weight`` of ``num_experts`` rows (Qwen's ``gate``, gpt-oss's ``router``…), or ``None``."""
+    parent_path = path.rpartition(".")[0]
+    parent = root.get_submodule(parent_path) if parent_path else root
+    for name, child in parent.named_children():
+        weight = child._parameters.get("weight")
+        if weight is not None and weight.dim() == 2 and weight.shape[0] == num_experts and not _is_experts(child):
+            k = getattr(child, "top_k", None) or getattr(root.config, "num_experts_per_tok", None)
+            return (f"{parent_path}.{name}" if parent_path else name), int(k or 1)
+    return None
 
 
 class ExpertBinding:
@@ -76,8 +92,9 @@ class ExpertBinding:
     """
 
     def __init__(self, root: nn.Module, path: str, units: list[tuple[str, int, int, dict[str, tuple[int, ...]]]],
-                 acquire: Acquire, release: Release) -> None:
+                 acquire: Acquire, release: Release, on_route: OnRoute | None = None) -> None:
         self.path = path
+        self._on_route = on_route
         self.module = root.get_submodule(path)
         self.num_experts = self.module.num_experts
         self.units = sorted(units, key=lambda u: u[1])
@@ -117,9 +134,12 @@ class ExpertBinding:
         index = kwargs[where] if where else args[1]
         ids = torch.unique(index[(index >= 0) & (index < self.num_experts)]).tolist()  # sorted
         needed = list(dict.fromkeys(self.unit_of(e)[0] for e in ids))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._on_route is not None:
+            self._on_route(self, hidden, ids)
         fetched = self._acquire(needed) if needed else {}
         self._held = needed
-        device = args[0].device if args else kwargs["hidden_states"].device
+        device = hidden.device
         for key in self._placeholders:
             rows = []
             for e in ids:
@@ -161,18 +181,31 @@ class ExpertStreams:
     """A model's expert cache (popular experts kept within the plan's ``expert_cache_bytes``; nothing is
     prefetched along an order: which experts come next is the router's choice) and its expert bindings.
 
-    Built by :meth:`bind`; ``run`` / ``call`` are the engine's bridge onto its I/O loop.
+    With ``pregate``, while layer *i*'s experts are fetched, layer *i+1*'s router (from its dense unit, if that
+    has arrived) is applied to layer *i*'s hidden states and the experts it predicts are fetched ahead (at most
+    twice the router's top-k; mispredictions join the cache, which evicts by popularity). ``info()`` reports
+    the prediction's hit rate.
+
+    Built by :meth:`bind`; ``run`` / ``call`` are the engine's bridge onto its I/O loop, ``peek`` returns an
+    arrived dense unit (or ``None``) without fetching it.
     """
 
-    def __init__(self, cache: UnitCache, run: Callable[..., Any], call: Callable[..., Any]) -> None:
+    def __init__(self, cache: UnitCache, run: Callable[..., Any], call: Callable[..., Any],
+                 peek: Callable[[str], Any] | None = None) -> None:
         self.cache = cache
-        self._run, self._call = run, call
+        self._run, self._call, self._peek = run, call, peek
         self.bindings: list[ExpertBinding] = []
+        self.routers: dict[int, tuple[str, str, int]] = {}  # binding id -> (dense unit, router path, top-k)
+        self.predicted: dict[int, list[int]] = {}  # binding id -> experts fetched ahead for it
+        self.counts = {"predicted": 0, "predicted_used": 0, "routed": 0, "skipped": 0}
+        self.stall_seconds = 0.0
 
     @classmethod
     def bind(cls, manifest: Any, root: nn.Module, plan: Any, fetch: Callable[[str], Awaitable[Any]],
-             run: Callable[..., Any], call: Callable[..., Any], trace: bool = False) -> ExpertStreams | None:
-        """Hook every experts module of ``root`` that ``manifest`` has expert units for (``None``: it has none).
+             run: Callable[..., Any], call: Callable[..., Any], trace: bool = False,
+             peek: Callable[[str], Any] | None = None) -> ExpertStreams | None:
+        """Hook every experts module of ``root`` that ``manifest`` has expert units for (``None``: it has none);
+        ``peek`` given: pre-gate (see the class).
 
         Raises:
             ManifestError: the manifest's expert units do not match the model's experts modules.
@@ -183,16 +216,54 @@ class ExpertStreams:
         cache = UnitCache(fetch, make_policy("popularity", []), {u.name: u.bytes for u in manifest.experts},
                           max_units=len(manifest.experts) if plan.expert_cache_bytes else 0,
                           max_bytes=plan.expert_cache_bytes, prefetch_count=0, trace=trace)
-        self = cls(cache, run, call)
+        self = cls(cache, run, call, peek)
+        dense = [u.name for u in manifest.streamed]
         for path, units in groups.items():
             try:
-                root.get_submodule(path)
+                module = root.get_submodule(path)
             except AttributeError:
                 raise ManifestError(f"manifest {manifest.name!r} has expert units for {path!r}, which "
                                     f"{type(root).__name__} built from its config does not have") from None
             spans = [(u.name, *u.rows, {t: s.shape for t, s in u.tensors.items()}) for u in units]
-            self.bindings.append(ExpertBinding(root, path, spans, self.acquire, self.release))
+            binding = ExpertBinding(root, path, spans, self.acquire, self.release,
+                                    self._route if peek is not None else None)
+            router = router_of(root, path, getattr(module, "num_experts", 0))
+            unit = next((d for d in dense if router and router[0].startswith(d + ".")), None)
+            if router is not None and unit is not None:
+                self.routers[id(binding)] = (unit, *router)
+            self.bindings.append(binding)
         return self
+
+    def _route(self, binding: ExpertBinding, hidden: torch.Tensor, ids: list[int]) -> None:
+        """Score the prediction made for ``binding``, settle its leftovers, predict for the next binding."""
+        ahead = self.predicted.pop(id(binding), [])
+        if ahead:
+            used = set(ids)
+            self.counts["predicted_used"] += sum(e in used for e in ahead)
+            self.counts["routed"] += len(ids)
+            unused = [binding.unit_of(e)[0] for e in ahead if e not in used]
+            self._call(self.cache.settle, unused)
+        at = self.bindings.index(binding)
+        if at + 1 < len(self.bindings):
+            self._pregate(self.bindings[at + 1], hidden)
+
+    def _pregate(self, nxt: ExpertBinding, hidden: torch.Tensor) -> None:
+        known = self.routers.get(id(nxt))
+        arrived = self._peek(known[0]) if known else None
+        weight = arrived.tensors.get(f"{known[1]}.weight") if arrived is not None else None
+        if weight is None:
+            self.counts["skipped"] += 1
+            return
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(hidden.reshape(-1, weight.shape[1]).to(weight.dtype),
+                                                weight.to(hidden.device))
+            picks = torch.unique(logits.topk(min(known[2], weight.shape[0]), dim=-1).indices).tolist()
+        if len(picks) > 2 * known[2]:  # a long prompt: nearly every expert, nothing to gain
+            self.counts["skipped"] += 1
+            return
+        self.predicted[id(nxt)] = picks
+        self.counts["predicted"] += len(picks)
+        self._call(self.cache.fetch_ahead, list(dict.fromkeys(nxt.unit_of(e)[0] for e in picks)))
 
     def acquire(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors of expert units ``names``, fetched concurrently (blocks until all are verified)."""
@@ -200,7 +271,9 @@ class ExpertStreams:
                          "await model.forward_async(...)` / `await model.generate_async(...)")
 
     async def _acquire(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        t0 = time.perf_counter()
         got = await asyncio.gather(*(self.cache.acquire(n, prefetch=False) for n in names), return_exceptions=True)
+        self.stall_seconds += time.perf_counter() - t0  # wall time: the fetches overlap each other
         failed = [g for g in got if isinstance(g, BaseException)]
         if failed:  # give back the ones that arrived, report the first failure
             for name, unit in zip(names, got):
@@ -215,10 +288,14 @@ class ExpertStreams:
     def info(self) -> dict[str, Any]:
         """Expert hits, misses, bytes (``get_cache_info()["experts"]``); call on the I/O loop."""
         e = self.cache.info()
-        out = {k: e[k] for k in ("hits", "misses", "hit_rate", "fetches", "bytes_fetched", "fetch_seconds",
-                                 "stall_seconds", "evictions", "cached_mb")}
+        out = {k: e[k] for k in ("hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "cached_mb")}
+        out["stall_seconds"] = self.stall_seconds
         out.update(cached=e["cache_size"], capacity_bytes=self.cache.max_bytes, units=len(self.cache.sizes),
-                   layers=len(self.bindings))
+                   layers=len(self.bindings), prefetch_hits=e["prefetch_hits"])
+        if self._peek is not None:
+            c = self.counts
+            out["pregate"] = dict(c, hit_rate=c["predicted_used"] / c["routed"] if c["routed"] else 0.0,
+                                  precision=c["predicted_used"] / c["predicted"] if c["predicted"] else 0.0)
         return out
 
 

@@ -171,11 +171,16 @@ class Plan:
         ])
 
 
-def _experts(manifest: Manifest, size: Callable[[UnitEntry], int]) -> tuple[int, int, int]:
-    """``(layers with expert units, most experts in one layer, largest expert unit's bytes)``."""
+def _experts(manifest: Manifest, config: StreamingConfig, size: Callable[[UnitEntry], int]) -> tuple[int, int, int, int]:
+    """``(layers with expert units, most experts in one layer, largest expert unit's bytes, working set)``: the
+    working set is one layer's experts (in use at once) and, when pre-gating, up to 2 x top-k experts fetched
+    ahead for the next layer."""
     groups = manifest.expert_groups() if hasattr(manifest, "expert_groups") else {}
-    return (len(groups), max((len(g) for g in groups.values()), default=0),
-            max((size(u) for g in groups.values() for u in g), default=0))
+    per_layer = max((len(g) for g in groups.values()), default=0)
+    unit = max((size(u) for g in groups.values() for u in g), default=0)
+    top_k = int(manifest.config.get("num_experts_per_tok") or per_layer)
+    ahead = min(2 * top_k, per_layer) if getattr(config, "expert_prefetch", False) else 0
+    return len(groups), per_layer, unit, (per_layer + ahead) * unit
 
 
 def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
@@ -194,8 +199,7 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
     core = sum(size(u) for u in manifest.resident)
     shard_bytes = sum(size(u) for u in shards)
     block_unit = max((size(u) for u in manifest.streamed), default=0)
-    layers, per_layer, expert_unit = _experts(manifest, size)
-    working = per_layer * expert_unit
+    layers, per_layer, expert_unit, working = _experts(manifest, config, size)
     hr = headroom_of(manifest)
     tokens = seq_len or min(DEFAULT_PLAN_TOKENS, int(manifest.config.get("max_position_embeddings") or 10**9))
     head = hr.bytes(tokens, batch)
