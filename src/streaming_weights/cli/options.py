@@ -57,7 +57,8 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
 def add_client_args(p: argparse.ArgumentParser, *, cache_size: int = 4, memory: str | None = None) -> None:
     """Flags of every command that streams a model: connection, ``--model`` and ``--cache-size``."""
     add_connection_args(p)
-    p.add_argument("--model", default=None, help="model name (default: the only hosted model)")
+    p.add_argument("--model", default=None, help="model name, or the path / hub id it was chunked from "
+                   "(default: the only hosted model)")
     p.add_argument("--cache-size", type=int, default=None,
                    help=f"streamed layers kept between uses (overrides --memory; default: planned from --memory, "
                         f"else {cache_size})")
