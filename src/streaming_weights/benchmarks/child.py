@@ -155,10 +155,16 @@ def child_hf(a: dict[str, Any], **kw: Any) -> dict[str, Any]:
 def child_accelerate(a: dict[str, Any]) -> dict[str, Any]:
     """accelerate's big-model inference: weights beyond ``max_memory`` offloaded to disk. Under a cap, its
     CPU budget is what the cap leaves after this process's runtime and a margin for activations."""
+    kw = accelerate_kwargs(a)
+    return child_hf(a, **kw) | {"max_memory_cpu": kw["max_memory"]["cpu"]}
+
+
+def accelerate_kwargs(a: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keywords of accelerate's disk offload: ``max_memory`` is ``a["budget"]``, or under a
+    cap ``a["cap"]`` less this process's RSS and ``a["margin"]``; the rest goes to ``a["offload"]``."""
     Path(a["offload"]).mkdir(parents=True, exist_ok=True)
     budget = int(a["budget"]) if a.get("budget") else max(32 << 20, int(a["cap"]) - current_rss() - a["margin"])
-    r = child_hf(a, device_map="auto", max_memory={"cpu": budget}, offload_folder=a["offload"])
-    return r | {"max_memory_cpu": budget}
+    return {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": a["offload"]}
 
 
 def child_airllm(a: dict[str, Any]) -> dict[str, Any]:
@@ -202,13 +208,18 @@ MEASUREMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def measure(kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run measurement ``kind`` with the peak RSS reset first; adds baseline/peak RSS to its result."""
-    if kind not in MEASUREMENTS:
+Measurements = dict[str, Callable[[dict[str, Any]], dict[str, Any]]]
+
+
+def measure(kind: str, args: dict[str, Any], table: Measurements | None = None) -> dict[str, Any]:
+    """Run measurement ``kind`` (of ``table``, default :data:`MEASUREMENTS`) with the peak RSS reset first;
+    adds baseline/peak RSS to its result."""
+    table = MEASUREMENTS if table is None else table
+    if kind not in table:
         raise SystemExit(f"unknown benchmark child {kind!r}")
     baseline = current_rss()
     peak_reset = _reset_peak()
-    res = MEASUREMENTS[kind](args)
+    res = table[kind](args)
     res["baseline_rss"] = baseline
     res["peak_rss"] = _peak()
     res["peak_over_baseline"] = max(0, res["peak_rss"] - baseline) if peak_reset else float("nan")
@@ -225,7 +236,7 @@ def _import_baseline(kinds: list[str]) -> None:
     from .. import models  # noqa: F401
     from ..client import transport  # noqa: F401
 
-    if "accelerate" in kinds:
+    if any("accelerate" in k for k in kinds):
         import accelerate  # noqa: F401
     if "airllm" in kinds or "airllm_prepare" in kinds:
         import airllm  # noqa: F401  # type: ignore[import-not-found]
@@ -234,7 +245,9 @@ def _import_baseline(kinds: list[str]) -> None:
     torch.set_grad_enabled(False)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], table: Measurements | None = None) -> int:
+    """``KIND ARGS_JSON OUT``: run one measurement of ``table`` (default :data:`MEASUREMENTS`; other child
+    modules pass their own) or ``multi`` of them, and write its JSON result to ``OUT``."""
     kind, args, out = argv[0], json.loads(argv[1]), Path(argv[2])
     if kind == "build_llama":
         build_random_llama(Path(args.pop("path")), **args)
@@ -247,9 +260,9 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(int(args["threads"]))  # one compute thread: the client owns one core
     if kind == "multi":
-        res: dict[str, Any] = {"results": [measure(k, a) for k, a in args["runs"]]}  # in the order given
+        res: dict[str, Any] = {"results": [measure(k, a, table) for k, a in args["runs"]]}  # in the order given
     else:
-        res = measure(kind, args)
+        res = measure(kind, args, table)
     out.write_text(json.dumps(res))
     return 0
 

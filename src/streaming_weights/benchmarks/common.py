@@ -102,8 +102,9 @@ def weight_server_process(chunks_dir: Path | str, cache_mb: float, *extra: str,
 
 
 def run_child(kind: str, args: dict[str, Any], timeout: float, *, cap: int | None = None,
-              cpus: list[int] | None = None) -> dict[str, Any]:
-    """Run measurement ``kind`` in a fresh interpreter (``benchmarks.child``); returns its JSON result.
+              cpus: list[int] | None = None, module: str = "child") -> dict[str, Any]:
+    """Run measurement ``kind`` in a fresh interpreter (``benchmarks.<module>``, default ``child``); returns
+    its JSON result.
 
     ``cap``: bytes of a cgroup memory limit the child runs inside (from exec on; None = uncapped);
     ``cpus``: CPUs it is pinned to. A child the cap OOM-kills returns ``{"error": ..., "oom": True}``.
@@ -111,7 +112,7 @@ def run_child(kind: str, args: dict[str, Any], timeout: float, *, cap: int | Non
     with tempfile.TemporaryDirectory(prefix="surfing-bench-child-") as tmp, \
             (MemoryCap(cap) if cap is not None else nullcontext()) as cgroup:
         out = Path(tmp) / "result.json"
-        cmd = module_command("child", kind, json.dumps(args), str(out))
+        cmd = module_command(module, kind, json.dumps(args), str(out))
         try:
             proc = subprocess.run(cmd, env=child_env(), capture_output=True, timeout=timeout,
                                   preexec_fn=pinned(cpus, cgroup))

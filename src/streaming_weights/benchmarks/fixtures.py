@@ -23,11 +23,12 @@ def build_random_llama(path: Path, *, layers: int, hidden: int, intermediate: in
     return path
 
 
-def chunk_source(source: str | Path, out: Path, name: str) -> Path:
-    """Chunk ``source`` into the directory ``out`` (model name ``name``); returns ``out``."""
+def chunk_source(source: str | Path, out: Path, name: str, **options: Any) -> Path:
+    """Chunk ``source`` into the directory ``out`` (model name ``name``; ``options``: more
+    :class:`~streaming_weights.chunker.ModelChunker` keywords); returns ``out``."""
     from ..chunker import ModelChunker
 
-    asyncio.run(ModelChunker(str(source), output_dir=str(out), name=name, force=True).chunk_model())
+    asyncio.run(ModelChunker(str(source), output_dir=str(out), name=name, force=True, **options).chunk_model())
     return out
 
 

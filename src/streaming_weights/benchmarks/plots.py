@@ -169,6 +169,31 @@ class _Plotter:
         self.save(fig, "budget", "budget.png")
 
 
+    def moe(self) -> None:
+        """Bytes and seconds per decoded token, one bar per contender (accelerate has no byte counter)."""
+        c = self.ok("moe")
+        if c is None:
+            return
+        ms = c["metrics"]
+        names = [("expert_units", "ours\nexpert units"), ("whole_layer", "ours\nwhole-layer units"),
+                 ("accelerate", "accelerate\ndisk offload"), ("transformers", "transformers\nin memory")]
+        fig, axes = self.plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, ylabel in ((axes[0], "MiB_per_token", "MiB fetched per decoded token"),
+                                (axes[1], "s_per_token", "seconds per decoded token")):
+            shown = [(n, lbl) for n, lbl in names if f"{n}_{key}" in ms]
+            med = [ms[f"{n}_{key}"]["median"] for n, _ in shown]
+            ax.bar([lbl for _, lbl in shown], med, color=["#2e8b57", "#4878a8", "#9b59b6", "#808080"][: len(shown)])
+            self.annotate(ax, med)
+            ax.set_ylabel(ylabel)
+            ax.tick_params(axis="x", labelsize=8)
+        streamed = c.get("streamed_bytes", 0) / MiB
+        axes[0].axhline(0.2 * streamed, color="k", ls=":", lw=1, label=f"0.2 x streamed ({0.2 * streamed:.0f} MiB)")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"Mixture-of-experts (64 experts, top-4), budget {c.get('budget_bytes', 0) / MiB:.0f} MiB "
+                     f"= 35% of {streamed:.0f} MiB streamed + runtime ({self.mach})", fontsize=9)
+        self.save(fig, "moe", "moe.png")
+
+
 def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
     """Draw the figures for the cases that ran (failed ones are skipped); returns {case: [file names]}."""
     p = _Plotter(results, out)
@@ -215,4 +240,5 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
     if chunker is not None:
         p.bars("chunker", "chunker.png", [(f"{r['key']}_MBps", r["key"]) for r in chunker.get("sources", [])],
                "MB/s written", f"Chunker throughput ({p.mach})")
+    p.moe()
     return p.made

@@ -133,6 +133,8 @@ def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str
               f"{case['measured']}", ""]
     if case.get("unavailable"):
         lines += [f"**Not available:** {case['unavailable']}", ""]
+    if case.get("table"):  # a case's own side-by-side table (markdown rows), before the metric list
+        lines += [*case["table"], ""]
     if not case.get("metrics") and not case.get("ratios"):
         return lines
     lines += ["| metric | median | spread (min–max) | n | unit |", "|---|---|---|---|---|"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, gpu, memory, overlap, peers
-from . import quant, transfer
+from . import moe, quant, transfer
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
 from .sandbox import cap_support, evict, usable_cpus
@@ -21,7 +21,7 @@ from .report import render_report
 CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "generation": generation.run, "cold_start": cold_start.run, "transfer": transfer.run, "overlap": overlap.run,
     "cache": cache_policy.run, "memory": memory.run, "budget": budget.run, "peers": peers.run, "quant": quant.run,
-    "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run, "gpu": gpu.run,
+    "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run, "gpu": gpu.run, "moe": moe.run,
 }
 CASES = tuple(CASE_FUNCS)
 # Fresh-process measurements each case needs (with --quick they share one process).
@@ -132,12 +132,13 @@ class Suite:
                 "vocab": self.vocab, "name": self.manifest.name, "uri": self.uri, "threads": 1}
 
     def sandboxed(self, kind: str, args: dict[str, Any], *, cap: int | None, evict_paths: list[Any] = (),
-                  timeout: float = 600) -> dict[str, Any]:
-        """One fresh-process run of ``kind`` in the product's setting: ``evict_paths`` dropped from the page
-        cache, capped (when this machine allows), pinned to the client core. Errors come back as
-        ``{"error": ...}``."""
+                  timeout: float = 600, module: str = "child") -> dict[str, Any]:
+        """One fresh-process run of ``kind`` (of child module ``module``) in the product's setting:
+        ``evict_paths`` dropped from the page cache, capped (when this machine allows), pinned to the client
+        core. Errors come back as ``{"error": ...}``."""
         evict(evict_paths)
-        return run_child(kind, args, timeout, cap=cap if self.cap_kind else None, cpus=self.client_cpus)
+        return run_child(kind, args, timeout, cap=cap if self.cap_kind else None, cpus=self.client_cpus,
+                         module=module)
 
     def _child_args(self, kind: str) -> dict[str, Any]:
         common = {"tokens": self.gen_tokens, "prompt_len": self.prompt_len, "vocab": self.vocab,

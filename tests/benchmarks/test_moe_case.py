@@ -1,0 +1,41 @@
+"""The ``moe`` benchmark case at a toy size: it runs, reports numbers for every contender, renders its report
+section and plot. No timing assertions (the box is shared): only that the figures exist and are finite."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from streaming_weights.benchmarks import CASES, moe
+from streaming_weights.benchmarks.plots import write_plots
+from streaming_weights.benchmarks.report import _case_section
+from streaming_weights.benchmarks.sandbox import usable_cpus
+
+
+def _ctx(tmp_path: Path) -> SimpleNamespace:
+    cpus = usable_cpus()
+    return SimpleNamespace(quick=True, tmp=tmp_path, say=lambda msg: None, client_cpus=[cpus[0]],
+                           server_cpus=[cpus[-1]], cap_kind=None, cap_reason="test: uncapped")
+
+
+def test_moe_case_runs_at_toy_size_and_reports_every_contender(tmp_path):
+    assert "moe" in CASES  # `surfing bench --cases moe` runs it
+    case = moe.run(_ctx(tmp_path))
+    m, r = case["metrics"], case["ratios"]
+    for name in ("transformers", *moe.CONTENDERS):
+        for key in ("s_per_token", "time_to_result_s", "peak_rss_MiB"):
+            assert math.isfinite(m[f"{name}_{key}"]["median"]), (name, key)
+    for name in ("expert_units", "whole_layer"):
+        assert m[f"{name}_MiB_per_token"]["median"] >= 0
+        assert math.isfinite(r[f"{name}_bytes_per_token_over_streamed"]["median"])
+    assert r["expert_units_bytes_per_token_over_streamed"]["goal"] == "<= 0.2"
+    tokens = case["tokens"]
+    assert len(tokens["transformers"]) == 4
+    assert m["whole_layer_tokens_identical_to_expert_units"]["median"] in (0.0, 1.0)
+    assert "NOT capped" in case["measured"]  # an uncapped run says so
+
+    text = "\n".join(_case_section("moe", case, ["moe.png"]))
+    assert "| ours, expert units |" in text and "| accelerate disk offload |" in text
+    plots = write_plots({"cases": {"moe": case}}, tmp_path)
+    assert plots == {"moe": ["moe.png"]} and (tmp_path / "moe.png").stat().st_size > 0
