@@ -1,0 +1,194 @@
+"""Mixture-of-experts families (issue 25): hub-layout checkpoints chunk, stream and decode exactly as transformers
+does; each expert is a unit of its own and a token fetches only the experts its router picks.
+
+Every comparison is against transformers loading the same checkpoint folder (fp32, the same experts
+implementation): tokens exactly, logits to 1e-5 (exact in practice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from streaming_weights import StreamingBaseModel, StreamingConfig
+from streaming_weights.format import Manifest
+from streaming_weights.format.names import expert_unit_name
+from streaming_weights.models.planner import plan_memory
+
+from tests.support import moe
+from tests.support.streaming import DelayedSource, served
+
+ATOL = 1e-5
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 8, 100, 5, 9, 61]])
+NEW = 8
+MOE_FAMILIES = [f for f in moe.FAMILIES if f != "gpt_neox"]
+
+
+def manifest_of(chunks) -> Manifest:
+    return Manifest.from_bytes((chunks / "manifest.json").read_bytes())
+
+
+@contextlib.contextmanager
+def location(family: str, chunks):
+    """A real weight server for the families the issue names, the chunk directory for the rest."""
+    if family in moe.NAMED:
+        with served(chunks) as uri:
+            yield uri
+    else:
+        yield str(chunks)
+
+
+def expected(ref, ids=IDS, new=NEW):
+    with torch.no_grad():
+        return ref.generate(input_ids=ids, max_new_tokens=new, do_sample=False), ref(ids).logits
+
+
+def assert_same(m, ref, ids=IDS, new=NEW, what=""):
+    want_tokens, want_logits = expected(ref, ids, new)
+    got_tokens = m.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    with torch.no_grad():
+        got_logits = m.hf_model(ids).logits
+    assert torch.equal(got_tokens, want_tokens), (what, got_tokens, want_tokens)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=ATOL, msg=lambda s: f"{what}: {s}")
+
+
+def tight_budget(chunks, monkeypatch, spare_experts: int = 3) -> int:
+    """A budget of the model's minimum (resident + one dense unit + one layer of experts + headroom) plus
+    ``spare_experts`` expert units: nothing kept but a few experts. The engine's measured overhead is pinned at
+    0 so the budget means the same on every run (another process's memory must not change the plan)."""
+    from streaming_weights.models import engine
+
+    monkeypatch.setattr(engine, "current_rss", lambda: 0)
+    m = manifest_of(chunks)
+    least = plan_memory(m, StreamingConfig(cache_size=0, prefetch_count=0))
+    return least.bound_bytes + spare_experts * max((u.bytes for u in m.experts), default=0)
+
+
+# ------------------------------------------------------------------------------------ the manifest
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_moe_layer_is_split_into_one_unit_per_expert(family, moe_chunks, moe_reference):
+    src, chunks = moe_chunks(family)
+    m = manifest_of(chunks)
+    parents = moe.expert_parents(moe_reference(src))
+    assert parents, "the tiny model has no fused experts: the fixture is wrong"
+    assert {u.name for u in m.experts} == {f"{p}.{e}" for p in parents for e in range(moe.EXPERTS)}
+    assert {u.name: u.rows for u in m.experts} == {f"{p}.{e}": (e, e + 1) for p in parents for e in range(moe.EXPERTS)}
+    assert m.format_version == 3
+    stored = {t for u in m.units if u.role != "expert" for t in u.tensors}
+    assert not any(t.startswith(tuple(p + "." for p in parents)) for t in stored), "experts also stored whole"
+
+
+# ------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt_neox"])
+def test_tokens_and_logits_equal_transformers_under_every_experts_implementation(family, moe_chunks, moe_reference):
+    src, chunks = moe_chunks(family)
+    impls = moe.implementations() if family != "gpt_neox" else [None]
+    with location(family, chunks) as where, StreamingBaseModel(family, where, cache_size=1) as m:
+        assert type(m.hf_model).__name__ == moe.FAMILIES[family][0]
+        assert m.hf_model.config._experts_implementation == moe_reference(src).config._experts_implementation
+        for impl in impls:
+            if impl is not None:
+                moe.set_implementation(m.hf_model, impl)
+            assert_same(m, moe_reference(src, impl), what=f"{family} experts_implementation={impl}")
+        info = m.get_cache_info()
+    if family == "gpt_neox":
+        assert "experts" not in info
+    else:
+        assert info["experts"]["misses"] > 0 and info["experts"]["bytes_fetched"] > 0
+        assert info["experts"]["units"] == len(manifest_of(chunks).experts)
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt_neox"])
+def test_tokens_and_logits_equal_transformers_under_a_small_memory_budget(family, moe_chunks, moe_reference,
+                                                                          monkeypatch):
+    src, chunks = moe_chunks(family)
+    budget = tight_budget(chunks, monkeypatch)
+    with location(family, chunks) as where, StreamingBaseModel(family, where, memory_budget=budget) as m:
+        plan = m.get_cache_info()["plan"]
+        assert plan["bound_bytes"] <= budget
+        all_experts = sum(u.bytes for u in m.manifest.experts)
+        assert plan["expert_cache_bytes"] < all_experts or not all_experts
+        assert_same(m, moe_reference(src), what=f"{family} memory_budget={budget}")
+        info = m.get_cache_info()
+    if family != "gpt_neox":  # the cache could not hold every expert the prompt used: they were fetched again
+        assert info["experts"]["bytes_fetched"] > all_experts
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_sharded_and_bin_checkpoints_chunk_to_the_same_units(layout, moe_chunks, moe_reference):
+    src, chunks = moe_chunks("qwen2_moe", layout)
+    single = manifest_of(moe_chunks("qwen2_moe")[1])
+    got = manifest_of(chunks)
+    assert {u.name: u.sha256 for u in got.units} == {u.name: u.sha256 for u in single.units}
+    with StreamingBaseModel("qwen2_moe", str(chunks), cache_size=1) as m:
+        assert_same(m, moe_reference(src), what=layout)
+
+
+# ------------------------------------------------------------------------------------ routed fetch
+def routed_run(chunks, family: str, ids, new: int) -> tuple[list, list[str]]:
+    """Generate ``new`` tokens with no cache at all (every expert use is a fetch) from a source that records its
+    fetches; returns ``(calls, fetched)``: per experts-module call ``(path, tokens, router's experts,
+    expert units fetched during the call)``, and every unit fetched."""
+    source = DelayedSource(chunks, delay=0)
+    names = {u.name for u in manifest_of(chunks).experts}
+    calls: list = []
+
+    def record(path):
+        def hook(module, args, kwargs):
+            index = next((kwargs[k] for k in ("top_k_index", "router_indices") if k in kwargs), None)
+            index = args[1] if index is None else index
+            hidden = args[0] if args else kwargs["hidden_states"]
+            picked = sorted({int(e) for e in index.flatten().tolist() if 0 <= e < moe.EXPERTS})
+            calls.append((path, hidden.reshape(-1, hidden.shape[-1]).shape[0], picked, len(source.fetched)))
+        return hook
+
+    with StreamingBaseModel(family, source, cache_size=0, prefetch_count=0, speculation="off") as m:
+        for path in moe.expert_parents(m.hf_model):  # runs before the library's own hook
+            m.hf_model.get_submodule(path).register_forward_pre_hook(record(path), with_kwargs=True, prepend=True)
+        m.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    ends = [c[3] for c in calls[1:]] + [len(source.fetched)]
+    out = [(p, n, picked, {f for f in source.fetched[start:end] if f in names})
+           for (p, n, picked, start), end in zip(calls, ends)]
+    return out, source.fetched
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe"])
+def test_a_token_fetches_only_the_experts_its_router_picked(family, moe_chunks):
+    _, chunks = moe_chunks(family)
+    calls, _ = routed_run(chunks, family, IDS[:, :6], 4)
+    assert calls, "no experts module ran"
+    for path, _, picked, fetched in calls:
+        assert fetched == {expert_unit_name(path, e, e + 1) for e in picked}, (path, picked, fetched)
+    decode = [c for c in calls if c[1] == 1]
+    assert decode and all(len(picked) == moe.TOP_K for _, _, picked, _ in decode)
+
+
+def decode_bytes(chunks, family: str, new: int) -> float:
+    """Bytes fetched per decoded token (no cache: every token fetches what it uses), prompt excluded."""
+    def total(m):
+        info = m.get_cache_info()
+        return info["bytes_fetched"] + info.get("experts", {}).get("bytes_fetched", 0)
+
+    with StreamingBaseModel(family, str(chunks), cache_size=0, prefetch_count=0, speculation="off") as m:
+        ids = IDS[:, :6]
+        start = total(m)
+        m.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)  # the prompt alone
+        prompt = total(m) - start
+        m.generate(input_ids=ids, max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False)
+        return (total(m) - start - 2 * prompt) / new
+
+
+def test_bytes_per_decoded_token_expert_units_vs_whole_layers(moe_chunks):
+    _, units = moe_chunks("mixtral")
+    _, layers = moe_chunks("mixtral", experts="layer")
+    m_units, m_layers = manifest_of(units), manifest_of(layers)
+    assert not m_layers.experts and len(m_units.experts) == 2 * moe.EXPERTS
+    per_unit, per_layer = decode_bytes(units, "mixtral", 4), decode_bytes(layers, "mixtral", 4)
+    print(f"bytes per decoded token: expert units {per_unit:.0f}, whole layers {per_layer:.0f}")
+    assert per_layer == sum(u.bytes for u in m_layers.streamed)  # every layer, every expert, every token
+    expert = max(u.bytes for u in m_units.experts)
+    # the dense part of each layer plus the router's top-2 of 8 experts in each layer, nothing more
+    assert per_unit <= sum(u.bytes for u in m_units.streamed) + 2 * moe.TOP_K * expert
+    assert per_unit < per_layer
