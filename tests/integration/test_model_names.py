@@ -5,6 +5,7 @@ directory and s3://, from the library and from the CLI (``--model``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -105,6 +106,24 @@ def test_cli_model_names_follow_the_readme(store, tmp_path):
     try:
         res = surfing("embed", "--server", f"ws://127.0.0.1:{port}", "--model", "tiny", "--text", "x")
         assert_one_line_error(res, "does not host model 'tiny'", "tiny-llama")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cli_a_gguf_model_by_its_name_its_tagged_stem_and_its_file(smollm2_chunks):
+    """The session's SmolLM2 was chunked from the packaged GGUF with the default name (SmolLM2-135M-Instruct,
+    see conftest); over a running server it answers to the old tagged name and to the file it came from."""
+    gguf = tiny.packaged_smollm2_gguf()
+    proc, port = start_server_process(smollm2_chunks)
+    try:
+        for name in ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1", str(gguf), "HuggingFaceTB/SmolLM2-135M-Instruct"):
+            res = surfing("inspect", f"127.0.0.1:{port}", "--model", name, "--json")
+            assert res.returncode == 0, (name, res.stderr)
+            manifest = json.loads(res.stdout)
+            assert manifest["name"] == "SmolLM2-135M-Instruct" and manifest["source"] == str(gguf), name
+        res = surfing("inspect", f"127.0.0.1:{port}", "--model", "SmolLM2-135M-Instruct.Q8_0")
+        assert_one_line_error(res, "does not host model 'SmolLM2-135M-Instruct.Q8_0'")  # another quantization
     finally:
         proc.terminate()
         proc.wait(30)
