@@ -4,9 +4,13 @@ a weight server on loopback, and the API (uvicorn) in a background thread."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -76,3 +80,69 @@ def metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
     assert m, f"{name} not in metrics"
     return float(m.group(1))
+
+
+def llama_with(path: Path, name: str, *, context: int | None = None, generation: dict | None = None) -> Path:
+    """The tiny chat Llama chunked into ``path`` as ``name``, with ``max_position_embeddings = context`` (rotary
+    positions: no weight depends on it) and ``generation`` merged into its generation_config.json."""
+    import json
+
+    src = llama(path.parent / f"{name}-src", layers=4)
+    save_tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["max_position_embeddings"] = context or cfg["max_position_embeddings"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    gen_file = src / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    gen_file.write_text(json.dumps({**gen, **(generation or {})}))
+    chunk(src, path, name=name)
+    return path
+
+
+@dataclass
+class ApiProcess:
+    """A running ``surfing api`` subprocess: its base URL (``/v1`` appended for the openai client)."""
+
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
+                             timeout=kw.pop("timeout", 120), **kw)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 120) -> tuple[int, str, str]:
+        """Send ``sig``; the exit status, stdout and stderr once it exited."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def surfing_api(*args: str) -> Iterator[ApiProcess]:
+    """``surfing api ARGS --port FREE`` as a user starts it; yields once its port accepts connections and
+    stops it (SIGTERM) afterwards unless the test did."""
+    from streaming_weights.netutil import free_port, wait_for_port
+    from tests.cli.helpers import SURFING
+
+    port = free_port()
+    proc = subprocess.Popen([*SURFING, "api", "--port", str(port), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    api = ApiProcess(proc, port)
+    try:
+        wait_for_port(port, timeout=180, proc=proc)
+        yield api
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

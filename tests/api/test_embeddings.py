@@ -27,7 +27,7 @@ def encoder(minilm_chunks):
 
 
 def test_embeddings_equal_embed_in_float_and_base64(encoder):
-    want = encoder.embed(TEXTS)
+    want = encoder.embed(TEXTS, normalize=True)  # its modules.json: mean pooling, then Normalize
     with api_server(encoder) as url, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c:
         b64 = c.embeddings.create(model=MODEL, input=TEXTS)  # the client asks for base64 by default
         flt = c.embeddings.create(model=MODEL, input=TEXTS[1], encoding_format="float")

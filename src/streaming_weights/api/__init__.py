@@ -6,12 +6,13 @@ Public surface::
     app = create_app(model, tokens=["secret"], settings=ApiSettings(max_batch=8))
     ApiServer(app, host="127.0.0.1", port=8000).run()       # or .start() / .stop() in a thread
 
-Concurrent requests are batched (:mod:`.batcher`): one streamed layer serves every row of a batch.
+Concurrent requests are batched (:mod:`.batcher`): one streamed layer serves every row of a batch. Stopping
+drains the requests in flight (``ApiSettings.shutdown_grace``); ``run()`` returns a :class:`StopReport`.
 """
 
 from __future__ import annotations
 
 from .app import ApiSettings, create_app
-from .serve import ApiServer
+from .serve import ApiServer, StopReport
 
-__all__ = ["ApiServer", "ApiSettings", "create_app"]
+__all__ = ["ApiServer", "ApiSettings", "StopReport", "create_app"]

@@ -1,8 +1,9 @@
 """The OpenAI-compatible ASGI app over one streaming model.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (causal LMs),
-``POST /v1/embeddings`` (encoders), ``GET /healthz``, ``GET /metrics``. Generation goes through a
-:class:`~.batcher.Batcher`, so concurrent requests share every streamed layer.
+``POST /v1/embeddings`` (encoders), ``GET /healthz`` (503 while the weights are unreachable), ``GET /metrics``.
+Generation goes through a :class:`~.batcher.Batcher`, so concurrent requests share every streamed layer.
+Stopping drains the requests in flight (:mod:`.lifecycle`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, GenRequest
 from .embeddings import Embedder
-from .errors import ApiError, from_exception, invalid
+from .errors import ApiError, from_exception, invalid, shutting_down
+from .lifecycle import DrainReport, Lifecycle, probe_weights
 from .metrics import ApiMetrics
 from .prompts import PromptEncoder
 from .responses import Shape, collect, stream, usage
@@ -37,12 +39,18 @@ class ApiSettings:
         max_batch: most rows in one ``generate`` call.
         max_queue: most requests waiting for a batch; more get 429.
         speculation: passed to ``generate`` for batches that can use it (``None``: the model's default).
+        default_max_tokens: new tokens of a chat request that gives no ``max_tokens`` (``None``: the model's
+            generation config ``max_new_tokens`` / ``max_length``, else 256; never past the context).
+        shutdown_grace: seconds requests in flight get to finish when the server stops; then they are
+            cancelled with a 503.
     """
 
     window: float = 0.03
     max_batch: int = 8
     max_queue: int = 64
     speculation: str | int | None = None
+    default_max_tokens: int | None = None
+    shutdown_grace: float = 10.0
 
 
 class _Service:
@@ -52,15 +60,40 @@ class _Service:
         self.model = model
         self.model_id = model_id or model.model_name
         self.tokens = [t.encode() for t in tokens or ()]
+        self.settings = settings
         hf = model.hf_model
         self.generates = bool(hf.can_generate()) and not hf.config.is_encoder_decoder
-        self.metrics = ApiMetrics(queue_depth=lambda: (self.batcher or self.embedder).queued)
+        self.lifecycle = Lifecycle()
+        self.metrics = ApiMetrics(queue_depth=lambda: (self.batcher or self.embedder).queued,
+                                  in_flight=lambda: self.lifecycle.in_flight)
         self.batcher = Batcher(model, window=settings.window, max_batch=settings.max_batch,
                                max_queue=settings.max_queue, speculation=settings.speculation,
                                on_batch=self.metrics.record_batch, on_cancel=self.metrics.cancelled.inc) \
             if self.generates and model.tokenizer is not None else None
         self.embedder = None if self.generates else Embedder(model, max_queue=settings.max_queue)
-        self.prompts = PromptEncoder(model.tokenizer, hf.config) if model.tokenizer is not None else None
+        self.prompts = PromptEncoder(model.tokenizer, hf.config, getattr(hf, "generation_config", None),
+                                     settings.default_max_tokens) if model.tokenizer is not None else None
+
+    async def start(self) -> None:
+        if self.batcher is not None:
+            self.batcher.start()
+        if self.embedder is not None:
+            await self.embedder.prepare()
+
+    async def drain(self) -> DrainReport:
+        """Stop taking requests; let those in flight finish within the grace, then cancel them (503)."""
+        async def cancel() -> None:
+            if self.batcher is not None:
+                self.batcher.cancel_all()  # answered now; stop() (the app's shutdown) waits for the model
+            if self.embedder is not None:
+                self.embedder.close()
+
+        return await self.lifecycle.drain(self.settings.shutdown_grace, cancel)
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self.batcher is not None:
+            await self.batcher.stop()
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -157,17 +190,16 @@ def create_app(model: Any, *, model_id: str | None = None, tokens: Iterable[str]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if svc.batcher is not None:
-            svc.batcher.start()
+        await svc.start()
         try:
             yield
         finally:
-            if svc.batcher is not None:
-                await svc.batcher.stop()
+            await svc.stop()
 
     app = FastAPI(title="surfing-weights OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
-    app.add_middleware(_CountRequests, metrics=svc.metrics)
+    app.state.drain = svc.drain  # ApiServer calls it first thing when stopping
+    app.add_middleware(_CountRequests, metrics=svc.metrics, lifecycle=svc.lifecycle)
     _install_error_handlers(app, svc)
     _install_routes(app, svc)
     return app
@@ -177,8 +209,11 @@ def _install_routes(app: FastAPI, svc: _Service) -> None:
     auth = [Depends(svc.authorize)]
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": svc.model_id}
+    async def healthz() -> JSONResponse:
+        reason = "the server is shutting down" if svc.lifecycle.closing else await probe_weights(svc.model)
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "model": svc.model_id, "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok", "model": svc.model_id})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -249,13 +284,15 @@ def _install_error_handlers(app: FastAPI, svc: _Service) -> None:
 
 class _CountRequests:
     """Pure ASGI middleware counting answered requests by path and status (unknown paths count as "other",
-    so random URLs cannot grow the metric without bound). Pure ASGI keeps streaming and disconnects intact."""
+    so random URLs cannot grow the metric without bound), and the model requests in flight (refused with a
+    503 once the server is stopping). Pure ASGI keeps streaming and disconnects intact."""
 
     PATHS = frozenset({"/healthz", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
                        "/v1/embeddings"})
+    WORK = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
-    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: ApiMetrics, lifecycle: Lifecycle) -> None:
+        self.app, self.metrics, self.lifecycle = app, metrics, lifecycle
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -271,7 +308,18 @@ class _CountRequests:
 
         path = scope.get("path", "")
         label = path if path in self.PATHS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        work = path in self.WORK
         try:
-            await self.app(scope, receive, send_status)
+            if work and self.lifecycle.closing:
+                err = shutting_down()
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send_status)
+                return
+            if work:
+                self.lifecycle.entered()
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                if work:
+                    self.lifecycle.left()
         finally:
             self.metrics.requests.labels(label, str(status)).inc()

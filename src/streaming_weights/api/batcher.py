@@ -27,7 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .detok import RowText
 from ..exceptions import ModelError
-from .errors import ApiError, from_exception
+from .errors import ApiError, from_exception, shutting_down
 from .schemas import Sampling
 
 _uid = itertools.count()
@@ -217,17 +217,24 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="surfing-api-batcher")
 
-    async def stop(self) -> None:
-        """Refuse what waits, stop the running rows at their next token, and wait for that batch to end (so
-        the model is idle when the caller closes it)."""
-        for req in [*self._pending, *self._running]:
+    def cancel_all(self) -> int:
+        """Answer every waiting and running row with a 503 now; running rows stop computing at their next
+        token. Returns how many rows were answered."""
+        closing = shutting_down()
+        victims = [r for r in [*self._pending, *self._running] if not (r.cancelled or r.finished)]
+        for req in victims:
             req.cancelled = True
-        closing = ApiError(503, "the server is shutting down", type="server_error")
-        for req in self._pending:
+            # The worker may still queue this row's Done after it: readers stop at the first end event.
             req.events.put_nowait((req.index, Failed(closing)))
         self._pending.clear()
+        return len(victims)
+
+    async def stop(self, wait: float = 10.0) -> None:
+        """:meth:`cancel_all`, then wait up to ``wait`` seconds for the running batch to end, so the model is
+        idle when the caller closes it (a batch stuck on a fetch is abandoned). Idempotent."""
+        self.cancel_all()
         if self._busy is not None:
-            await asyncio.wait({self._busy})
+            await asyncio.wait({self._busy}, timeout=wait)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -36,6 +36,12 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(400, message, param=param, code=code)
 
 
+def shutting_down() -> ApiError:
+    """A 503 for a request the server will not finish because it is stopping (Ctrl-C / SIGTERM)."""
+    return ApiError(503, "the server is shutting down; retry against a running instance", type="server_error",
+                    code="server_shutting_down")
+
+
 def from_exception(exc: BaseException) -> ApiError:
     """Map a failure inside generation to the error a client sees (the message stays, the traceback does not)."""
     if isinstance(exc, ApiError):

@@ -14,7 +14,8 @@ class ApiMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth: Callable[[], float] | None = None) -> None:
+    def __init__(self, queue_depth: Callable[[], float] | None = None,
+                 in_flight: Callable[[], float] | None = None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("surfing_api_requests", "Requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)
@@ -32,6 +33,10 @@ class ApiMetrics:
         self.queue = Gauge("surfing_api_queue_depth", "Requests waiting for a batch", registry=r)
         if queue_depth is not None:
             self.queue.set_function(queue_depth)
+        self.in_flight = Gauge("surfing_api_requests_in_flight",
+                               "Completion, chat and embedding requests being answered", registry=r)
+        if in_flight is not None:
+            self.in_flight.set_function(in_flight)
 
     def record_batch(self, rows: int, tokens: int, nbytes: int, seconds: float) -> None:
         """One finished ``generate`` call (called from the worker thread; prometheus_client is thread-safe)."""

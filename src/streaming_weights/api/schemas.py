@@ -144,7 +144,7 @@ def completion_options(req: CompletionRequest) -> GenOptions:
 
 
 def chat_options(req: ChatRequest) -> GenOptions:
-    """Options of ``/v1/chat/completions`` (no ``max_tokens``: up to the context length)."""
+    """Options of ``/v1/chat/completions`` (no ``max_tokens``: the server's default, ``PromptEncoder.max_new``)."""
     _reject_unless(not req.logprobs and req.top_logprobs is None, "logprobs", "logprobs")
     _reject_unless(not req.tools and req.tool_choice in (None, "none"), "tools", "tool calls")
     fmt = (req.response_format or {}).get("type", "text")

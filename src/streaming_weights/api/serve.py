@@ -1,16 +1,57 @@
-"""Running the app: uvicorn in the foreground (the CLI), or in a background thread (tests, notebooks)."""
+"""Running the app: uvicorn in the foreground (the CLI), or in a background thread (tests, notebooks).
+
+Stopping (Ctrl-C / SIGTERM in the foreground, :meth:`ApiServer.stop` in a thread) first drains the app's
+requests in flight (:mod:`.lifecycle`: finished within the grace, else answered 503), then lets uvicorn close
+its connections. The signal is not re-raised afterwards: the caller gets a :class:`StopReport` instead.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
 from ..exceptions import ConfigurationError
+from .lifecycle import DrainReport
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """How the server stopped: the signal's name (``None``: :meth:`ApiServer.stop`) and the drain."""
+
+    signal: str | None
+    drain: DrainReport
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn that drains the app (``app.state.drain``) before closing connections, and records the stop
+    signal instead of re-raising it after shutdown (uvicorn's default turns it into a KeyboardInterrupt)."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._drain = getattr(getattr(app, "state", None), "drain", None)
+        self.signals: list[int] = []
+        self.drained = DrainReport()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.signals.append(sig)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # no new connections while draining
+            server.close()
+        if self._drain is not None and not self.force_exit:
+            self.drained = await self._drain()
+        await super().shutdown(sockets)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -38,8 +79,8 @@ class ApiServer:
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
         self._sock = _bind(host, port)
         self.host, self.port = host, int(self._sock.getsockname()[1])
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                                     timeout_graceful_shutdown=5))
+        self._server = _DrainingServer(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                                      timeout_graceful_shutdown=5), app)
         self._thread: threading.Thread | None = None
 
     @property
@@ -47,12 +88,14 @@ class ApiServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def run(self) -> None:
-        """Serve in this thread until interrupted (Ctrl-C) or :meth:`stop`."""
+    def run(self) -> StopReport:
+        """Serve in this thread until Ctrl-C / SIGTERM (in the main thread) or :meth:`stop`."""
         try:
             self._server.run(sockets=[self._sock])
         finally:
             self._sock.close()
+        sigs = self._server.signals
+        return StopReport(signal.Signals(sigs[0]).name if sigs else None, self._server.drained)
 
     def start(self, timeout: float = 60.0) -> ApiServer:
         """Serve in a daemon thread; returns once the app has started (its lifespan ran)."""
@@ -82,8 +125,8 @@ class ApiServer:
 
 
 def serve_api(model: Any, *, host: str = "127.0.0.1", port: int = 8000, tokens: list[str] | None = None,
-              settings: Any = None, log_level: str = "warning", ready: Any = None) -> None:
-    """Serve ``model`` in the foreground until Ctrl-C; closes the model afterwards.
+              settings: Any = None, log_level: str = "warning", ready: Any = None) -> StopReport:
+    """Serve ``model`` in the foreground until Ctrl-C / SIGTERM; drains, then closes the model.
 
     Args:
         model: a loaded streaming model (see :func:`~.app.create_app`).
@@ -93,8 +136,12 @@ def serve_api(model: Any, *, host: str = "127.0.0.1", port: int = 8000, tokens: 
         log_level: uvicorn's log level.
         ready: called with the :class:`ApiServer` once the socket is bound (the CLI prints the URL).
 
+    Returns:
+        How it stopped (the signal, the requests in flight then, and how many were cancelled).
+
     Raises:
         ConfigurationError: the address cannot be bound.
+        ModelError: an embedding model whose sentence-transformers pipeline this server cannot apply.
     """
     from .app import create_app
 
@@ -106,6 +153,6 @@ def serve_api(model: Any, *, host: str = "127.0.0.1", port: int = 8000, tokens: 
                            log_level=log_level)
         if ready is not None:
             ready(server)
-        server.run()
+        return server.run()
     finally:
         model.close()

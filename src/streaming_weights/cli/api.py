@@ -8,21 +8,43 @@ import os
 from .options import add_common, add_trust_args, open_model, positive_int, read_token_file
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _stopped_line(report) -> str:
+    """One line saying how the server stopped and what happened to the requests in flight."""
+    how = f"stopped ({report.signal})" if report.signal else "stopped"
+    d = report.drain
+    if not d.in_flight:
+        return f"{how}: no request in flight"
+    parts = [f"{n} {what}" for n, what in ((d.finished, "finished"), (d.cancelled, "cancelled with a 503")) if n]
+    return f"{how}: {d.in_flight} request{'s' if d.in_flight != 1 else ''} in flight, " + ", ".join(parts)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from ..api import ApiSettings
     from ..api.serve import serve_api
 
     tokens = [read_token_file(args.api_token_file)] if args.api_token_file else None
     settings = ApiSettings(window=args.batch_window_ms / 1000, max_batch=args.max_batch, max_queue=args.max_queue,
-                           speculation=args.speculation)
+                           speculation=args.speculation, default_max_tokens=args.default_max_tokens,
+                           shutdown_grace=args.shutdown_grace)
     model = open_model(args)
     auth = "bearer token auth" if tokens else "NO auth"
 
     def ready(server) -> None:
         print(f"serving {model.model_name} at {server.url}/v1 ({auth}); Ctrl-C to stop", flush=True)
 
-    serve_api(model, host=args.host, port=args.port, tokens=tokens, settings=settings, ready=ready,
-              log_level="info" if args.verbose else "warning")
+    report = serve_api(model, host=args.host, port=args.port, tokens=tokens, settings=settings, ready=ready,
+                       log_level="info" if args.verbose else "warning")
+    print(_stopped_line(report), flush=True)
     return 0
 
 
@@ -49,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=30.0, help="wait for more requests (default 30 ms)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--speculation", default=None, help="auto | off | N, for single greedy requests")
+    p.add_argument("--default-max-tokens", type=positive_int, default=None, metavar="N",
+                   help="new tokens of a chat request without max_tokens (default: the model's generation config "
+                        "max_new_tokens / max_length, else 256; never past the context)")
+    p.add_argument("--shutdown-grace", type=_non_negative_seconds, default=10.0, metavar="SECONDS",
+                   help="on Ctrl-C / SIGTERM, how long requests in flight may finish before they are cancelled "
+                        "with a 503 (default 10)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype; units travel as stored and convert on arrival (default auto: as stored)")
     add_trust_args(p)
