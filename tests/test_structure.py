@@ -391,3 +391,38 @@ def test_every_test_folder_is_a_package():
 def test_tests_mirror_the_package(folder):
     assert (SRC / PACKAGE / folder).is_dir(), f"src/{PACKAGE}/{folder}/ is gone: update MIRRORED"
     assert sorted((TESTS / folder).glob("test_*.py")), f"tests/{folder}/ has no test_*.py"
+
+
+#: torch's hook registrations and instance-method replacement: how a model gets patched
+_PATCH_CALLS = {"register_forward_pre_hook", "register_forward_hook", "register_module_forward_hook",
+                "register_module_forward_pre_hook"}
+PATCHING = SRC / PACKAGE / "models" / "patching.py"
+
+
+def _patches(path: Path) -> list[str]:
+    """Places in ``path`` that patch a module or model: torch hook registrations, assignments to a
+    ``.forward`` / ``.generate`` attribute, ``obj.__dict__[...] = ...`` and ``setattr(obj, "forward", ...)``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _PATCH_CALLS:
+            found.append(f"{where} {node.func.attr}")
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Attribute) and t.attr in ("forward", "generate"):
+                    found.append(f"{where} .{t.attr} = ...")
+                elif (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Attribute)
+                      and t.value.attr == "__dict__"):
+                    found.append(f"{where} __dict__[...] = ...")
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("forward", "generate")):
+            found.append(f"{where} setattr(..., {node.args[1].value!r})")
+    return found
+
+
+def test_one_module_patches_models():
+    """Units, edges, experts, placement, generation plumbing and the engine's scopes all patch through
+    models/patching.py (add_hook / patch_method): one mechanism, one place to read."""
+    found = [f for p in sorted(SRC.rglob("*.py")) if p != PATCHING for f in _patches(p)]
+    assert not found, "patch models through models/patching.py (add_hook / patch_method):\n" + "\n".join(found)
+    assert _patches(PATCHING), "the check no longer sees models/patching.py's own patching: update it"

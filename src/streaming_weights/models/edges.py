@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from ..exceptions import ModelError
 from ..format import Manifest
+from .patching import Patch, patch_method
 
 Acquire = Callable[[str, bool], dict[str, torch.Tensor]]  # (unit, ordered) -> tensors
 
@@ -130,12 +131,14 @@ class EdgeBinding:
         nan = torch.full((), float("nan"), dtype=meta.dtype, device=device)
         self.placeholder = nn.Parameter(nan.expand(meta.shape), requires_grad=False)
         self._originals: dict[int, tuple[nn.Module, nn.Parameter]] = {}
+        self._patches: list[Patch] = []
         for _, module in self.users:
             if id(module) in self._originals:  # T5: one shared module reached by several names
                 continue
             self._originals[id(module)] = (module, module._parameters["weight"])
             module._parameters["weight"] = self.placeholder  # one object for every alias: ties kept
-            module.forward = (self._gather if isinstance(module, nn.Embedding) else self._linear)(module)
+            make = self._gather if isinstance(module, nn.Embedding) else self._linear
+            self._patches.append(patch_method(module, "forward", lambda _own, m=module, make=make: make(m)))
 
     @property
     def heads(self) -> bool:
@@ -191,10 +194,12 @@ class EdgeBinding:
 
     def remove(self) -> None:
         """Restore the modules' own forward and their (meta) weight."""
+        for patch in self._patches:
+            patch.remove()
         for module, weight in self._originals.values():
-            module.__dict__.pop("forward", None)
             module._parameters["weight"] = weight
         self._originals.clear()
+        self._patches.clear()
 
 
 __all__ = ["EdgeBinding", "ShardedTensor", "assemble", "kept_and_streamed", "names_of", "sharded_tensors", "users"]

@@ -37,6 +37,7 @@ from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
+from .patching import FunctionHook, add_hook
 from .hooks import UnitBinding
 from .placement import DevicePlacement
 from .planner import Plan, plan_memory
@@ -250,11 +251,8 @@ class StreamingEngine:
         modules = {id(root): root}
         base = getattr(root, "base_model", root)
         modules.setdefault(id(base), base)
-        for module in modules.values():
-            self._root_handles += [
-                module.register_forward_pre_hook(lambda *_: self.enter("forward")),
-                module.register_forward_hook(lambda *_: self.exit(), always_call=True),
-            ]
+        scope = FunctionHook(pre=lambda *_: self.enter("forward"), post=lambda *_: self.exit())
+        self._root_handles += [add_hook(module, scope) for module in modules.values()]
 
     async def _fetch(self, name: str) -> FetchedUnit:
         return await self.source.fetch_unit(self.manifest, name)

@@ -27,6 +27,7 @@ from torch import nn
 from ..client.cache import UnitCache
 from ..client.policy import make_policy
 from ..exceptions import ManifestError
+from .patching import ModuleHook, add_hook
 
 #: names transformers gives the experts forward's routing arguments (indices, then weights)
 _INDEX_ARGS = ("top_k_index", "router_indices")
@@ -76,7 +77,7 @@ def router_of(root: nn.Module, path: str, num_experts: int) -> tuple[str, int] |
     return None
 
 
-class ExpertBinding:
+class ExpertBinding(ModuleHook):
     """Streams the experts of the experts module at ``path`` through ``acquire`` / ``release`` callbacks.
 
     Args:
@@ -103,8 +104,7 @@ class ExpertBinding:
         self._acquire, self._release = acquire, release
         self._held: list[str] = []
         self._check()
-        self._handles = [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         self.module.register_forward_hook(self._post, always_call=True)]
+        self._patch = add_hook(self.module, self)
 
     def _check(self) -> None:
         expected = 0
@@ -128,7 +128,7 @@ class ExpertBinding:
     def unit_of(self, expert: int) -> tuple[str, int, int, Any]:
         return self.units[bisect.bisect_right(self._starts, expert) - 1]
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, kwargs = list(args), dict(kwargs)
         where = next((k for k in _INDEX_ARGS if k in kwargs), None)
         index = kwargs[where] if where else args[1]
@@ -163,7 +163,7 @@ class ExpertBinding:
         shape = self._placeholders[key].shape
         return torch.empty((0, *shape[1:]), dtype=self._placeholders[key].dtype)
 
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         module._parameters.update(self._placeholders)
         module.num_experts = self.num_experts
         held, self._held = self._held, []
@@ -171,8 +171,7 @@ class ExpertBinding:
             self._release(held)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._patch.remove()
         self.module._parameters.update(self._placeholders)
         self.module.num_experts = self.num_experts
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..exceptions import ModelError
+from .patching import ModuleHook, add_hook
 
 
 def _split(module: nn.Module, rel: str) -> tuple[nn.Module, str]:
@@ -49,8 +50,8 @@ def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str
         assign_tensor(module, full[cut:], t)
 
 
-class UnitBinding:
-    """Hooks streaming one unit (module path ``name``) through ``acquire``/``release`` callbacks."""
+class UnitBinding(ModuleHook):
+    """Streams one unit (module path ``name``) through ``acquire``/``release`` callbacks (a :class:`ModuleHook`)."""
 
     def __init__(self, root: nn.Module, name: str, acquire: Callable[[str], dict[str, torch.Tensor]],
                  release: Callable[[str], None]) -> None:
@@ -65,12 +66,9 @@ class UnitBinding:
         self._prefix = prefix
         self._depth = 0
         self._held = False
-        self._handles = [
-            self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
-            self.module.register_forward_hook(self._post, always_call=True),
-        ]
+        self._patch = add_hook(self.module, self)
 
-    def _pre(self, module: nn.Module, args, kwargs):
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._depth += 1
         if self._depth > 1:  # re-entrant call: tensors are already in place
             return None
@@ -80,7 +78,7 @@ class UnitBinding:
         assign_unit(self.module, tensors, self._prefix)
         return None
 
-    def _post(self, module: nn.Module, args, output):
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._depth -= 1
         if self._depth == 0:
             self._restore()
@@ -98,6 +96,5 @@ class UnitBinding:
                 owner._buffers[attr] = placeholder
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._patch.remove()
         self._restore()

@@ -33,6 +33,7 @@ from ..client.buffers import BufferPool
 from ..client.device import DeviceOps
 from ..exceptions import ConfigurationError
 from ..format import Manifest
+from .patching import FunctionHook, add_hook, patch_method
 
 HostAcquire = Callable[[str], FetchedUnit]
 
@@ -143,11 +144,11 @@ class DevicePlacement:
         self.keep_all = self.device_units is None or self.device_units >= len(self.order)
         if self.on_host:
             return
+        to_device = FunctionHook(pre=self._inputs_to_device)
         for module in {id(m): m for m in (root, getattr(root, "base_model", root))}.values():
-            self._handles.append(module.register_forward_pre_hook(self._inputs_to_device, with_kwargs=True))
-        generate = getattr(root, "generate", None)
-        if callable(generate):  # generate builds its tensors on its inputs' device: move them first
-            root.generate = self._on_device(generate)
+            self._handles.append(add_hook(module, to_device))
+        if callable(getattr(root, "generate", None)):  # generate builds its tensors on its inputs' device
+            self._handles.append(patch_method(root, "generate", self._on_device))
 
     def use_ring(self) -> None:
         """Use the ring whatever fits (benchmarks and tests of the copy path on a large device)."""
