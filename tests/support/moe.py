@@ -15,6 +15,8 @@ import torch
 from tests.support.models import SEED
 
 EXPERTS, TOP_K = 8, 2
+#: a prompt every tiny model takes (vocabulary 128)
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 8, 100, 5, 9, 61]])
 
 _BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -110,3 +112,39 @@ def expert_parents(model, experts: int = EXPERTS) -> list[str]:
         if params and any(p.dim() == 3 and p.shape[0] == experts for p in params):
             out.append(path)
     return out
+
+
+def manifest_of(chunks: Path):
+    from streaming_weights.format import Manifest
+
+    return Manifest.from_bytes((chunks / "manifest.json").read_bytes())
+
+
+def routed_run(chunks, family: str, ids, new: int) -> tuple[list, list[str]]:
+    """Generate ``new`` tokens with no cache at all (every expert use is a fetch) from a source that records its
+    fetches; returns ``(calls, fetched)``: per experts-module call ``(path, tokens, router's experts,
+    expert units fetched during the call)``, and every unit fetched."""
+    from streaming_weights import StreamingBaseModel
+    from tests.support.streaming import DelayedSource
+
+    source = DelayedSource(chunks, delay=0)
+    names = {u.name for u in manifest_of(chunks).experts}
+    calls: list = []
+
+    def record(path):
+        def hook(module, args, kwargs):
+            index = next((kwargs[k] for k in ("top_k_index", "router_indices") if k in kwargs), None)
+            index = args[1] if index is None else index
+            hidden = args[0] if args else kwargs["hidden_states"]
+            picked = sorted({int(e) for e in index.flatten().tolist() if 0 <= e < EXPERTS})
+            calls.append((path, hidden.reshape(-1, hidden.shape[-1]).shape[0], picked, len(source.fetched)))
+        return hook
+
+    with StreamingBaseModel(family, source, cache_size=0, prefetch_count=0, speculation="off") as m:
+        for path in expert_parents(m.hf_model):  # runs before the library's own hook
+            m.hf_model.get_submodule(path).register_forward_pre_hook(record(path), with_kwargs=True, prepend=True)
+        m.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
+    ends = [c[3] for c in calls[1:]] + [len(source.fetched)]
+    out = [(p, n, picked, {f for f in source.fetched[start:end] if f in names})
+           for (p, n, picked, start), end in zip(calls, ends)]
+    return out, source.fetched
