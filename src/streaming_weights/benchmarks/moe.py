@@ -82,9 +82,8 @@ def _runs(ctx: Any, root: Path, base: dict[str, Any], budget: int, uri: str) -> 
     cap = baseline + budget + CAP_SLACK if ctx.cap_kind and baseline else None
     for name, (kind, _) in CONTENDERS.items():
         ctx.say(f"moe: {name} (cap {f'{cap / MiB:.0f} MiB' if cap else 'none'})")
-        evict([hf, root / "offload"])
-        out[name] = run_child(kind, _contender_args(name, root, base, budget, cap, uri), 600, cap=cap,
-                              cpus=ctx.client_cpus, module="moe_child")
+        out[name] = ctx.sandboxed(kind, _contender_args(name, root, base, budget, cap, uri), cap=cap,
+                                  evict_paths=[hf, root / "offload"], module="moe_child")
         if cap is not None:
             out[name]["cap_bytes"] = cap
     return out
@@ -110,6 +109,13 @@ def _metrics(runs: dict[str, dict[str, Any]], streamed: int, budget: int) -> tup
             ratios[f"{name}_bytes_per_token_over_streamed"] = summarize([r["bytes_per_token"] / streamed], "x") | (
                 {"goal": "<= 0.2"} if name == "expert_units" else {})
             ratios[f"{name}_peak_over_budget"] = summarize([r["peak_over_baseline"] / budget], "x") | {"goal": "<= 1"}
+    routing = runs["transformers"].get("routing")
+    if routing:
+        metrics["routing_prefill_experts_per_layer"] = summarize([routing["prefill_experts_per_layer"]],
+                                                                 "experts of 64 (prompt's forward, mean of layers)")
+        metrics["routing_decode_shared_with_previous"] = summarize(
+            [routing["decode_shared_with_previous"]], f"of top-{routing['top_k']} per layer (uniform random: "
+            f"{routing['top_k'] ** 2 / 64:.2f})")
     ok = {n: r for n, r in runs.items() if "error" not in r}
     if "expert_units" in ok and "whole_layer" in ok:
         metrics["whole_layer_tokens_identical_to_expert_units"] = summarize(
@@ -159,7 +165,10 @@ def _measured(size: dict[str, Any], prep: dict[str, Any], parts: dict[str, int],
              f"{CAP_SLACK // MiB} MiB)" if capped and cap else f"UNCAPPED ({cap_reason})")
     plans = "; ".join(f"{LABELS[n]}: {_describe(r)}" for n, r in runs.items() if "plan" in r and "error" not in r)
     acc = runs.get("accelerate", {})
-    return (f"Qwen3MoeForCausalLM, random weights (seed 1234), bf16: {c['num_hidden_layers']} layers x "
+    return (f"Qwen3MoeForCausalLM, random weights (seed 1234; input embedding std 1.0 so routing stays "
+            "token-dependent and balanced as in a trained model, see the routing_* rows: with the default 0.02 "
+            "deep layers sent every token to the same few experts), bf16: "
+            f"{c['num_hidden_layers']} layers x "
             f"{c['num_experts']} experts, top-{c['num_experts_per_tok']}, hidden {c['hidden_size']}, "
             f"moe_intermediate {c['moe_intermediate_size']}, vocab {c['vocab_size']}; saved with save_pretrained "
             f"(built in {prep.get('build_s', 0):.0f} s), chunked --experts units ({prep.get('chunk_units_s', 0):.0f} "
