@@ -39,3 +39,19 @@ def test_moe_case_runs_at_toy_size_and_reports_every_contender(tmp_path):
     assert "| ours, expert units |" in text and "| accelerate disk offload |" in text
     plots = write_plots({"cases": {"moe": case}}, tmp_path)
     assert plots == {"moe": ["moe.png"]} and (tmp_path / "moe.png").stat().st_size > 0
+
+
+def test_splice_replaces_only_the_rerun_cases_section_and_ratio_rows():
+    from streaming_weights.benchmarks.report import splice_report
+
+    old = "\n".join(["# report", "", "## All ratios", "", "| case | ratio | median | spread (min–max) | n | goal | met |",
+                     "|---|---|---|---|---|---|---|", "| gpu | x | 1 | 1–1 | 1 | | |", "| moe | stale | 9 | 9–9 | 1 | | |",
+                     "", "## GPU check", "", "kept text", "", "## MoE old", "", "stale section", ""])
+    ratio = {"unit": "x", "n": 1, "median": 0.05, "min": 0.05, "max": 0.05, "goal": "<= 0.2"}
+    case = {"title": "MoE old", "measured": "fresh numbers", "metrics": {}, "ratios": {"bytes_ratio": ratio},
+            "table": ["| a | b |", "|---|---|", "| 1 | 2 |"]}
+    text = splice_report(old, {"cases": {"moe": case}, "notes": ["other jobs ran"]})
+    assert "kept text" in text and "| gpu | x |" in text  # the other cases stay as they were
+    assert "stale" not in text and "| moe | bytes_ratio | 0.05 |" in text and "| yes |" in text
+    assert "fresh numbers" in text and "other jobs ran" in text and "| 1 | 2 |" in text
+    assert splice_report(text, {"cases": {"moe": case}, "notes": ["other jobs ran"]}) == text  # idempotent

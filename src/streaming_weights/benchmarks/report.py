@@ -148,12 +148,55 @@ def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str
     return lines
 
 
+def _ratio_rows(name: str, case: dict[str, Any]) -> list[str]:
+    """The case's rows of the all-ratios table."""
+    return [f"| {name} | {rname} | {fmt(r['median'])} | {fmt(r['min'])}–{fmt(r['max'])} | {r['n']} | "
+            f"{r.get('goal', '')} | {met(r.get('goal', ''), r['median'])} |" for rname, r in case.get("ratios", {}).items()]
+
+
 def render_report(results: dict[str, Any]) -> str:
-    summary = [f"| {name} | {rname} | {fmt(r['median'])} | {fmt(r['min'])}–{fmt(r['max'])} | {r['n']} | "
-               f"{r.get('goal', '')} | {met(r.get('goal', ''), r['median'])} |"
-               for name, case in results["cases"].items() for rname, r in case.get("ratios", {}).items()]
-    lines = _header(results) + ["## All ratios", "", "| case | ratio | median | spread (min–max) | n | goal | met |",
+    summary = [row for name, case in results["cases"].items() for row in _ratio_rows(name, case)]
+    lines = _header(results) + [RATIOS_HEADING, "", "| case | ratio | median | spread (min–max) | n | goal | met |",
                                 "|---|---|---|---|---|---|---|", *summary, ""]
     for name, case in results["cases"].items():
         lines += _case_section(name, case, results.get("plots", {}).get(name, []))
     return "\n".join(lines)
+
+
+RATIOS_HEADING = "## All ratios"
+
+
+def _replace_section(lines: list[str], section: list[str]) -> list[str]:
+    """``lines`` with the section headed ``section[0]`` replaced by ``section`` (appended when absent)."""
+    if section[0] not in lines:
+        return lines + ([""] if lines and lines[-1] else []) + section
+    i = lines.index(section[0])
+    j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return lines[:i] + section + lines[j:]
+
+
+def _replace_ratio_rows(lines: list[str], name: str, rows: list[str]) -> list[str]:
+    """``lines`` with case ``name``'s rows of the all-ratios table replaced by ``rows`` (at the table's end)."""
+    if RATIOS_HEADING not in lines:
+        return lines
+    start = lines.index(RATIOS_HEADING) + 1
+    first = next((k for k in range(start, len(lines)) if lines[k].startswith("|")), None)
+    if first is None:
+        return lines
+    end = next((k for k in range(first, len(lines)) if not lines[k].startswith("|")), len(lines))
+    kept = [row for row in lines[first:end] if not row.startswith(f"| {name} | ")]
+    return lines[:first] + kept + rows + lines[end:]
+
+
+def splice_report(text: str, results: dict[str, Any]) -> str:
+    """An earlier REPORT.md ``text`` with the sections and ratio rows of ``results``' cases replaced (or
+    appended): re-running a few cases into a report whose other cases' results.json is not at hand. Each
+    spliced section says when and on which commit it ran, and carries the run's notes."""
+    lines = text.rstrip("\n").split("\n")
+    notes = " ".join(results.get("notes", []))
+    for name, case in results["cases"].items():
+        shown = case | ({"measured": f"{case.get('measured', '')} Notes of this run: {notes}"}
+                        if notes and "error" not in case else {})
+        lines = _replace_section(lines, _case_section(name, shown, results.get("plots", {}).get(name, [])))
+        lines = _replace_ratio_rows(lines, name, _ratio_rows(name, case))
+    return "\n".join(lines) + "\n"

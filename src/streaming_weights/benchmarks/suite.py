@@ -16,7 +16,7 @@ from .common import MiB, Progress, machine_description, run_child, unit_bound, w
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
 from .sandbox import cap_support, evict, usable_cpus
 from .plots import write_plots
-from .report import render_report
+from .report import render_report, splice_report
 
 CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "generation": generation.run, "cold_start": cold_start.run, "transfer": transfer.run, "overlap": overlap.run,
@@ -266,7 +266,9 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
             random-init LLaMA with ``quick``); ``source_path`` is its original checkpoint (for the
             chunker case in quick mode).
         merge: keep the results of the cases not run now from ``out_dir/results.json`` (re-run a few
-            cases and still write the whole report); the report names when each case ran.
+            cases and still write the whole report); the report names when each case ran. Without a
+            ``results.json`` (it is not committed) but with a ``REPORT.md``, only this run's cases' sections
+            and ratio rows are replaced in that report.
         notes: lines the report shows at the top (e.g. what else ran on the machine meanwhile).
 
     Returns:
@@ -298,21 +300,35 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
         suite.plan(selected)
         previous = out / "results.json"
         prior = json.loads(previous.read_text()) if merge and previous.is_file() else None
+        # --merge into a report whose results.json is gone (it is not committed): splice the sections in
+        splice = merge and (out / "REPORT.md").is_file() and (prior is None or bool(prior.get("spliced")))
 
         def checkpoint() -> None:
-            _write(dict(results, seconds=time.perf_counter() - t_start), out, prior)
+            _write(dict(results, seconds=time.perf_counter() - t_start), out, prior, splice)
 
         _run_cases(suite, selected, results, checkpoint)
     results["seconds"] = time.perf_counter() - t_start
     results["load_average_end"] = os.getloadavg()
-    return _write(results, out, prior)
+    return _write(results, out, prior, splice)
 
 
-def _write(results: dict[str, Any], out: Path, prior: dict[str, Any] | None) -> dict[str, Any]:
-    """Merge ``prior`` (``--merge``), draw the plots, write results.json and REPORT.md; returns the results."""
+def _write(results: dict[str, Any], out: Path, prior: dict[str, Any] | None, splice: bool = False) -> dict[str, Any]:
+    """Merge ``prior`` (``--merge``), draw the plots, write results.json and REPORT.md; returns the results.
+
+    ``splice``: REPORT.md is an earlier report without its results.json: only this run's cases' sections
+    (and ratio rows) are replaced in it, and results.json records that (a later merge splices again)."""
     if prior is not None:
         _merge_previous(results, prior)
     results["plots"] = write_plots(results, out)
+    report = out / "REPORT.md"
+    if splice:
+        results["spliced"] = True
+        for case in results["cases"].values():
+            case.setdefault("ran", results["started"])
+            case.setdefault("commit", results.get("commit", "?"))
+        text = splice_report(report.read_text(), results)
+    else:
+        text = render_report(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "REPORT.md").write_text(render_report(results))
+    report.write_text(text)
     return results
