@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 # torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-slow bench services clean
+.PHONY: setup demo test test-slow bench services clean clean-cache
 
 setup: $(STAMP)
 
@@ -44,7 +44,18 @@ test-slow: setup
 # caps (cgroups); without it the report says the runs were uncapped.
 bench: setup
 	$(BIN)/python -m pip install -q $(TORCH) -e '.[bench,api]'
-	$(BIN)/surfing bench
+	$(BIN)/surfing bench --output-dir bench
 
-clean:
+# What `surfing demo` (~520 MiB of SmolLM2 chunks) and the benchmarks keep between runs; the same rule as
+# streaming_weights.demo.cache_dir: $SURFING_CACHE_DIR, else $XDG_CACHE_HOME/surfing-weights, else ~/.cache/surfing-weights.
+SURFING_CACHE := $(or $(SURFING_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/surfing-weights)
+
+# Only the folders we write (chunks/, bench/), then the directory itself if that left it empty: a cache
+# directory pointed somewhere shared keeps everything else.
+clean-cache:
+	rm -rf "$(SURFING_CACHE)/chunks" "$(SURFING_CACHE)/bench"
+	rmdir "$(SURFING_CACHE)" 2>/dev/null || true
+
+# Everything make and the demo created: the venv, test caches, and the demo's chunk cache.
+clean: clean-cache
 	rm -rf $(VENV) .pytest_cache .cache

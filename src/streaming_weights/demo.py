@@ -29,9 +29,23 @@ def packaged_smollm2() -> Path:
 
 
 def cache_dir() -> Path:
+    """Where the demo (and the benchmarks' peers) keep what they build: ``$SURFING_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/surfing-weights``, else ``~/.cache/surfing-weights`` (``make clean-cache`` removes it)."""
     base = os.environ.get("SURFING_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "surfing-weights")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "surfing-weights")
     return Path(base)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (symbolic links followed; 0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path, followlinks=True):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # vanished meanwhile
+                pass
+    return total
 
 
 def demo_chunks_dir() -> Path:

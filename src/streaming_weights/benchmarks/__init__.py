@@ -2,7 +2,8 @@
 
 Every figure is measured side by side in one run on the machine at hand, repeated, and reported as median
 with min–max spread. Absolute numbers drift with background load; the ratios measured in one run are the
-result. The report and plots land in ``bench/REPORT.md`` and ``bench/*.png`` by default.
+result. ``surfing bench`` writes the report and plots into ``./surfing-bench/`` by default; ``make bench``
+passes ``--output-dir bench`` to replace the repository's committed ``bench/REPORT.md`` and ``bench/*.png``.
 
 Public surface: :func:`run_suite`, :data:`CASES` (and ``free_port``, kept for older callers). One module
 per case: ``transfer``, ``overlap``, ``cache_policy`` (case ``cache``), ``memory``, ``cold_start``,

@@ -1,4 +1,9 @@
-"""``surfing bench``: the benchmark suite (writes results.json, REPORT.md and plots into --out)."""
+"""``surfing bench``: the benchmark suite (writes results.json, REPORT.md and plots into --output-dir).
+
+The default output directory is ``./surfing-bench``, never ``./bench``: run from a checkout of this
+repository, ``bench/`` holds the committed report, which only an explicit ``--output-dir bench``
+(``make bench``) replaces.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import time
 
 from ..exceptions import ConfigurationError
 from .options import add_common
+
+#: ``surfing bench``'s output directory when none is given (relative to the current directory)
+DEFAULT_OUT = "surfing-bench"
 
 
 def _print_summary(results: dict, out: str) -> int:
@@ -46,9 +54,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark suite: capped generation vs peers, link, transfer, cache, memory... (writes bench/)")
+    p = sub.add_parser("bench", help="benchmark suite: capped generation vs peers, link, transfer, cache, memory... "
+                                     f"(writes {DEFAULT_OUT}/)")
     p.add_argument("--quick", action="store_true", help="tiny random-init model, one run per case (a few minutes)")
-    p.add_argument("--out", default="bench", help="output directory (default bench/)")
+    p.add_argument("--output-dir", "--out", dest="out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"where results.json, REPORT.md and the plots go (default ./{DEFAULT_OUT}; the repository's "
+                        "committed report is bench/: `make bench` passes --output-dir bench)")
     p.add_argument("--cases", default=None,
                    help="comma-separated subset of the cases (default all; an unknown name lists them)")
     p.add_argument("--chunks-dir", default=None, help="benchmark this chunked LLaMA-family model instead")
@@ -56,6 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a line for the top of the report (repeatable; also $SURFING_BENCH_NOTE), e.g. what "
                         "else ran on the machine")
     p.add_argument("--merge", action="store_true",
-                   help="keep the other cases' results from OUT/results.json (re-run only --cases)")
+                   help="keep the other cases' results from DIR/results.json (re-run only --cases)")
     add_common(p)
     p.set_defaults(func=cmd_bench)

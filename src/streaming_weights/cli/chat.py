@@ -10,7 +10,7 @@ import logging
 import sys
 
 from . import output
-from .generate import make_streamer, require_generative, require_tokenizer
+from .generate import log_plan, make_streamer, require_generative, require_tokenizer
 from .options import add_client_args, add_common, open_model, positive_int
 
 log = logging.getLogger("streaming_weights.cli")
@@ -34,6 +34,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with open_model(args, prefetch_count=args.prefetch) as model:
         require_generative(model)
         tok = require_tokenizer(model)
+        log_plan(model)
         session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens)
         for turn, text in enumerate(_lines(sys.stdin.isatty()), 1):
             _, stats = session.reply(text, streamer=make_streamer(tok))

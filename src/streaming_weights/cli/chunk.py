@@ -40,6 +40,8 @@ def cmd_chunk(args: argparse.Namespace) -> int:
         progress=tty and not args.quiet, on_progress=None if tty or args.quiet else PlainProgress(),
     )
     result = asyncio.run(chunker.chunk_model())
+    if args.quiet:  # errors only; the exit status says it worked
+        return 0
     print(
         f"chunked {result['name']!r} ({result['architecture']}, {result['dtype']}"
         f"{', ' + result['quantize'] if result['quantize'] else ''}): {result['num_units']} units"

@@ -1,4 +1,8 @@
-"""``surfing demo``: chunk the packaged SmolLM2 once, serve it on loopback, stream a chat answer."""
+"""``surfing demo``: chunk the packaged SmolLM2 once, serve it on loopback, stream a chat answer.
+
+The chunks (~520 MiB, float32) are kept in the cache directory (``streaming_weights.demo.cache_dir``); the
+demo says where, and ``make clean-cache`` removes them.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,17 @@ from .output import info
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..client.bridge import LoopThread
-    from ..demo import SMOLLM2_NAME, demo_chunks_ready, ensure_demo_chunks
+    from ..demo import SMOLLM2_NAME, demo_chunks_dir, demo_chunks_ready, dir_bytes, ensure_demo_chunks
     from ..models import StreamingLlamaModel
     from ..server import WeightServer
 
+    where = demo_chunks_dir()
     if not demo_chunks_ready():
-        info(f"Preparing {SMOLLM2_NAME} chunks (once; cached afterwards)...")
+        info(f"Preparing {SMOLLM2_NAME} chunks once: about 520 MiB written to {where} (kept for later runs; "
+             "`make clean-cache` deletes it, SURFING_CACHE_DIR moves it)...")
+    else:
+        info(f"Using the cached {SMOLLM2_NAME} chunks in {where} ({dir_bytes(where) / 2**20:.0f} MiB; "
+             "`make clean-cache` deletes them)")
     chunks = ensure_demo_chunks(progress=not args.quiet)
     io = LoopThread("surfing-demo-server")
     server = WeightServer(str(chunks), host="127.0.0.1", port=0, token=None)
@@ -27,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         info(f"Weight server on {uri}; streaming with a cache of {args.cache_size} of the model's layers.")
         with StreamingLlamaModel(SMOLLM2_NAME, uri, args.cache_size, prefetch_count=args.prefetch) as model:
             print(f"> {args.prompt}", flush=True)
-            stream_generate(model, args.prompt, chat=True, max_new_tokens=args.max_new_tokens)
+            stream_generate(model, args.prompt, chat=True, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
     finally:
         io.run(server.stop(), 30)
         io.close()

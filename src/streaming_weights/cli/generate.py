@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
 
 from ..exceptions import ConfigurationError
 from . import output, records
-from .options import add_client_args, add_common, open_model, positive_int
+from .options import add_client_args, add_common, non_negative_float, open_model, positive_int, probability
+
+log = logging.getLogger("streaming_weights.cli")
 
 
 def require_tokenizer(model: Any) -> Any:
@@ -66,9 +69,17 @@ def stats_line(model: Any, seconds: float) -> str:
             f"stall {s['stall_seconds']:.2f} s]")
 
 
-def stream_generate(model: Any, prompt: str, *, chat: bool, max_new_tokens: int, **gen: Any) -> None:
+def log_plan(model: Any) -> None:
+    """The memory plan the model was loaded with, as an info log line (shown with ``-v``)."""
+    plan = getattr(model.engine, "plan", None)
+    if plan is not None:
+        log.info("memory plan for %s:\n  %s", model.manifest.name, plan.describe().replace("\n", "\n  "))
+
+
+def stream_generate(model: Any, prompt: str, *, chat: bool, max_new_tokens: int, quiet: bool = False,
+                    **gen: Any) -> None:
     """Generate (greedily unless ``gen`` asks for sampling), streaming the answer to stdout; the stats
-    line goes to stderr."""
+    line goes to stderr (not with ``quiet``)."""
     require_generative(model)
     tok = require_tokenizer(model)
     enc = encode_prompt(tok, prompt, chat=chat)
@@ -77,7 +88,8 @@ def stream_generate(model: Any, prompt: str, *, chat: bool, max_new_tokens: int,
     dt = time.perf_counter() - t0
     if not output.STDOUT.at_line_start:
         output.write_stdout("\n")
-    print(stats_line(model, dt), file=sys.stderr, flush=True)
+    if not quiet:
+        print(stats_line(model, dt), file=sys.stderr, flush=True)
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,17 +117,19 @@ def generate_file(model: Any, args: argparse.Namespace, gen: dict[str, Any]) -> 
         texts = model.generate_text([r["prompt"] for r in recs], batch_size=args.batch_size, chat=args.chat,
                                     max_new_tokens=args.max_new_tokens, progress=progress, **gen)
     records.write_jsonl(args.output, [{**r, "text": t} for r, t in zip(recs, texts)])
-    print(stats_line(model, time.perf_counter() - t0), file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(stats_line(model, time.perf_counter() - t0), file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     gen = generation_kwargs(args)
     with open_model(args, prefetch_count=args.prefetch, cache_policy=args.policy) as model:
+        log_plan(model)
         if args.prompts_file is not None:
             generate_file(model, args, gen)
         else:
             stream_generate(model, records.read_text_arg(args.prompt), chat=args.chat,
-                            max_new_tokens=args.max_new_tokens, **gen)
+                            max_new_tokens=args.max_new_tokens, quiet=args.quiet, **gen)
     return 0
 
 
@@ -126,7 +140,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         require_tokenizer(model)
         with records.progress_bar(len(recs), "text", quiet=args.quiet or not args.input) as progress:
             emb = model.embed([r["text"] for r in recs], batch_size=args.batch_size, pooling=args.pooling,
-                              normalize=args.normalize, progress=progress)
+                              normalize=args.normalize, allow_decoder=args.allow_decoder, progress=progress)
         name = model.manifest.name
     if args.input:
         records.save_vectors(args.output, recs, emb)
@@ -156,8 +170,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="FILE", help="with --prompts-file: JSON Lines answers (default stdout)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="prompts per generate call (default: the library chooses)")
-    p.add_argument("--temperature", type=float, default=None, help="> 0 samples (default: greedy)")
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=non_negative_float, default=None,
+                   help="> 0 samples, 0 is greedy (default: greedy)")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling, in (0, 1]")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--speculation", type=speculation_arg, default=None,
@@ -180,5 +195,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="texts per forward pass (default: large length-sorted blocks)")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--normalize", action="store_true")
+    p.add_argument("--allow-decoder", action="store_true",
+                   help="embed with a decoder-only language model anyway (pooled hidden states, not trained "
+                        "sentence embeddings; refused without this flag)")
     add_common(p)
     p.set_defaults(func=cmd_embed)

@@ -25,6 +25,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value:  # NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (``--temperature -1`` is a usage error, not silently greedy)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 is greedy), got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1] (``--top-p``)."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """``-v`` (repeatable: more log detail, tracebacks) and ``-q`` (errors only, no progress bars)."""
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output; show tracebacks")

@@ -54,6 +54,7 @@ def generate_keypair() -> tuple[bytes, bytes]:
 
 def write_keypair(out: str | os.PathLike[str], *, force: bool = False) -> tuple[Path, Path]:
     """Write a new key pair to ``out`` (private, created with mode 0600) and ``out.pub``; returns both paths.
+    Missing parent directories are created (the last one with mode 0700: it holds a private key).
 
     Raises:
         ConfigurationError: either file exists (and not ``force``), or cannot be written.
@@ -66,6 +67,7 @@ def write_keypair(out: str | os.PathLike[str], *, force: bool = False) -> tuple[
                 raise ConfigurationError(f"{p} already exists; refusing to overwrite a key (choose another --out)")
     private, public = generate_keypair()
     try:
+        private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
         fd = os.open(private_path, flags, 0o600)  # never world-readable, not even for a moment
         with os.fdopen(fd, "wb") as f:

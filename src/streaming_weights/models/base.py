@@ -219,7 +219,10 @@ class StreamingBaseModel:
 
         Raises:
             SyncCallInEventLoopError: called inside a running event loop (use :meth:`generate_async`).
-            ConfigurationError: an invalid ``speculation``.
+            ConfigurationError: an invalid ``speculation``, ``temperature`` < 0, ``top_p`` outside (0, 1], or an
+                empty prompt (``input_ids`` of length 0: a tokenizer without BOS encodes ``""`` to nothing).
+            ContextLengthError: prompt + ``max_new_tokens`` exceed the model's ``max_position_embeddings``
+                (checked before the memory plan, which would otherwise report a budget problem).
         """
         self._sync_guard("generate")
         if "input_ids" in kwargs:
@@ -230,7 +233,9 @@ class StreamingBaseModel:
         setting = generation.parse_speculation(self.config.speculation if speculation is None else speculation)
         own_lookup = "prompt_lookup_num_tokens" in kwargs
         kwargs = generation.prepare_generate(hf, args, kwargs, setting)
-        if isinstance(ids, torch.Tensor):  # under a memory budget: room for this request's KV cache
+        generation.check_sampling(kwargs)
+        if isinstance(ids, torch.Tensor):  # checked before planning; then, under a budget, room for its KV cache
+            generation.check_request(hf, kwargs, ids)
             generation.fit_request(self, generation.request_tokens(hf, kwargs, ids.shape[-1]),
                                    int(ids.shape[0]) if ids.dim() >= 2 else 1)
         adaptive = setting == "auto" and not own_lookup and "prompt_lookup_num_tokens" in kwargs
@@ -272,18 +277,26 @@ class StreamingBaseModel:
         return await asyncio.to_thread(self.generate_text, prompts, **kwargs)
 
     def embed(self, texts: str | list[str], *, batch_size: int | None = None, pooling: str = "mean",
-              normalize: bool = False, **kwargs: Any) -> torch.Tensor:
+              normalize: bool = False, allow_decoder: bool = False, **kwargs: Any) -> torch.Tensor:
         """Embeddings (N, hidden) of ``texts`` in input order, in large length-sorted blocks that share each
         fetch of the weights: see :func:`.embedding.embed` (``pooling`` ``"mean"`` or ``"cls"``).
 
+        A decoder-only language model (it can ``generate``) is refused unless ``allow_decoder=True``: its
+        pooled hidden states were not trained as sentence embeddings, so they are rarely what a caller wants.
+
         Raises:
-            ModelError: an encoder-decoder model, or no tokenizer.
+            ModelError: an encoder-decoder model, a decoder-only one without ``allow_decoder``, or no tokenizer.
             SyncCallInEventLoopError: called inside a running event loop (use :meth:`embed_async`).
         """
         self._sync_guard("embed")
-        if self.hf_model.config.is_encoder_decoder:
+        hf = self.hf_model
+        if hf.config.is_encoder_decoder:
             raise ModelError(f"embed runs encoder (or decoder-only) models; {self.model_name!r} is a "
                              f"{self.manifest.architecture}")
+        if not allow_decoder and hf.can_generate():
+            raise ModelError(f"{self.model_name!r} is a decoder-only language model ({self.manifest.architecture}): "
+                             "its pooled hidden states are not trained sentence embeddings; use an encoder such as "
+                             "all-MiniLM-L6-v2, or pass allow_decoder=True (CLI: --allow-decoder) to get them anyway")
         return embedding.embed(self, texts, batch_size=batch_size, pooling=pooling, normalize=normalize, **kwargs)
 
     async def embed_async(self, texts: str | list[str], **kwargs: Any) -> torch.Tensor:

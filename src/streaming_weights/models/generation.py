@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ..exceptions import ConfigurationError, ModelError
+from ..exceptions import ConfigurationError, ContextLengthError, ModelError
+from .patching import patch_method
 
 #: Draft length of ``speculation="auto"``. A verification pass costs the fetch of a 1-token step, so a
 #: long draft is nearly free when it is rejected and saves a whole fetch per accepted token.
@@ -118,10 +119,25 @@ def prepare_generate(hf_model: Any, args: tuple, kwargs: dict, speculation: str 
                 and kwargs["assistant_model"].config.vocab_size != hf_model.config.vocab_size):
             # A draft with another vocabulary: transformers translates tokens when given both tokenizers.
             kwargs["assistant_tokenizer"] = other_tok
-    draft = lookup_draft_length(hf_model, args, kwargs, setting)
+    draft = _within_context(hf_model, args, kwargs, lookup_draft_length(hf_model, args, kwargs, setting))
     if draft is not None:
         kwargs["prompt_lookup_num_tokens"] = draft
     return kwargs
+
+
+def _within_context(hf_model: Any, args: tuple, kwargs: dict, draft: int | None) -> int | None:
+    """``draft`` shortened (or ``None``: off) so that verifying it stays inside the model's positions.
+
+    transformers' prompt lookup proposes ``draft`` tokens whatever room is left, so the last verification pass
+    reaches position ``request_tokens + draft - 2``: past a learned position table (GPT-2's ``n_positions``)
+    that is an IndexError. Only requests ending within a draft of the context are affected.
+    """
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    limit = context_length(hf_model.config)
+    if draft is None or limit is None or not isinstance(ids, torch.Tensor):
+        return draft
+    room = limit - request_tokens(hf_model, kwargs, int(ids.shape[-1])) + 1
+    return draft if draft <= room else (room if room >= 1 else None)
 
 
 # ------------------------------------------------------------------------------------ draft counting
@@ -210,11 +226,11 @@ def counting_drafts(hf_model: Any, counter: DraftCounter, *, adaptive: bool = Fa
             _instrument(generator, counter, _Backoff() if adaptive else None)
         return generator
 
-    hf_model.__dict__["_get_candidate_generator"] = build
+    patch = patch_method(hf_model, "_get_candidate_generator", lambda _factory: build)
     try:
         yield counter
     finally:
-        hf_model.__dict__.pop("_get_candidate_generator", None)
+        patch.remove()
 
 
 # --------------------------------------------------------------------------------- generate_text
@@ -230,6 +246,58 @@ def request_tokens(hf_model: Any, kwargs: dict, prompt_len: int) -> int:
     if new is not None:
         return int(prompt_len) + int(new)
     return max(int(prompt_len) + 1, int(_setting(kwargs, hf_model, "max_length", 20)))
+
+
+#: Why an empty prompt is refused (a tokenizer that adds a BOS token encodes "" to it: that one is generated from)
+EMPTY_PROMPT = ("it encodes to no tokens (this tokenizer adds no BOS token), so there is nothing to continue; "
+                "give some text")
+
+
+def context_length(config: Any) -> int | None:
+    """Positions a decoder-only model attends over (``max_position_embeddings``, GPT-2's ``n_positions``);
+    ``None`` for an encoder-decoder (T5's relative positions have no such bound) or a config without one."""
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_sampling(kwargs: dict) -> None:
+    """Refuse sampling options transformers would ignore or fail on deep inside ``generate``.
+
+    Raises:
+        ConfigurationError: ``temperature`` < 0 (0 means greedy), ``top_p`` outside (0, 1], ``top_k`` < 0.
+    """
+    t, p, k = kwargs.get("temperature"), kwargs.get("top_p"), kwargs.get("top_k")
+    if t is not None and not (isinstance(t, (int, float)) and t >= 0):  # `not >=` also refuses NaN
+        raise ConfigurationError(f"temperature= must be >= 0 (0 or do_sample=False: greedy), got {t!r}")
+    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+        raise ConfigurationError(f"top_p= must be in (0, 1] (1: no nucleus cut), got {p!r}")
+    if k is not None and not (isinstance(k, int) and k >= 0):
+        raise ConfigurationError(f"top_k= must be an integer >= 0 (0: no top-k cut), got {k!r}")
+
+
+def check_request(hf_model: Any, kwargs: dict, ids: torch.Tensor) -> None:
+    """What a decoder-only ``generate`` call's prompt ``ids`` must satisfy before anything is planned or
+    fetched: at least one token, and prompt + new tokens within the model's context.
+
+    Raises:
+        ConfigurationError: an empty prompt (it encodes to no tokens: this tokenizer adds no BOS).
+        ContextLengthError: prompt + ``max_new_tokens`` (else ``max_length``) exceed the model's positions.
+    """
+    if hf_model.config.is_encoder_decoder:
+        return
+    limit = context_length(hf_model.config)
+    prompt = int(ids.shape[-1])
+    if prompt == 0:
+        raise ConfigurationError(f"the prompt is empty: {EMPTY_PROMPT}")
+    total = request_tokens(hf_model, kwargs, prompt)
+    if limit is not None and total > limit:
+        fix = (f"lower max_new_tokens= to at most {limit - prompt}, or shorten the prompt" if prompt < limit else
+               f"shorten the prompt to fewer than {limit} tokens")
+        raise ContextLengthError(
+            f"prompt ({prompt} tokens) + max_new_tokens ({total - prompt}) = {total} tokens exceeds the model's "
+            f"context (max_position_embeddings {limit}): {fix}")
 
 
 def fit_request(model: Any, seq_len: int, batch: int) -> None:
@@ -315,8 +383,12 @@ def generate_text(model: Any, prompts: str | Sequence[str], *, batch_size: int |
     one-prompt calls. ``progress(done, total)`` is called after each batch. Other keywords go to
     ``model.generate`` (``max_new_tokens``, sampling options, ``speculation``...).
 
+    A prompt that encodes to no tokens (``""`` with a tokenizer that adds no BOS; with ``chat=True`` the template
+    always gives tokens) is refused; with a BOS-adding tokenizer ``""`` generates from the BOS token alone.
+
     Raises:
-        ConfigurationError: a prompt that is not a string, or ``batch_size < 1``.
+        ConfigurationError: a prompt that is not a string or encodes to no tokens, or ``batch_size < 1``.
+        ContextLengthError: a prompt + ``max_new_tokens`` beyond the model's ``max_position_embeddings``.
         ModelError: the model has no tokenizer (or ``chat=True`` and no chat template).
     """
     items, single = _as_prompt_list(prompts)
@@ -325,6 +397,9 @@ def generate_text(model: Any, prompts: str | Sequence[str], *, batch_size: int |
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     tok = _usable_tokenizer(model)
     encoded = encode_prompts(tok, items, chat=chat)
+    empty = [i for i, e in enumerate(encoded) if not e]
+    if empty:  # in a padded batch it would be all padding: refused, as generate refuses it alone
+        raise ConfigurationError(f"{'the prompt' if single else f'prompt {empty[0]}'} is empty: {EMPTY_PROMPT}")
     longest = max((len(e) for e in encoded), default=0)
     size = batch_size or choose_batch_size(model, len(items), request_tokens(model.hf_model, generate_kwargs, longest))
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
