@@ -120,6 +120,10 @@ class ApiProcess:
         """Send ``sig``; the exit status, stdout and stderr once it exited."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        """The exit status, stdout and stderr once it exited (by itself: nothing is sent)."""
         out, err = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out, err
 
@@ -136,7 +140,10 @@ def surfing_api(*args: str) -> Iterator[ApiProcess]:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     api = ApiProcess(proc, port)
     try:
-        wait_for_port(port, timeout=180, proc=proc)
+        try:
+            wait_for_port(port, timeout=180, proc=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\nstdout: {proc.stdout.read()}\nstderr: {proc.stderr.read()}") from None
         yield api
     finally:
         if proc.poll() is None:
