@@ -66,7 +66,8 @@ def test_expert_manifest_round_trip_is_version_3_with_groups():
     assert [u["role"] for u in obj["units"]] == ["resident", "streamed"] + ["expert"] * 4
     back = Manifest.from_bytes(m.to_bytes())
     assert back == m and back.to_bytes() == m.to_bytes()
-    assert {p: [u.rows for u in us] for p, us in back.expert_groups().items()} == {MOD: [(0, 1), (1, 2), (2, 3), (3, 4)]}
+    groups = {p: [u.rows for u in us] for p, us in back.expert_groups().items()}
+    assert groups == {MOD: [(0, 1), (1, 2), (2, 3), (3, 4)]}
     assert [u.name for u in back.experts] == [f"{MOD}.{e}" for e in range(4)]
     assert back.experts[0].expert_module == MOD and back.streamed[0].expert_module is None
     assert [u.name for u in back.streamed] == ["model.layers.0"] and back.shards == []
@@ -86,9 +87,11 @@ def test_manifests_without_experts_keep_their_version():
 
 
 BAD_GROUPS = {
-    "gap": (lambda: (_expert(0, 1, 2), _expert(2, 3, 3)), r"rows \[1, 2\) of .*experts.* in no"),
-    "not from 0": (lambda: (_expert(1, 2, 2),), r"rows \[0, 1\) of .*experts"),
-    "overlap": (lambda: (_expert(0, 2, 2), _expert(1, 3, 3)), r"overlaps rows before 2"),
+    "gap": (lambda: (_expert(0, 1, 2), _expert(2, 3, 3)),
+            rf"rows \[1, 2\) of experts module '{MOD}' are in no expert unit"),
+    "not from 0": (lambda: (_expert(1, 2, 2),), rf"rows \[0, 1\) of experts module '{MOD}' are in no expert unit"),
+    "overlap": (lambda: (_expert(0, 2, 2), _expert(1, 3, 3)),
+                r"expert unit .*\.1-2' \(rows \[1, 3\)\) overlaps rows before 2 of experts module"),
     "duplicate expert": (lambda: (_expert(0, 1, 2), _expert(0, 1, 3, name=f"{MOD}.0")), "duplicate unit names"),
     "out of order": (lambda: (_expert(1, 2, 2), _expert(0, 1, 3)), r"rows \[0, 1\) .* in no"),
     "mixed dtypes": (lambda: (_expert(0, 1, 2), _expert(1, 2, 3, dtype="F16")), r"disagree.*F32.*F16"),
@@ -151,7 +154,7 @@ BAD_JSON = {
     "rows vs name": (lambda o: o["units"][3].__setitem__("rows", [2, 3]), r"units\[3\]: .*must be named"),
     "rows vs shape": (lambda o: o["units"][5].update(rows=[3, 5], name=f"{MOD}.3-4",
                                                     path=f"units/{MOD}.3-4.safetensors"), r"units\[5\]: .*with 2 rows"),
-    "dropped middle expert": (lambda o: o["units"].pop(3), r"rows \[1, 2\) of .*experts.* in no"),
+    "dropped middle expert": (lambda o: o["units"].pop(3), r"rows \[1, 2\) of experts module .* in no expert unit"),
     "unknown role": (lambda o: o["units"][2].__setitem__("role", "experts"), "role must be one of"),
 }
 

@@ -94,6 +94,7 @@ def test_surfing_chunk_and_inspect_memory_on_an_moe_checkpoint(moe_source, moe_r
         assert torch.equal(got, moe_reference(src).generate(input_ids=moe.IDS, max_new_tokens=4, do_sample=False))
 
 
+@pytest.mark.slow
 def test_surfing_chunk_experts_layer_keeps_experts_in_the_layer(moe_source, tmp_path):
     out = tmp_path / "chunks"
     res = surfing("chunk", moe_source("olmoe"), "-o", out, "--name", "ol", "--experts", "layer")

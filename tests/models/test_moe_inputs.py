@@ -78,15 +78,17 @@ def test_last_expert_unit_dropped_is_refused_at_load(mixtral_copy):
 def test_middle_expert_unit_dropped_is_refused_at_load(mixtral_copy):
     dropped = "model.layers.0.mlp.experts.3"
     _edit_manifest(mixtral_copy, lambda o: o.update(units=[u for u in o["units"] if u["name"] != dropped]))
-    with pytest.raises(ManifestError, match=r"rows \[3, 4\) of .*model\.layers\.0\.mlp\.experts.*in no"):
+    with pytest.raises(ManifestError,
+                       match=r"rows \[3, 4\) of experts module 'model\.layers\.0\.mlp\.experts' are in no expert unit"):
         StreamingBaseModel("mixtral", str(mixtral_copy), cache_size=1)
 
 
 def test_expert_shapes_disagreeing_with_the_config_are_refused_at_load(mixtral_copy):
     # the experts' inner size lives only in the expert units (the dense part has attention, norms and router)
     _edit_manifest(mixtral_copy, lambda o: o["config"].update(intermediate_size=48))
-    with pytest.raises(ManifestError, match=r"unit 'model\.layers\.0\.mlp\.experts\.0' stores .* as \[1, (128, 32|32, 64)\], "
-                                            r"the config makes it \[1, (96, 32|32, 48)\]"):
+    match = (r"unit 'model\.layers\.0\.mlp\.experts\.0' stores .* as \[1, (128, 32|32, 64)\], "
+             r"the config makes it \[1, (96, 32|32, 48)\]")
+    with pytest.raises(ManifestError, match=match):
         StreamingBaseModel("mixtral", str(mixtral_copy), cache_size=1)
 
 

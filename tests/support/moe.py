@@ -38,8 +38,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt_oss": ("GptOssForCausalLM", dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=32)),
     # families issue 25 does not name
     "olmoe": ("OlmoeForCausalLM", dict(num_experts=EXPERTS, num_experts_per_tok=TOP_K)),
-    "glm4_moe": ("Glm4MoeForCausalLM", dict(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=16,
-                                            first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)),
+    "glm4_moe": ("Glm4MoeForCausalLM", dict(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                                            moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                            n_shared_experts=1)),
     "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", dict(moe_num_experts=EXPERTS, moe_k=TOP_K, moe_intermediate_size=16,
                                                      moe_layer_start_index=0, moe_num_shared_experts=0)),
     "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", dict(num_experts=EXPERTS, moe_topk=TOP_K, moe_intermediate_size=16,

@@ -212,17 +212,19 @@ class UnitEntry(BlobEntry):
         return sum(s.nbytes for s in self.tensors.values())
 
 
-def _check_shard_group(tensor: str, shards: list[UnitEntry]) -> None:
-    """``tensor``'s shards (manifest order) tile its rows from 0 and agree on names, dtypes, trailing dims."""
+def _check_shard_group(tensor: str, shards: list[UnitEntry], whole: str = "sharded tensor",
+                       part: str = "shard") -> None:
+    """``tensor``'s shards (manifest order) tile its rows from 0 and agree on names, dtypes, trailing dims
+    (``whole`` / ``part`` name them in errors: an experts module's expert units are checked the same way)."""
     first, expected = shards[0], 0
     for s in shards:
         start, stop = s.rows or (0, 0)
         if start > expected:
-            raise ManifestError(f"manifest: rows [{expected}, {start}) of sharded tensor {tensor!r} are in no shard "
-                                f"(a gap before unit {s.name!r}; shards must be listed by rows, from 0)")
+            raise ManifestError(f"manifest: rows [{expected}, {start}) of {whole} {tensor!r} are in no {part} "
+                                f"(a gap before unit {s.name!r}; {part}s must be listed by rows, from 0)")
         if start < expected:
-            raise ManifestError(f"manifest: shard {s.name!r} (rows [{start}, {stop})) overlaps rows before {expected} "
-                                f"of sharded tensor {tensor!r} (shards must be listed by rows, without overlap)")
+            raise ManifestError(f"manifest: {part} {s.name!r} (rows [{start}, {stop})) overlaps rows before {expected} "
+                                f"of {whole} {tensor!r} ({part}s must be listed by rows, without overlap)")
         expected = stop
         if set(s.tensors) != set(first.tensors):
             raise ManifestError(f"manifest: shards {first.name!r} and {s.name!r} of {tensor!r} hold different "
@@ -344,7 +346,7 @@ class Manifest:
                 if t in seen:
                     raise ManifestError(f"manifest: tensor {t!r} is split into expert units ({experts[0].name!r}…) "
                                         "and also stored in another unit")
-            _check_shard_group(module, experts)
+            _check_shard_group(module, experts, "experts module", "expert unit")
             seen.update(experts[0].tensors)
         for alias, target in self.tied.items():
             if target not in seen or alias in seen:
