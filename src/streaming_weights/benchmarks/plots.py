@@ -187,10 +187,10 @@ class _Plotter:
             ax.set_ylabel(ylabel)
             ax.tick_params(axis="x", labelsize=8)
         streamed = c.get("streamed_bytes", 0) / MiB
-        axes[0].axhline(0.2 * streamed, color="k", ls=":", lw=1, label=f"0.2 x streamed ({0.2 * streamed:.0f} MiB)")
+        axes[0].axhline(0.2 * streamed, color="k", ls=":", lw=1, label=f"0.2 x streamed ({fmt(0.2 * streamed)} MiB)")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Mixture-of-experts (64 experts, top-4), budget {c.get('budget_bytes', 0) / MiB:.0f} MiB "
-                     f"= 35% of {streamed:.0f} MiB streamed + runtime ({self.mach})", fontsize=9)
+                     f"= 35% of {fmt(streamed)} MiB streamed + runtime ({self.mach})", fontsize=9)
         self.save(fig, "moe", "moe.png")
 
 

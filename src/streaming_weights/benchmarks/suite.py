@@ -7,6 +7,7 @@ import os
 import subprocess
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,8 @@ CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run, "gpu": gpu.run, "moe": moe.run,
 }
 CASES = tuple(CASE_FUNCS)
+#: Cases that build, chunk and serve a model of their own: run alone, the suite's model is not prepared.
+OWN_MODEL = frozenset({"moe"})
 # Fresh-process measurements each case needs (with --quick they share one process).
 _NEEDS = {"memory": ["stream", "hf_memory"], "cold_start": ["stream", "download"],
           "peers": ["hf_memory", "accelerate", "stream"]}
@@ -44,7 +47,7 @@ class Suite:
     """Shared state of one suite run: the model under test, its server, child results reused by cases."""
 
     def __init__(self, *, quick: bool, tmp: Path, progress: Progress | None, chunks_dir: Path | None,
-                 source_path: Path | None) -> None:
+                 source_path: Path | None, shared_model: bool = True) -> None:
         self.quick, self.tmp, self._progress = quick, tmp, progress
         self.repeats = 1 if quick else 2
         self.gen_tokens = 4 if quick else 8
@@ -55,15 +58,13 @@ class Suite:
         self.child_errors: dict[str, str] = {}
         self._children: dict[str, list[dict[str, Any]]] = {}
         self._planned: list[str] = []
-        if chunks_dir is None:
-            chunks_dir, source_path = _default_chunks(tmp, quick, self.say)
-        self.chunks_dir = Path(chunks_dir)
-        self.manifest = load_manifest(self.chunks_dir)
         self.source_path = Path(source_path) if source_path is not None else None
-        self.vocab = int(self.manifest.config.get("vocab_size", 100))
-        m = self.manifest
-        self.model_label = (f"{m.name} ({m.architecture}, {len(m.streamed)} streamed layers, "
-                            f"{m.total_bytes / MiB:.0f} MiB {m.dtype})")
+        self.chunks_dir: Path | None = None
+        self.manifest: Any = None
+        self.vocab = 100
+        self.model_label = "none shared (each case that ran builds its own model: see its section)"
+        if shared_model:  # False: only cases of OWN_MODEL run, the suite's model is not needed
+            self._use_model(chunks_dir)
         self._hf_dir: Path | None = None
         self._airllm_shards: Path | None = None
         self.uri = ""
@@ -78,6 +79,16 @@ class Suite:
         self.airllm_tokens, self.airllm_timeout = 3, 600
         self.generation_rounds = 3
         self._prompt: tuple[list[int], str] | None = None
+
+    def _use_model(self, chunks_dir: Path | None) -> None:
+        """The model under test: ``chunks_dir``, else the default (SmolLM2, or a tiny LLaMA with --quick)."""
+        if chunks_dir is None:
+            chunks_dir, self.source_path = _default_chunks(self.tmp, self.quick, self.say)
+        self.chunks_dir = Path(chunks_dir)
+        self.manifest = m = load_manifest(self.chunks_dir)
+        self.vocab = int(m.config.get("vocab_size", 100))
+        self.model_label = (f"{m.name} ({m.architecture}, {len(m.streamed)} streamed layers, "
+                            f"{m.total_bytes / MiB:.0f} MiB {m.dtype})")
 
     def say(self, msg: str) -> None:
         if self._progress is not None:
@@ -216,8 +227,9 @@ def source_commit() -> str:
 
 def _run_cases(suite: Suite, selected: list[str], results: dict[str, Any],
                checkpoint: Callable[[], None] = lambda: None) -> None:
-    server_mb = suite.manifest.total_bytes / MiB * 1.2 + 64
-    with weight_server_process(suite.chunks_dir, cache_mb=server_mb, cpus=suite.server_cpus) as uri:
+    server = nullcontext("") if suite.manifest is None else weight_server_process(
+        suite.chunks_dir, cache_mb=suite.manifest.total_bytes / MiB * 1.2 + 64, cpus=suite.server_cpus)
+    with server as uri:
         suite.uri = uri
         for name in selected:
             suite.say(f"case {name}")
@@ -291,7 +303,8 @@ def run_suite(out_dir: str | os.PathLike[str] = "bench", *, quick: bool = False,
     with tempfile.TemporaryDirectory(prefix="surfing-bench-") as tmp:
         suite = Suite(quick=quick, tmp=Path(tmp), progress=progress,
                       chunks_dir=Path(chunks_dir) if chunks_dir else None,
-                      source_path=Path(source_path) if source_path else None)
+                      source_path=Path(source_path) if source_path else None,
+                      shared_model=bool(chunks_dir) or not set(selected) <= OWN_MODEL)
         if quick and suite.source_path is None and "chunker" in selected:
             suite.source_path = suite.hf_dir
         results["model"] = suite.model_label
