@@ -4,6 +4,7 @@ sent before generation ends, a full queue answers 429, a client that goes away s
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -155,3 +156,31 @@ def test_weights_that_cannot_be_fetched_give_503_and_the_endpoint_lives_on(gated
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
     with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
         assert c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+
+
+def test_stopping_ends_a_stream_in_flight_with_an_openai_error(chat_llama_chunks, reference):
+    """ApiServer.stop() (what Ctrl-C does in the CLI) with a grace of 0: the held stream ends with OpenAI's
+    error event (503 shape) and ``[DONE]``, not a cut connection."""
+    from streaming_weights import StreamingLlamaModel
+    from streaming_weights.api import ApiServer, ApiSettings, create_app
+    from streaming_weights.testing import FakeSource
+
+    gate = Gate()
+    m = StreamingLlamaModel(MODEL, FakeSource(gate, chunks_dir=chat_llama_chunks), cache_size=0)
+    server = ApiServer(create_app(m, settings=ApiSettings(window=0.01, shutdown_grace=0)), port=0).start()
+    stopping = threading.Thread(target=server.stop)
+    try:
+        gate.hold_after(reference, len(m.streamed_units))
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # running, held on weights
+            stopping.start()
+            events = [line for line in lines if line]
+    finally:
+        gate.open()
+        stopping.join(60) if stopping.ident else server.stop()
+        m.close()
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_shutting_down"), error
+    assert set(error) == {"message", "type", "param", "code"} and events[-1] == "data: [DONE]"
