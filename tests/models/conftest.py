@@ -27,17 +27,19 @@ def moe_source(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def moe_chunks(tmp_path_factory, moe_source):
-    """``moe_chunks(family, layout="single", experts="units", **config)`` -> (source dir, chunk dir); the
-    manifest's name is the family; ``experts="layer"`` keeps experts in their layer's unit."""
+    """``moe_chunks(family, layout="single", experts="units", dtype=None, **config)`` -> (source dir, chunk dir);
+    the manifest's name is the family; ``experts="layer"`` keeps experts in their layer's unit; ``dtype`` is the
+    chunker's stored dtype (``None``: the checkpoint's)."""
     root = tmp_path_factory.mktemp("moe-chunks")
     made: dict = {}
 
-    def get(family: str, layout: str = "single", experts: str = "units", **overrides) -> tuple[Path, Path]:
-        key = (family, layout, experts, tuple(sorted(overrides.items())))
+    def get(family: str, layout: str = "single", experts: str = "units", dtype: str | None = None,
+            **overrides) -> tuple[Path, Path]:
+        key = (family, layout, experts, dtype, tuple(sorted(overrides.items())))
         if key not in made:
             src = moe_source(family, layout, **overrides)
             out = root / f"{family}-{layout}-{experts}-{len(made)}"
-            chunk(src, out, name=family, expert_units=experts == "units")
+            chunk(src, out, name=family, expert_units=experts == "units", dtype=dtype)
             made[key] = (src, out)
         return made[key]
 

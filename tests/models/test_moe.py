@@ -42,9 +42,9 @@ def expected(ref, ids=IDS, new=NEW):
     """transformers' greedy tokens and logits (computed once per reference model, prompt and length)."""
     key = (id(ref), ids.numpy().tobytes(), new)
     if key not in _EXPECTED:
-        with torch.no_grad():
-            _EXPECTED[key] = (ref.generate(input_ids=ids, max_new_tokens=new, do_sample=False), ref(ids).logits)
-    return _EXPECTED[key]
+        with torch.no_grad():  # the entry holds ``ref``: its id cannot be reused by another model
+            _EXPECTED[key] = (ref, ref.generate(input_ids=ids, max_new_tokens=new, do_sample=False), ref(ids).logits)
+    return _EXPECTED[key][1:]
 
 
 def assert_same(m, ref, ids=IDS, new=NEW, what="", tokens=True):
@@ -140,6 +140,30 @@ def test_sharded_and_bin_checkpoints_chunk_to_the_same_units(layout, moe_chunks,
     assert {u.name: u.sha256 for u in got.units} == {u.name: u.sha256 for u in single.units}
     with StreamingBaseModel("qwen2_moe", str(chunks), cache_size=1) as m:
         assert_same(m, moe_reference(src), what=layout)
+
+
+_STORED_BF16_ROUNDS_FP32_ROUTER = pytest.mark.xfail(strict=True, reason=(
+    "chunker bug: `--dtype bfloat16` also casts the tensors transformers keeps in float32 under bfloat16 "
+    "(_keep_in_fp32_modules_strict: DeepSeek-V3's mlp.gate.weight and e_score_correction_bias), so routing sees "
+    "rounded router weights; transformers' from_pretrained(dtype=bfloat16) keeps them exact (chunker/plan.py "
+    "stored())"))
+
+
+@pytest.mark.parametrize("family, where", [
+    ("mixtral", "stored"), ("gpt_oss", "stored"), ("deepseek_v3", "client"),
+    pytest.param("deepseek_v3", "stored", marks=_STORED_BF16_ROUNDS_FP32_ROUTER),
+])
+def test_bfloat16_equals_transformers_bfloat16(family, where, moe_chunks):
+    """bf16 stored by the chunker (``dtype=bfloat16``) or converted by the client (``dtype=`` of the model):
+    the same as transformers loading the fp32 checkpoint with ``dtype=torch.bfloat16``."""
+    from transformers import AutoModelForCausalLM
+
+    src, chunks = moe_chunks(family, dtype="bfloat16" if where == "stored" else None)
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
+    kw = {"dtype": "bfloat16"} if where == "client" else {}
+    with StreamingBaseModel(family, str(chunks), cache_size=1, **kw) as m:
+        assert m.hf_model.dtype == torch.bfloat16
+        assert_same(m, ref, new=4, what=f"{family} bf16 {where}")
 
 
 # ------------------------------------------------------------------------------------ routed fetch
