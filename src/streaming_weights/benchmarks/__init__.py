@@ -7,10 +7,12 @@ passes ``--output-dir bench`` to replace the repository's committed ``bench/REPO
 
 Public surface: :func:`run_suite`, :data:`CASES` (and ``free_port``, kept for older callers). One module
 per case: ``transfer``, ``overlap``, ``cache_policy`` (case ``cache``), ``memory``, ``cold_start``,
-``peers``, ``chunking`` (case ``chunker``); ``report`` renders REPORT.md, ``plots`` the PNGs, ``load`` is
-the concurrent-clients load test. Child programs are modules run with ``python -m``:
-``benchmarks.child`` (fresh-process measurements), ``benchmarks.rawsender`` and ``benchmarks.hexjson``
-(the transfer case's reference senders).
+``peers``, ``chunking`` (case ``chunker``), ``moe`` (mixture-of-experts: expert units vs whole-layer units
+vs accelerate; builds its own model, so ``--cases moe`` alone prepares nothing else); ``report`` renders
+REPORT.md, ``plots`` the PNGs, ``load`` is the concurrent-clients load test. Child programs are modules run
+with ``python -m``: ``benchmarks.child`` (fresh-process measurements), ``benchmarks.moe_child`` (the moe
+case's, through ``child.main``), ``benchmarks.rawsender`` and ``benchmarks.hexjson`` (the transfer case's
+reference senders).
 
 The library never prints: :func:`run_suite` returns a dict and reports progress through a callback.
 """
