@@ -7,11 +7,12 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..exceptions import ConfigurationError, KeyNotFoundError, ManifestError, NotFoundError, StorageError
 from ..format import join_key
 from ..format.names import SIGNATURE_FILE
+from ..protocol import Op
 from ..storage import StorageBackend, open_storage
 from ..storage.catalog import StoredModel, discover_stored, manifest_prefixes, read_stored
 from .access import Grant
@@ -96,13 +97,14 @@ class Catalog:
         await self._apply({s.prefix: s for s in found.values()}, everything=True)
         return self.models
 
-    async def rescan(self) -> None:
-        """Discover the storage's models again (coalesced, at most one start per ``rescan_interval``)."""
+    async def rescan(self, satisfied: Callable[[], bool] | None = None) -> None:
+        """Discover the storage's models again (coalesced, at most one start per ``rescan_interval``), unless
+        a rescan that started after this call has finished, or ``satisfied()`` says the last one was enough."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         async with self._scan_lock:
-            if self._scanned_at >= arrived:
-                return  # a rescan that started after this request arrived has finished
+            if self._scanned_at >= arrived or (satisfied is not None and satisfied()):
+                return
             wait = self._scanned_at + self.rescan_interval - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -177,13 +179,18 @@ async def answer_current(catalog: Catalog, handler: RequestHandler, plan: Answer
     ``get_manifest`` after re-reading that model's manifest (and, if it is gone, a rescan); an unknown
     model name and ``list_models`` after a rescan."""
     assert plan.request is not None and plan.refresh
+    req = plan.request
+
+    def found() -> bool:  # the model is known now (a rescan that ran while this request waited found it)
+        again = handler.answer(req, grant)
+        return again.error is None or again.error[0] != NotFoundError.code
+
     if plan.refresh == "manifest":
         await catalog.refresh(plan.model)
-        again = handler.answer(plan.request, grant)
-        if again.error is None or again.error[0] != NotFoundError.code:
-            return again
-    await catalog.rescan()
-    return handler.answer(plan.request, grant)
+        if found():
+            return handler.answer(req, grant)
+    await catalog.rescan(None if req.op is Op.LIST_MODELS else found)
+    return handler.answer(req, grant)
 
 
 __all__ = ["Catalog", "answer_current", "load_hosted", "resolve_storage"]
