@@ -18,7 +18,7 @@ from tests.support.tokenizers import text_model
 LOOP_IDS = torch.tensor([[5, 17, 33, 9, 41, 7, 5, 17, 33, 9, 41, 7, 5, 17]])
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "hunyuan_v1_moe"])  # fixed seeds whose greedy text loops
+@pytest.mark.parametrize("family", ["gpt_oss"])  # a fixed seed whose greedy text loops: drafts get accepted
 def test_speculation_keeps_transformers_tokens_on_moe(family, moe_chunks, moe_reference):
     src, chunks = moe_chunks(family)
     with torch.no_grad():
@@ -76,18 +76,21 @@ def test_batch_rows_fetch_the_union_of_their_experts(moe_chunks):
     assert len(per_call) == sum(len(c[3]) for c in calls)  # no expert fetched twice within a call
 
 
-def test_surfing_chunk_and_inspect_memory_on_an_moe_checkpoint(moe_source, moe_reference, tmp_path):
+def test_surfing_chunk_and_inspect_memory_on_an_moe_checkpoint(moe_source, moe_reference, tmp_path, capsys):
+    from streaming_weights.cli import main
+
     src = moe_source("qwen3_moe", "sharded")
     out = tmp_path / "chunks"
-    res = surfing("chunk", src, "-o", out, "--name", "q3")
+    res = surfing("chunk", src, "-o", out, "--name", "q3")  # the console command, as a user runs it
     assert res.returncode == 0, res.stderr
     assert f"({2 * moe.EXPERTS} expert units)" in res.stdout, res.stdout
-    res = surfing("inspect", out, "--memory", "30MB")
-    assert res.returncode == 0, res.stderr
-    experts_lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("experts:")]
-    assert len(experts_lines) == 1, res.stdout
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--memory", "30MB"]) == 0  # in process: one torch import is enough
+    shown = capsys.readouterr().out
+    experts_lines = [ln for ln in shown.splitlines() if ln.strip().startswith("experts:")]
+    assert len(experts_lines) == 1, shown
     assert f"2 layers x {moe.EXPERTS} experts" in experts_lines[0]
-    assert f"{2 * moe.EXPERTS} expert units in 2 layers" in res.stdout
+    assert f"{2 * moe.EXPERTS} expert units in 2 layers" in shown
     with StreamingBaseModel("q3", str(out), cache_size=1) as m:
         got = m.generate(input_ids=moe.IDS, max_new_tokens=4, do_sample=False)
     with torch.no_grad():
