@@ -9,22 +9,28 @@ import asyncio
 import pytest
 
 from streaming_weights.client.transport import WebSocketSource
-from streaming_weights.exceptions import NotFoundError
+from streaming_weights.exceptions import NotFoundError, StorageError
 from streaming_weights.server import WeightServer
 from streaming_weights.storage import MemoryBackend
 from tests.support.servers import build_model
 
 
 class CountingStorage(MemoryBackend):
-    """A memory storage that counts listings."""
+    """A memory storage that counts listings, and whose reads fail (StorageError) while ``failing``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.listings = 0
+        self.failing = False
 
     async def list(self, prefix: str = "") -> list[str]:
         self.listings += 1
         return await super().list(prefix)
+
+    async def load(self, key: str) -> bytes:
+        if self.failing:
+            raise StorageError(f"injected: cannot read {key}")
+        return await super().load(key)
 
 
 async def test_models_added_changed_broken_and_removed_while_serving():
@@ -50,6 +56,11 @@ async def test_models_added_changed_broken_and_removed_while_serving():
         with pytest.raises(NotFoundError, match=r"does not host model 'b'; it hosts \['a'\]"):
             await client.get_manifest("b")
         assert await client.list_models() == ["a"] and "a" in server.models
+
+        storage.failing = True  # a storage that cannot answer for a moment does not withdraw a model
+        assert (await client.get_manifest("a")).unit("model.layers.0").blake3 == now.unit("model.layers.0").blake3
+        assert await client.list_models() == ["a"]
+        storage.failing = False
 
         await storage.delete("a/manifest.json")  # removed
         with pytest.raises(NotFoundError, match="does not host model 'a'"):

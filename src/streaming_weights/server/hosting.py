@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 from ..exceptions import ConfigurationError, KeyNotFoundError, ManifestError, NotFoundError, StorageError
@@ -94,7 +95,7 @@ class Catalog:
         if not found:
             raise ConfigurationError(f"no chunked model (manifest.json) under {self.storage.location}/{self.prefix}")
         self._scanned_at = asyncio.get_running_loop().time()
-        await self._apply({s.prefix: s for s in found.values()}, everything=True)
+        await self._apply({s.prefix: s for s in found.values()})
         return self.models
 
     async def rescan(self, satisfied: Callable[[], bool] | None = None) -> None:
@@ -114,8 +115,17 @@ class Catalog:
             except StorageError as exc:
                 logger.warning("cannot list %s to find new models: %s", self.storage.location, exc)
                 return
-            found = {p: await self._read(p, signed=join_key(p, SIGNATURE_FILE) in listed) for p in prefixes}
-            await self._apply({p: s for p, s in found.items() if s is not None}, everything=True)
+            found: dict[str, StoredModel] = {}
+            unread: set[str] = set()  # a storage error: keep serving what was read before
+            for p in prefixes:
+                try:
+                    stored = await self._read(p, signed=join_key(p, SIGNATURE_FILE) in listed)
+                except StorageError:
+                    unread.add(p)
+                    continue
+                if stored is not None:
+                    found[p] = stored
+            await self._apply(found, keep=unread)
 
     async def refresh(self, name: str) -> None:
         """Re-read hosted model ``name``'s manifest from the storage (coalesced per model)."""
@@ -128,25 +138,33 @@ class Catalog:
             if self._read_at.get(prefix, float("-inf")) >= arrived:
                 return
             self._read_at[prefix] = loop.time()
-            stored = await self._read(prefix)
+            try:
+                stored = await self._read(prefix)
+            except StorageError:
+                return  # keep serving what was read before
             await self._apply({prefix: stored} if stored is not None else {}, only=prefix)
 
     async def _read(self, prefix: str, *, signed: bool | None = None) -> StoredModel | None:
+        """The model under ``prefix`` as stored now; None when it is gone or its manifest is malformed (logged).
+        Raises StorageError (logged) when the storage could not say."""
         try:
             return await read_stored(self.storage, prefix, signed=signed)
         except KeyNotFoundError:
             return None
-        except (ManifestError, StorageError) as exc:
+        except ManifestError as exc:
             logger.warning("not serving the model under %r: %s", prefix, exc)
             return None
+        except StorageError as exc:
+            logger.warning("cannot re-read the manifest under %r: %s", prefix, exc)
+            raise
 
-    async def _apply(self, found: dict[str, StoredModel], *, everything: bool = False, only: str = "") -> None:
-        """Make :attr:`models` hold ``found`` (``{prefix: StoredModel}``): for every prefix when
-        ``everything``, else for prefix ``only``; unchanged models keep their ``Hosted``."""
+    async def _apply(self, found: dict[str, StoredModel], *, only: str | None = None, keep: Collection[str] = ()) -> None:
+        """Make :attr:`models` hold ``found`` (``{prefix: StoredModel}``): for prefix ``only``, or (``None``)
+        for every prefix but those in ``keep``; unchanged models keep their ``Hosted``."""
         by_prefix = {h.prefix: (name, h) for name, h in self.models.items()}
         changed: list[Hosted] = []
         for prefix in set(by_prefix) | set(found):
-            if not everything and prefix != only:
+            if prefix in keep or (only is not None and prefix != only):
                 continue
             stored, (name, old) = found.get(prefix), by_prefix.get(prefix, ("", None))
             if old is not None and stored is not None and self._stored.get(prefix) == (stored.data, stored.signature):
