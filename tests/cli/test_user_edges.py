@@ -45,6 +45,9 @@ def test_an_empty_prompt_is_a_clear_error_unless_the_tokenizer_has_a_bos(llama_t
         with pytest.raises(ConfigurationError, match="prompt 1 is empty"):  # not silently all padding in a batch
             model.generate_text(["hello", ""], max_new_tokens=2)
         assert isinstance(model.generate_text("", chat=True, max_new_tokens=2), str)  # the template gives tokens
+        with pytest.raises(ConfigurationError, match=r"the prompt is empty \(row 0 of the batch\)"):
+            model.generate(input_ids=torch.tensor([[0, 0], [9, 15]]), attention_mask=torch.tensor([[0, 0], [1, 1]]),
+                           max_new_tokens=2)
     # a tokenizer that adds BOS: "" is the BOS token alone, and that is generated from
     res = surfing("generate", "--server", gpt2_text, "--prompt", "", "--max-new-tokens", "3")
     assert res.returncode == 0 and res.stdout.strip(), res.stderr
@@ -69,6 +72,8 @@ def test_max_new_tokens_past_the_context_says_so_before_planning_memory(llama_te
         assert model.generate(input_ids=ids, max_new_tokens=125, do_sample=False).shape[1] <= 128
         with pytest.raises(ContextLengthError, match="shorten the prompt to fewer than 128 tokens"):
             model.generate(input_ids=torch.ones(1, 130, dtype=torch.long), max_new_tokens=1)
+        with pytest.raises(ContextLengthError, match=r"prompt \(120 tokens\) \+ max_new_tokens \(10\)"):
+            model.generate_text(["hello", " ".join(["hi"] * 119)], max_new_tokens=10)  # with BOS: 120 tokens
 
 
 # ------------------------------------------------------------------ sampling options

@@ -19,7 +19,7 @@ import torch
 from ..config import StreamingConfig
 from ..exceptions import ModelError
 from ..format import Manifest
-from . import embedding, generation
+from . import embedding, generation, validation
 from .engine import StreamingEngine, guard_sync, in_running_loop
 from .loader import LoadedModel, load_model
 
@@ -221,8 +221,8 @@ class StreamingBaseModel:
             SyncCallInEventLoopError: called inside a running event loop (use :meth:`generate_async`).
             ConfigurationError: an invalid ``speculation``, ``temperature`` < 0, ``top_p`` outside (0, 1], or an
                 empty prompt (``input_ids`` of length 0: a tokenizer without BOS encodes ``""`` to nothing).
-            ContextLengthError: prompt + ``max_new_tokens`` exceed the model's ``max_position_embeddings``
-                (checked before the memory plan, which would otherwise report a budget problem).
+            ContextLengthError: one sequence's prompt + ``max_new_tokens`` exceed the model's
+                ``max_position_embeddings`` (checked before the memory plan; batches: see ``generate_text``).
         """
         self._sync_guard("generate")
         if "input_ids" in kwargs:
@@ -233,7 +233,7 @@ class StreamingBaseModel:
         setting = generation.parse_speculation(self.config.speculation if speculation is None else speculation)
         own_lookup = "prompt_lookup_num_tokens" in kwargs
         kwargs = generation.prepare_generate(hf, args, kwargs, setting)
-        generation.check_sampling(kwargs)
+        validation.check_sampling(kwargs)
         if isinstance(ids, torch.Tensor):  # checked before planning; then, under a budget, room for its KV cache
             generation.check_request(hf, kwargs, ids)
             generation.fit_request(self, generation.request_tokens(hf, kwargs, ids.shape[-1]),

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ..exceptions import ConfigurationError, ContextLengthError, ModelError
+from ..exceptions import ConfigurationError, ModelError
+from . import validation
 from .patching import patch_method
 
 #: Draft length of ``speculation="auto"``. A verification pass costs the fetch of a 1-token step, so a
@@ -133,7 +134,7 @@ def _within_context(hf_model: Any, args: tuple, kwargs: dict, draft: int | None)
     that is an IndexError. Only requests ending within a draft of the context are affected.
     """
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    limit = context_length(hf_model.config)
+    limit = validation.context_length(hf_model.config)
     if draft is None or limit is None or not isinstance(ids, torch.Tensor):
         return draft
     room = limit - request_tokens(hf_model, kwargs, int(ids.shape[-1])) + 1
@@ -248,56 +249,21 @@ def request_tokens(hf_model: Any, kwargs: dict, prompt_len: int) -> int:
     return max(int(prompt_len) + 1, int(_setting(kwargs, hf_model, "max_length", 20)))
 
 
-#: Why an empty prompt is refused (a tokenizer that adds a BOS token encodes "" to it: that one is generated from)
-EMPTY_PROMPT = ("it encodes to no tokens (this tokenizer adds no BOS token), so there is nothing to continue; "
-                "give some text")
-
-
-def context_length(config: Any) -> int | None:
-    """Positions a decoder-only model attends over (``max_position_embeddings``, GPT-2's ``n_positions``);
-    ``None`` for an encoder-decoder (T5's relative positions have no such bound) or a config without one."""
-    if getattr(config, "is_encoder_decoder", False):
-        return None
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-def check_sampling(kwargs: dict) -> None:
-    """Refuse sampling options transformers would ignore or fail on deep inside ``generate``.
-
-    Raises:
-        ConfigurationError: ``temperature`` < 0 (0 means greedy), ``top_p`` outside (0, 1], ``top_k`` < 0.
-    """
-    t, p, k = kwargs.get("temperature"), kwargs.get("top_p"), kwargs.get("top_k")
-    if t is not None and not (isinstance(t, (int, float)) and t >= 0):  # `not >=` also refuses NaN
-        raise ConfigurationError(f"temperature= must be >= 0 (0 or do_sample=False: greedy), got {t!r}")
-    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
-        raise ConfigurationError(f"top_p= must be in (0, 1] (1: no nucleus cut), got {p!r}")
-    if k is not None and not (isinstance(k, int) and k >= 0):
-        raise ConfigurationError(f"top_k= must be an integer >= 0 (0: no top-k cut), got {k!r}")
-
-
 def check_request(hf_model: Any, kwargs: dict, ids: torch.Tensor) -> None:
-    """What a decoder-only ``generate`` call's prompt ``ids`` must satisfy before anything is planned or
-    fetched: at least one token, and prompt + new tokens within the model's context.
+    """Before anything is planned or fetched: every row of a decoder-only prompt holds a token, and one
+    sequence fits the model's context. A batch is not checked against the context here: the API batches
+    requests of different limits (it checks each), ``generate_text`` checks its longest prompt.
 
     Raises:
-        ConfigurationError: an empty prompt (it encodes to no tokens: this tokenizer adds no BOS).
-        ContextLengthError: prompt + ``max_new_tokens`` (else ``max_length``) exceed the model's positions.
+        ConfigurationError: an empty prompt row. ContextLengthError: one sequence past the model's positions.
     """
     if hf_model.config.is_encoder_decoder:
         return
-    limit = context_length(hf_model.config)
-    prompt = int(ids.shape[-1])
-    if prompt == 0:
-        raise ConfigurationError(f"the prompt is empty: {EMPTY_PROMPT}")
-    total = request_tokens(hf_model, kwargs, prompt)
-    if limit is not None and total > limit:
-        fix = (f"lower max_new_tokens= to at most {limit - prompt}, or shorten the prompt" if prompt < limit else
-               f"shorten the prompt to fewer than {limit} tokens")
-        raise ContextLengthError(
-            f"prompt ({prompt} tokens) + max_new_tokens ({total - prompt}) = {total} tokens exceeds the model's "
-            f"context (max_position_embeddings {limit}): {fix}")
+    lengths = validation.prompt_lengths(ids, kwargs.get("attention_mask"))
+    validation.check_prompt_rows(lengths)
+    if len(lengths) == 1:
+        width = int(ids.shape[-1])
+        validation.check_context(hf_model.config, lengths[0], request_tokens(hf_model, kwargs, width) - width)
 
 
 def fit_request(model: Any, seq_len: int, batch: int) -> None:
@@ -397,10 +363,11 @@ def generate_text(model: Any, prompts: str | Sequence[str], *, batch_size: int |
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     tok = _usable_tokenizer(model)
     encoded = encode_prompts(tok, items, chat=chat)
-    empty = [i for i, e in enumerate(encoded) if not e]
-    if empty:  # in a padded batch it would be all padding: refused, as generate refuses it alone
-        raise ConfigurationError(f"{'the prompt' if single else f'prompt {empty[0]}'} is empty: {EMPTY_PROMPT}")
+    validation.check_prompt_rows([len(e) for e in encoded], what="the prompt" if single else "prompt")
     longest = max((len(e) for e in encoded), default=0)
+    if encoded:  # every row gets max_new_tokens: the longest prompt decides
+        validation.check_context(model.hf_model.config, longest,
+                                 request_tokens(model.hf_model, generate_kwargs, longest) - longest)
     size = batch_size or choose_batch_size(model, len(items), request_tokens(model.hf_model, generate_kwargs, longest))
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
     eos = _eos_ids(model, tok)
