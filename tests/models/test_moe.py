@@ -178,8 +178,9 @@ def test_a_token_fetches_only_the_experts_its_router_picked(family, moe_chunks):
     assert decode and all(len(picked) == moe.TOP_K for _, _, picked, _ in decode)
 
 
-def decode_bytes(chunks, family: str, new: int) -> float:
-    """Bytes fetched per decoded token (no cache: every token fetches what it uses), prompt excluded."""
+def decode_bytes(chunks, family: str, new: int) -> tuple[float, torch.Tensor]:
+    """Bytes fetched per decoded token (no cache: every token fetches what it uses), prompt excluded; and the
+    tokens."""
     def total(m):
         info = m.get_cache_info()
         return info["bytes_fetched"] + info.get("experts", {}).get("bytes_fetched", 0)
@@ -189,16 +190,20 @@ def decode_bytes(chunks, family: str, new: int) -> float:
         start = total(m)
         m.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)  # the prompt alone
         prompt = total(m) - start
-        m.generate(input_ids=ids, max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False)
-        return (total(m) - start - 2 * prompt) / new
+        out = m.generate(input_ids=ids, max_new_tokens=1 + new, min_new_tokens=1 + new, do_sample=False)
+        return (total(m) - start - 2 * prompt) / new, out
 
 
-def test_bytes_per_decoded_token_expert_units_vs_whole_layers(moe_chunks):
-    _, units = moe_chunks("mixtral")
+def test_bytes_per_decoded_token_expert_units_vs_whole_layers(moe_chunks, moe_reference):
+    src, units = moe_chunks("mixtral")
     _, layers = moe_chunks("mixtral", experts="layer")
     m_units, m_layers = moe.manifest_of(units), moe.manifest_of(layers)
     assert not m_layers.experts and len(m_units.experts) == 2 * moe.EXPERTS
-    per_unit, per_layer = decode_bytes(units, "mixtral", 4), decode_bytes(layers, "mixtral", 4)
+    per_unit, got_units = decode_bytes(units, "mixtral", 4)
+    per_layer, got_layers = decode_bytes(layers, "mixtral", 4)
+    with torch.no_grad():
+        want = moe_reference(src).generate(input_ids=IDS[:, :6], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(got_units, want) and torch.equal(got_layers, want)
     print(f"bytes per decoded token: expert units {per_unit:.0f}, whole layers {per_layer:.0f}")
     assert per_layer == sum(u.bytes for u in m_layers.streamed)  # every layer, every expert, every token
     expert = max(u.bytes for u in m_units.experts)
