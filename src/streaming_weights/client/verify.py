@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import (
     IntegrityError,
+    KeyNotFoundError,
     ManifestError,
     ModelChangedError,
     NotFoundError,
@@ -70,7 +71,7 @@ def verify_and_decode(entry: UnitEntry, buf: bytearray, where: str) -> dict[str,
 def may_be_stale(exc: BaseException) -> bool:
     """Whether a unit fetch that raised ``exc`` may have met a model re-chunked since its manifest was loaded
     (bytes that do not match it, a unit that is gone, a stored object of another size)."""
-    if isinstance(exc, (IntegrityError, UnitFormatError, NotFoundError)):
+    if isinstance(exc, (IntegrityError, UnitFormatError, NotFoundError, KeyNotFoundError)):
         return not isinstance(exc, ModelChangedError)
     return isinstance(exc, RemoteError) and exc.code == "internal"
 
