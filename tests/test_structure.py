@@ -426,3 +426,44 @@ def test_one_module_patches_models():
     found = [f for p in sorted(SRC.rglob("*.py")) if p != PATCHING for f in _patches(p)]
     assert not found, "patch models through models/patching.py (add_hook / patch_method):\n" + "\n".join(found)
     assert _patches(PATCHING), "the check no longer sees models/patching.py's own patching: update it"
+
+
+#: collaborators an object is given at construction; assigning one into another object later is the
+#: "valid only after later mutation" shape (restructure II)
+COLLABORATORS = {"buffer_pool", "pool", "trust", "keep_fp32", "pacer", "converter", "source", "cache", "policy",
+                 "placement", "monitor", "engine", "storage"}
+
+
+def _late_collaborators(path: Path) -> list[str]:
+    """Assignments of a collaborator attribute on anything but ``self`` / ``cls`` (``x.source.pool = p``,
+    ``server.pacer = p``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            if (isinstance(t, ast.Attribute) and t.attr in COLLABORATORS
+                    and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(t)} = ...")
+    return found
+
+
+def test_no_collaborator_is_assigned_after_construction():
+    """Sources, pools, trust, converters, pacers… are passed to constructors (open_unit_source(pool=, trust),
+    ConvertingSource(keep_fp32=resolver), WeightServer(pacer=)), never set on a built object."""
+    found = [f for p in sorted(SRC.rglob("*.py")) for f in _late_collaborators(p)]
+    assert not found, "pass collaborators to the constructor instead:\n" + "\n".join(found)
+
+
+def test_environment_is_read_in_the_options_object_and_the_cli_only():
+    """``SURFING_*`` variables are read by config.py (StreamingConfig, token_from_env) and the CLI only."""
+    allowed = {SRC / PACKAGE / "config.py"}
+    readers = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path in allowed or (SRC / PACKAGE / "cli") in path.parents:
+            continue
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text, filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("SURFING_"):
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert not readers, "read SURFING_* through streaming_weights.config:\n" + "\n".join(readers)

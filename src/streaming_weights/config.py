@@ -20,6 +20,27 @@ from typing import Any, Callable
 from .exceptions import ConfigurationError, UnknownOptionError
 
 ENV_PREFIX = "SURFING_"
+#: the bearer token's variable, read by :meth:`StreamingConfig.resolve` and :func:`token_from_env`
+TOKEN_ENV = ENV_PREFIX + "TOKEN"
+
+
+def cache_dir_from_env(env: dict[str, str] | None = None) -> str:
+    """``$SURFING_CACHE_DIR``, else ``$XDG_CACHE_HOME/surfing-weights``, else ``~/.cache/surfing-weights``."""
+    env = os.environ if env is None else env
+    return env.get(ENV_PREFIX + "CACHE_DIR") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "surfing-weights")
+
+
+def bench_cpus_from_env(env: dict[str, str] | None = None) -> list[int] | None:
+    """``$SURFING_BENCH_CPUS`` (``"1,0"``: the benchmark client's core, then the server's), or ``None``."""
+    value = (os.environ if env is None else env).get(ENV_PREFIX + "BENCH_CPUS")
+    return [int(c) for c in value.split(",")] if value else None
+
+
+def token_from_env(env: dict[str, str] | None = None) -> str | None:
+    """``$SURFING_TOKEN`` (or ``None`` if unset or empty): the default bearer token of clients and servers.
+    This module and the CLI are the only places ``SURFING_*`` variables are read (tests/test_structure.py)."""
+    return (os.environ if env is None else env).get(TOKEN_ENV) or None
 #: streamed units kept between uses when neither ``cache_size`` nor ``memory_budget`` is given
 DEFAULT_CACHE_SIZE = 3
 
@@ -198,4 +219,6 @@ class StreamingConfig:
         """The options a model runs with: ``config`` (default: :meth:`from_env`) with every explicit
         (non-``None``) keyword winning. An unknown keyword raises :class:`UnknownOptionError` naming it."""
         base = config if config is not None else cls.from_env()
-        return base.replace(**options)
+        out = base.replace(**options)
+        # a bearer token set in the environment applies to an explicit config too (never logged)
+        return out if out.token is not None or token_from_env() is None else out.replace(token=token_from_env())

@@ -31,9 +31,9 @@ def packaged_smollm2() -> Path:
 def cache_dir() -> Path:
     """Where the demo (and the benchmarks' peers) keep what they build: ``$SURFING_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/surfing-weights``, else ``~/.cache/surfing-weights`` (``make clean-cache`` removes it)."""
-    base = os.environ.get("SURFING_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "surfing-weights")
-    return Path(base)
+    from .config import cache_dir_from_env
+
+    return Path(cache_dir_from_env())
 
 
 def dir_bytes(path: Path) -> int:

@@ -6,6 +6,8 @@ import asyncio
 import ssl
 
 import pytest
+
+from streaming_weights.config import StreamingConfig
 import torch
 
 from streaming_weights import protocol as proto
@@ -154,8 +156,8 @@ async def test_token_auth(mem_model, monkeypatch):
                 assert source.retries == 0  # never retried
         async with WebSocketSource(server.uri, token="tok-123") as source:
             assert await source.list_models() == ["m"]
-        monkeypatch.setenv("SURFING_TOKEN", "tok-123")
-        async with WebSocketSource(server.uri) as source:
+        monkeypatch.setenv("SURFING_TOKEN", "tok-123")  # the options object reads it (the transport does not)
+        async with WebSocketSource(server.uri, token=StreamingConfig.resolve(None).token) as source:
             assert await source.list_models() == ["m"]
 
 

@@ -142,16 +142,9 @@ def test_sharded_and_bin_checkpoints_chunk_to_the_same_units(layout, moe_chunks,
         assert_same(m, moe_reference(src), what=layout)
 
 
-_STORED_BF16_ROUNDS_FP32_ROUTER = pytest.mark.xfail(strict=True, reason=(
-    "chunker bug: `--dtype bfloat16` also casts the tensors transformers keeps in float32 under bfloat16 "
-    "(_keep_in_fp32_modules_strict: DeepSeek-V3's mlp.gate.weight and e_score_correction_bias), so routing sees "
-    "rounded router weights; transformers' from_pretrained(dtype=bfloat16) keeps them exact (chunker/plan.py "
-    "stored())"))
-
-
 @pytest.mark.parametrize("family, where", [
     ("mixtral", "stored"), ("gpt_oss", "stored"), ("deepseek_v3", "client"),
-    pytest.param("deepseek_v3", "stored", marks=_STORED_BF16_ROUNDS_FP32_ROUTER),
+    ("deepseek_v3", "stored"),
 ])
 def test_bfloat16_equals_transformers_bfloat16(family, where, moe_chunks):
     """bf16 stored by the chunker (``dtype=bfloat16``) or converted by the client (``dtype=`` of the model):
@@ -217,7 +210,6 @@ def _xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-@_xfail("bug: StreamingBaseModel.clear_cache() clears engine.cache only; engine.experts.cache keeps every expert")
 def test_clear_cache_drops_cached_experts(moe_chunks):
     _, chunks = moe_chunks("mixtral")
     with StreamingBaseModel("mixtral", str(chunks), cache_size=2) as m:
@@ -228,8 +220,6 @@ def test_clear_cache_drops_cached_experts(moe_chunks):
         assert m.get_cache_info()["experts"]["cached"] == 0
 
 
-@_xfail("bug: setting model.cache_size resizes the dense cache only; the expert cache keeps the capacity planned "
-        "from the old cache_size (planner: 'without a budget the expert cache keeps cache_size layers' worth')")
 def test_cache_size_setter_resizes_the_expert_cache(moe_chunks):
     _, chunks = moe_chunks("mixtral")
     with StreamingBaseModel("mixtral", str(chunks), cache_size=2) as m:

@@ -94,8 +94,7 @@ def test_paced_server_sends_no_faster_than_its_rate():
     rate, burst = 20e6, float(1 << 20)
 
     async def go() -> tuple[float, int, TokenBucket]:
-        async with WeightServer(storage, port=0) as server:
-            server.pacer = TokenBucket(rate, burst)
+        async with WeightServer(storage, port=0, pacer=TokenBucket(rate, burst)) as server:
             async with WebSocketSource(server.uri, timeout_seconds=60) as src:
                 remote = await src.get_manifest("m")
                 t0 = time.perf_counter()

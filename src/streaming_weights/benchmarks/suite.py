@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, gpu, memory, overlap, peers
 from . import moe, quant, transfer
+from ..config import bench_cpus_from_env
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
 from .sandbox import cap_support, evict, usable_cpus
@@ -70,8 +71,7 @@ class Suite:
         self.uri = ""
         self.cap_kind, self.cap_reason = cap_support()
         # SURFING_BENCH_CPUS="1,0": which cores the client and server take (two suites side by side)
-        env_cpus = os.environ.get("SURFING_BENCH_CPUS")
-        cpus = [int(c) for c in env_cpus.split(",")] if env_cpus else usable_cpus()
+        cpus = bench_cpus_from_env() or usable_cpus()
         # the client (one compute thread) on the first core, the weight server on the next: it stands for
         # another host, so it must not take the client's core
         self.client_cpus, self.server_cpus = [cpus[0]], [cpus[1] if len(cpus) > 1 else cpus[0]]

@@ -27,12 +27,13 @@ async def transport_once(uri: str) -> tuple[float, float]:
     from ..client.transport import WebSocketSource
     from .. import protocol as proto
 
-    async with WebSocketSource(uri, timeout_seconds=600) as src:
+    # As in the streaming engine, a dropped unit's receive buffer is reused by the next fetch
+    # (steady state of a pass); the first buffer of a run is new, like the engine's first fetch.
+    pool = BufferPool(max_bytes=0)
+    async with WebSocketSource(uri, timeout_seconds=600, pool=pool) as src:
         manifest = await src.get_manifest(None)
         entry = manifest.unit("big")
-        # As in the streaming engine, a dropped unit's receive buffer is reused by the next fetch
-        # (steady state of a pass); the first buffer of a run is new, like the engine's first fetch.
-        src.buffer_pool = BufferPool(max_bytes=entry.bytes)
+        pool.limit(entry.bytes)
         buf = src.new_buffer(entry.bytes)
         t = time.perf_counter()
         await src._request(proto.Op.GET_UNIT, manifest.name, "big", buffer=buf, expected_size=entry.bytes)

@@ -22,7 +22,7 @@ from ..format.chunkfile import UnitLayout, dtype_name, itemsize, plan_unit
 from ..format.names import RESIDENT_UNIT, expert_unit_name, shard_unit_name
 from ..format.quant import QuantSpec, metadata_entry, quant_spec
 from ..memory import parse_size
-from ..models.architecture import build_meta_model, resolve_architecture, unit_map
+from ..models.architecture import build_meta_model, fp32_names, resolve_architecture, unit_map
 from ..models.experts import expert_modules
 from .convert import Recipe, plan_recipes
 from .readers import Source
@@ -302,6 +302,7 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict(keep_vars=True).items()}
     linear = quantizable(meta) if quantize else set()
     embeddings = embedding_weights(meta)
+    keep32 = fp32_names(meta, dtype)  # what from_pretrained(dtype=...) keeps in float32 stays float32 here too
     experts = {p: (n, [f"{p}.{t}" for t, _ in m.named_parameters(recurse=False)])
                for p, (m, n) in expert_modules(meta).items()
                if expert_units and umap.unit_of(p + ".") != RESIDENT_UNIT}
@@ -309,7 +310,9 @@ def plan_model(source: Source, dtype: torch.dtype | None, what: str, quantize: s
 
     def stored(key: str) -> torch.dtype:
         src = src_dtypes[recipes[key].keys[0] if key in recipes else mapping[key]]
-        return dtype if (dtype is not None and src.is_floating_point) else src
+        if dtype is None or not src.is_floating_point:
+            return src
+        return torch.float32 if key in keep32 and src.itemsize >= 4 else dtype
 
     units, expert_units = _unit_lists(umap, experts)
     specs = {k: (dtype_name(stored(k)), shapes[k]) for k in umap.state_keys}

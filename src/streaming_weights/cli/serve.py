@@ -47,9 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = WeightServer(
         storage, prefix=prefix, host=args.host, port=args.port, cache_size_mb=args.cache_size, token=token,
         token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key, max_connections=args.max_connections,
-        max_inflight_per_connection=args.max_inflight,
+        max_inflight_per_connection=args.max_inflight, pacer=pacer,
     )
-    server.pacer = pacer
 
     def ready(srv: Any) -> None:
         # the server itself logs the listen address and warns about a non-loopback bind without a token

@@ -34,7 +34,8 @@ class UnitSource(ABC):
     """Async interface the engine uses; all methods run on the client's transport event loop."""
 
     location: str = ""
-    #: Set by the engine: where unit receive buffers come from (and return to once no tensor views them).
+    #: Where unit receive buffers come from (and return to once no tensor views them): given to the leaf
+    #: sources' constructors (``open_unit_source(..., pool=)``); ``None``: plain ``bytearray`` s.
     buffer_pool: BufferPool | None = None
     #: How many servers one call may try in turn (each up to its timeout): sizes the retry deadline.
     attempt_span: int = 1
@@ -79,10 +80,6 @@ class SourceWrapper(UnitSource):
     @property
     def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
         return self.source.buffer_pool
-
-    @buffer_pool.setter
-    def buffer_pool(self, pool: BufferPool | None) -> None:
-        self.source.buffer_pool = pool
 
     async def list_models(self) -> list[str]:
         return await self.source.list_models()

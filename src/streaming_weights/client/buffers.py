@@ -130,6 +130,11 @@ class BufferPool:
                 self._keep_idle(buf)
             del buf
 
+    def limit(self, max_bytes: int) -> None:
+        """Bound idle bytes to ``max_bytes`` from now on (the owner sizes its pool once its plan is known)."""
+        self.max_bytes = max_bytes
+        self._reclaim()
+
     def clear(self) -> None:
         self._free.clear()
         self._pending.clear()

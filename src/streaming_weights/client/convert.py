@@ -8,20 +8,18 @@ the receive buffer goes back to the pool at once, so buffer reuse and the memory
 compute buffer per held unit, plus one receive buffer per fetch in flight). A unit already in the
 compute dtype passes through untouched (zero copy).
 
-Which tensors stay float32 is the loader's decision (:func:`fp32_names`: what ``from_pretrained(dtype=...)``
-keeps in float32, e.g. T5's ``wo`` under float16); it sets :attr:`ConvertingSource.keep_fp32` before the
-first unit is fetched.
+Which tensors stay float32 (what ``from_pretrained(dtype=...)`` keeps in float32, e.g. T5's ``wo`` under
+float16) is the model's business: the ``keep_fp32`` resolver given to :class:`ConvertingSource` at construction
+answers it per manifest (``models.architecture.fp32_names_for``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from dataclasses import dataclass
-from itertools import chain
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -57,21 +55,6 @@ def parse_compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _NAMES[key]
 
 
-def fp32_names(model: torch.nn.Module, dtype: torch.dtype | None) -> frozenset[str]:
-    """Tensor names ``from_pretrained(dtype=dtype)`` keeps in float32 (``_keep_in_fp32_modules`` under
-    float16, ``_keep_in_fp32_modules_strict`` under float16/bfloat16), matched as transformers matches them:
-    each module pattern is searched (``re.search``) in the full tensor name."""
-    get_plan = getattr(model, "_get_dtype_plan", None)
-    if dtype is None or get_plan is None:
-        return frozenset()
-    plan = {p: d for p, d in get_plan(dtype).items() if d == torch.float32}
-    if not plan:
-        return frozenset()
-    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
-    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    return frozenset(name for name, _ in named if pattern.search(name))
-
-
 @dataclass(frozen=True)
 class _Plan:
     """How one unit converts: its quantized tensors and the compute buffer's layout."""
@@ -95,7 +78,8 @@ class ConvertingSource(SourceWrapper):
         source: the source to fetch from (verification happens there, on the stored bytes).
         dtype: the compute dtype (see :func:`parse_compute_dtype`); ``None``: the manifest's dtype, so only
             quantized tensors convert.
-        keep_fp32: tensor names converted to float32 whatever ``dtype`` is (see :func:`fp32_names`).
+        keep_fp32: ``(manifest, compute dtype) -> tensor names`` converted to float32 whatever ``dtype`` is
+            (asked once per manifest); ``None``: none.
 
     Raises:
         ConfigurationError: an invalid ``dtype``.
@@ -104,35 +88,38 @@ class ConvertingSource(SourceWrapper):
     """
 
     def __init__(self, source: UnitSource, dtype: str | torch.dtype | None = None,
-                 keep_fp32: Iterable[str] = ()) -> None:
+                 keep_fp32: Callable[[Manifest, torch.dtype], Iterable[str]] | None = None) -> None:
         super().__init__(source)
         self.dtype = parse_compute_dtype(dtype)
-        self.keep_fp32 = frozenset(keep_fp32)
+        self._keep_fp32 = keep_fp32
+        self._fp32: dict[tuple[str, str], frozenset[str]] = {}
         self.converted_units = 0
         self.convert_seconds = 0.0
         self.converted_bytes = 0  # compute-dtype bytes written
         self._plans: dict[tuple[str, str, frozenset[str]], _Plan | None] = {}
-        self._reserved: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:  # only reached for attributes this class lacks
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
 
-    @SourceWrapper.buffer_pool.setter  # type: ignore[attr-defined]
-    def buffer_pool(self, pool: BufferPool | None) -> None:
-        self.source.buffer_pool = pool
-        self._reserved.clear()
-
     def compute_dtype(self, manifest: Manifest) -> torch.dtype:
         """The dtype units of ``manifest`` are computed in."""
         stored = getattr(torch, manifest.dtype, None)
         return self.dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
 
+    def keep_fp32(self, manifest: Manifest) -> frozenset[str]:
+        """Tensor names of ``manifest`` kept in float32 (the resolver's answer, asked once per manifest)."""
+        key = (manifest.name, str(id(manifest)))
+        if key not in self._fp32:
+            want = self.compute_dtype(manifest)
+            self._fp32[key] = frozenset(self._keep_fp32(manifest, want)) if self._keep_fp32 else frozenset()
+        return self._fp32[key]
+
     def memory_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit
         passes through unconverted). For memory planning: computed from the manifest alone."""
-        want = self.compute_dtype(manifest)
+        want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         total, changed = 0, False
         for name, spec in entry.tensors.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)):
@@ -143,9 +130,9 @@ class ConvertingSource(SourceWrapper):
                 changed = True
                 if spec.dtype == "U8":  # int4: two codes per byte
                     shape[-1] *= 2
-                dt = "F32" if name in self.keep_fp32 else dtype_name(want)
+                dt = "F32" if name in fp32 else dtype_name(want)
             else:
-                dt = _target(spec.dtype, want, name in self.keep_fp32)
+                dt = _target(spec.dtype, want, name in fp32)
             changed |= dt != spec.dtype
             total += math.prod(shape) * itemsize(dt)
         return total if changed else entry.bytes
@@ -162,7 +149,6 @@ class ConvertingSource(SourceWrapper):
         plan = self._plan(manifest, fetched)
         if plan is None:
             return fetched
-        self._reserve(manifest)
         pool = self.source.buffer_pool
         out = pool.take(plan.size) if pool is not None else bytearray(plan.size)
         t0 = time.perf_counter()
@@ -183,7 +169,7 @@ class ConvertingSource(SourceWrapper):
         pool.give(raw)
 
     def _plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
-        key = (manifest.name, manifest.unit(fetched.name).blake3, self.keep_fp32)
+        key = (manifest.name, manifest.unit(fetched.name).blake3, self.keep_fp32(manifest))
         if key not in self._plans:
             self._plans[key] = self._make_plan(manifest, fetched)
         return self._plans[key]
@@ -193,12 +179,12 @@ class ConvertingSource(SourceWrapper):
             raise UnitFormatError(f"unit {fetched.name!r} arrived without its buffer: cannot read its header")
         stored, metadata, _ = parse_header(fetched.buffer)
         quant = read_quant_metadata(metadata, stored)
-        want = self.compute_dtype(manifest)
+        want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         entries: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, spec in stored.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)) and name.rsplit(".", 1)[0] in quant:
                 continue
-            keep32 = name in self.keep_fp32
+            keep32 = name in fp32
             if name in quant:
                 entries[name] = ("F32" if keep32 else dtype_name(want), quant[name].shape)
             else:
@@ -209,16 +195,14 @@ class ConvertingSource(SourceWrapper):
         size = layout.total_bytes - layout.data_start
         return _Plan(quant, dict(layout.tensors), size)
 
-    def _reserve(self, manifest: Manifest) -> None:
-        """Let the pool keep one spare compute buffer beside one spare receive buffer (sized once per pool)."""
-        pool = self.source.buffer_pool
-        if pool is None or id(pool) in self._reserved:
-            return
-        self._reserved.add(id(pool))
+    def spare_bytes(self, manifest: Manifest) -> int:
+        """Idle bytes the buffer pool should keep for reuse: one receive buffer plus one compute buffer of the
+        largest streamed unit when units convert, else one unit (the pool's owner sizes it with this)."""
         streamed = list(manifest.streamed)
-        if streamed:
-            need = max(u.bytes for u in streamed) + max(self.memory_bytes(u, manifest) for u in streamed)
-            pool.max_bytes = max(pool.max_bytes, need)
+        if not streamed:
+            return 0
+        converts = any(self.memory_bytes(u, manifest) != u.bytes for u in streamed)
+        return max(u.bytes for u in streamed) + (max(self.memory_bytes(u, manifest) for u in streamed) if converts else 0)
 
 
 def _convert(fetched: FetchedUnit, plan: _Plan, out: Any) -> dict[str, torch.Tensor]:

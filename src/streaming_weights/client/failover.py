@@ -18,7 +18,6 @@ from typing import Awaitable, Callable, TypeVar
 from ..exceptions import ConnectionFailedError
 from ..format import Manifest
 from .base import FetchedUnit, UnitSource
-from .buffers import BufferPool
 from .retry import is_transient
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,8 @@ class FailoverSource(UnitSource):
         if not sources:
             raise ValueError("FailoverSource needs at least one source")
         self.sources = list(sources)
-        self._buffer_pool: BufferPool | None = None
+        # The source that answers fills the buffer: every source was built with the same pool.
+        self.buffer_pool = self.sources[0].buffer_pool
         self.location = " | ".join(s.location for s in self.sources)
         self.base_backoff, self.max_backoff = base_backoff, max_backoff
         self._down_until = [0.0] * len(self.sources)
@@ -80,17 +80,6 @@ class FailoverSource(UnitSource):
 
     async def get_manifest(self, model_name: str | None) -> Manifest:
         return await self._call("get manifest", lambda s: s.get_manifest(model_name))
-
-    @property
-    def buffer_pool(self) -> BufferPool | None:
-        return self._buffer_pool
-
-    @buffer_pool.setter
-    def buffer_pool(self, pool: BufferPool | None) -> None:
-        # The source that answers fills the buffer, so every source shares the engine's pool.
-        self._buffer_pool = pool
-        for s in self.sources:
-            s.buffer_pool = pool
 
     async def fetch_unit(self, manifest: Manifest, unit: str) -> FetchedUnit:
         return await self._call(f"fetch {unit}", lambda s: s.fetch_unit(manifest, unit), unit=True)

@@ -10,6 +10,7 @@ from typing import Any, Sequence, Union
 from ..exceptions import ConfigurationError
 from ..storage import FilesystemBackend, StorageBackend
 from .base import UnitSource
+from .buffers import BufferPool
 from .failover import FailoverSource
 from .retry import RetryingSource, RetryPolicy
 from .storage_source import StorageSource
@@ -63,7 +64,7 @@ def client_ssl_context(ca_cert: str | os.PathLike[str] | None = None) -> ssl.SSL
 def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds: float = 30.0,
                      ssl_context: ssl.SSLContext | None = None, ca_cert: str | os.PathLike[str] | None = None,
                      max_retries: int | None = None, trusted_keys: Sequence[Any] | None = None,
-                     manifest_sha256: str | None = None) -> UnitSource:
+                     manifest_sha256: str | None = None, pool: BufferPool | None = None) -> UnitSource:
     """A source for a ``ws://``/``wss://``/``host:port`` URI, a list of them (failover), ``s3://bucket/prefix``,
     a :class:`StorageBackend`, a local chunk directory, or a ready :class:`UnitSource` (returned as is).
 
@@ -71,6 +72,8 @@ def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds
     ``max_retries`` (deprecated) does that wrapping here, for callers written before the split.
     ``trusted_keys`` (Ed25519 public key files) / ``manifest_sha256`` (one pinned manifest): every
     ``get_manifest`` checks the manifest's exact bytes first and raises SignatureError if they fail.
+    ``pool``: the receive-buffer pool every source built here takes its buffers from. Both are given to each
+    source's constructor; nothing is set on a source afterwards.
 
     Raises:
         ConfigurationError: a malformed URI (see :func:`normalize_uri`), both ``ssl_context`` and ``ca_cert``,
@@ -80,50 +83,47 @@ def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds
         raise ConfigurationError("pass ssl_context or ca_cert, not both")
     if ca_cert is not None:
         ssl_context = client_ssl_context(ca_cert)
-    source = _open(uri, token, timeout_seconds, ssl_context)
+    trust = None
     if trusted_keys or manifest_sha256:
         from ..format.signing import TrustPolicy
 
-        set_trust(source, TrustPolicy.from_options(trusted_keys, manifest_sha256))
+        trust = TrustPolicy.from_options(trusted_keys, manifest_sha256)
+        if isinstance(uri, UnitSource):
+            raise ConfigurationError(f"{type(uri).__name__} is already built, so it cannot verify manifest "
+                                     "signatures asked for here: give it its trust policy when you build it, or use a "
+                                     "ws://, s3:// or directory location with trusted_keys / manifest_sha256")
+    source = _Opener(token, timeout_seconds, ssl_context, trust, pool).open(uri)
     if max_retries is None:
         return source
     return RetryingSource(source, RetryPolicy(max_retries=max_retries, timeout_seconds=timeout_seconds))
 
 
-def set_trust(source: UnitSource, trust: Any) -> None:
-    """Make every leaf source under ``source`` (retry and failover wrappers included) check manifests with
-    ``trust``. Raises ConfigurationError for a source that cannot (it never sees the manifest's bytes)."""
-    inner = getattr(source, "sources", None)
-    if inner is None and isinstance(getattr(source, "source", None), UnitSource):  # RetryingSource & co.
-        inner = [source.source]  # type: ignore[attr-defined]
-    if inner:
-        for s in inner:
-            set_trust(s, trust)
-    elif isinstance(source, (WebSocketSource, StorageSource)):
-        source.trust = trust
-    else:
-        raise ConfigurationError(f"{type(source).__name__} cannot verify manifest signatures; use a ws://, "
-                                 "s3:// or directory location with trusted_keys / manifest_sha256")
+class _Opener:
+    """Builds the source for one location, giving every leaf source the same options."""
+
+    def __init__(self, token: str | None, timeout: float, ctx: ssl.SSLContext | None, trust: Any,
+                 pool: BufferPool | None) -> None:
+        self.token, self.timeout, self.ctx, self.trust, self.pool = token, timeout, ctx, trust, pool
+
+    def open(self, uri: Location) -> UnitSource:
+        if isinstance(uri, UnitSource):
+            return uri
+        if isinstance(uri, StorageBackend):
+            return StorageSource(uri, trust=self.trust, pool=self.pool)
+        if isinstance(uri, (list, tuple)):
+            if len(uri) != 1:
+                return FailoverSource([self.open(u) for u in uri])
+            uri = uri[0]
+        text = normalize_uri(os.fspath(uri))  # type: ignore[arg-type]
+        if text.startswith(("ws://", "wss://")):
+            return WebSocketSource(text, token=self.token, timeout_seconds=self.timeout, ssl_context=self.ctx,
+                                   trust=self.trust, pool=self.pool)
+        if text.startswith("s3://"):
+            from ..storage.s3 import S3Backend
+
+            bucket, _, prefix = text[5:].partition("/")
+            return StorageSource(S3Backend(bucket), prefix, trust=self.trust, pool=self.pool)
+        return StorageSource(FilesystemBackend(text), trust=self.trust, pool=self.pool)
 
 
-def _open(uri: Location, token: str | None, timeout: float, ctx: ssl.SSLContext | None) -> UnitSource:
-    if isinstance(uri, UnitSource):
-        return uri
-    if isinstance(uri, StorageBackend):
-        return StorageSource(uri)
-    if isinstance(uri, (list, tuple)):
-        if len(uri) != 1:
-            return FailoverSource([_open(u, token, timeout, ctx) for u in uri])
-        uri = uri[0]
-    text = normalize_uri(os.fspath(uri))  # type: ignore[arg-type]
-    if text.startswith(("ws://", "wss://")):
-        return WebSocketSource(text, token=token, timeout_seconds=timeout, ssl_context=ctx)
-    if text.startswith("s3://"):
-        from ..storage.s3 import S3Backend
-
-        bucket, _, prefix = text[5:].partition("/")
-        return StorageSource(S3Backend(bucket), prefix)
-    return StorageSource(FilesystemBackend(text))
-
-
-__all__ = ["client_ssl_context", "normalize_uri", "open_unit_source", "set_trust"]
+__all__ = ["client_ssl_context", "normalize_uri", "open_unit_source"]

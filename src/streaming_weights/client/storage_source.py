@@ -11,6 +11,7 @@ from ..format import Manifest, join_key
 from ..storage import StorageBackend
 from ..storage.catalog import StoredModel, discover_stored, pick_model, read_stored
 from .base import FetchedUnit, UnitSource
+from .buffers import BufferPool
 from .verify import trusted_manifest, verify_and_decode, verify_blob
 
 if TYPE_CHECKING:
@@ -29,8 +30,10 @@ class StorageSource(UnitSource):
     ``manifest.json.sig`` (SignatureError) before the manifest is used.
     """
 
-    def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None) -> None:
+    def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None,
+                 pool: BufferPool | None = None) -> None:
         self.trust = trust
+        self.buffer_pool = pool
         self.storage = storage
         self.prefix = prefix.strip("/")
         self.location = f"{storage.location}/{self.prefix}".rstrip("/")

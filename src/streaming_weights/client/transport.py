@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import ssl
 import time
 from typing import Any, Callable
@@ -34,13 +33,13 @@ from ..format import Manifest
 from ..format.signing import TrustPolicy
 from ..protocol import frames
 from .base import FetchedUnit, UnitSource
+from .buffers import BufferPool
 from .inbox import Inbox, Pending
 from .sockets import widen_receive_buffer
 from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
-TOKEN_ENV = "SURFING_TOKEN"
 _HTTP_END = b"\r\n\r\n"
 _MAX_HANDSHAKE = 64 * 1024
 _TLS_RECORDS = (b"\x15\x03", b"\x16\x03")  # a TLS alert / handshake record: the server speaks TLS
@@ -205,7 +204,7 @@ class _Connection(asyncio.BufferedProtocol):
             body = bytes(err.response.body or b"").decode("utf-8", "replace").strip()
             if status in (401, 403):
                 return AuthenticationError(
-                    f"weight server refused the token (HTTP {status}: {body}); pass token= or set {TOKEN_ENV}")
+                    f"weight server refused the token (HTTP {status}: {body}); pass token= or set SURFING_TOKEN")
             if status == 503:
                 return BusyError(f"weight server is busy (HTTP 503: {body})")
             if status == 400 and "https" in body.lower() and not self.secure:
@@ -236,15 +235,15 @@ class _Connection(asyncio.BufferedProtocol):
 class WebSocketSource(UnitSource):
     """Manifests and units from a weight server (``ws://`` or ``wss://``), one attempt per call.
 
-    Connects lazily on first use and keeps one connection, shared by all concurrent requests; must be
-    used from one event loop (the engine's transport thread). Wrap it in ``RetryingSource`` to retry.
+    Connects lazily on first use and keeps one connection, shared by all concurrent requests, on one event
+    loop (the engine's transport thread). Wrap it in ``RetryingSource`` to retry.
 
     Args:
         uri: ``ws://host:port`` or ``wss://host:port``.
-        token: bearer token sent at the handshake (default ``$SURFING_TOKEN``).
+        token: bearer token sent at the handshake (``StreamingConfig`` defaults it to ``$SURFING_TOKEN``).
         timeout_seconds: limit of one call, connecting included; exceeding it raises FetchTimeoutError.
         ssl_context: for ``wss://`` (default: the system's trust store with hostname checking).
-        trust: check every manifest against these keys / pin before use (SignatureError).
+        trust: check every manifest against these keys / pin before use (SignatureError). pool: buffers.
 
     Raises (from the fetch methods):
         AuthenticationError: the server refused the token.
@@ -257,8 +256,10 @@ class WebSocketSource(UnitSource):
     """
 
     def __init__(self, uri: str, *, token: str | None = None, timeout_seconds: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None, trust: TrustPolicy | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, trust: TrustPolicy | None = None,
+                 pool: BufferPool | None = None) -> None:
         self.trust = trust
+        self.buffer_pool = pool
         try:
             self._wsuri = parse_uri(uri)
         except Exception as exc:
@@ -266,7 +267,7 @@ class WebSocketSource(UnitSource):
         if not timeout_seconds > 0:
             raise ConfigurationError(f"timeout_seconds must be > 0, got {timeout_seconds}")
         self.uri = self.location = uri
-        self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
+        self.token = token or None
         self.timeout_seconds = timeout_seconds
         if self._wsuri.secure and ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -436,8 +437,7 @@ class WebSocketSource(UnitSource):
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        conn is not None and conn.close()
         self._hash_pool.shutdown(wait=False)
 
     async def __aenter__(self) -> WebSocketSource:
@@ -447,4 +447,4 @@ class WebSocketSource(UnitSource):
         await self.close()
 
 
-__all__ = ["TOKEN_ENV", "WebSocketSource"]
+__all__ = ["WebSocketSource"]

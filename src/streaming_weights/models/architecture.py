@@ -12,7 +12,9 @@ to meta, buffers (rotary ``inv_freq``, position ids) are computed for real as in
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
+from itertools import chain
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -91,6 +93,33 @@ def build_meta_model(cls: type, config, dtype: torch.dtype | None = None) -> nn.
     model.tie_weights()
     model.eval()
     return model
+
+
+def fp32_names(model: nn.Module, dtype: torch.dtype | None) -> frozenset[str]:
+    """Tensor names ``from_pretrained(dtype=dtype)`` keeps in float32: the model's ``_keep_in_fp32_modules``
+    under float16 and ``_keep_in_fp32_modules_strict`` under float16/bfloat16 (transformers collects both from
+    every sub-model into the instance's attributes), each module pattern searched in the full tensor name as
+    transformers matches them."""
+    patterns: set[str] = set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return frozenset()
+    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(patterns)))
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return frozenset(name for name, _ in named if pattern.search(name))
+
+
+def fp32_names_for(manifest: Any, dtype: torch.dtype) -> frozenset[str]:
+    """:func:`fp32_names` of the model ``manifest`` describes, computed in ``dtype`` (the resolver the client's
+    unit converter is built with). Only half-precision compute can keep anything in float32; then the model
+    is built on ``meta`` to read what it and its sub-models declare."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return frozenset()
+    cls = resolve_architecture(manifest.architecture)
+    return fp32_names(build_meta_model(cls, build_config(manifest.model_type, manifest.config), dtype), dtype)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -66,8 +66,6 @@ class StreamingBaseModel:
                  **options: Any) -> None:
         uri = websocket_uri if websocket_uri is not None else (str(chunks_dir) if chunks_dir else None)
         cfg = StreamingConfig.resolve(config, model_name=model_name, server_uri=uri, cache_size=cache_size, **options)
-        if cfg.token is None and os.environ.get("SURFING_TOKEN"):
-            cfg = cfg.replace(token=os.environ["SURFING_TOKEN"])
         self.config = cfg
         self.model_name = cfg.model_name
         self.websocket_uri = cfg.location
@@ -317,8 +315,7 @@ class StreamingBaseModel:
     @cache_size.setter
     def cache_size(self, value: int) -> None:
         self.ensure_loaded()
-        cache = self.engine.cache
-        self.engine.call(cache.resize, int(value), cache.max_bytes)
+        self.engine.call(self.engine.resize_cache, int(value))
 
     def _unit_names(self, indices: list[int]) -> list[str]:
         units = self.streamed_units
@@ -349,11 +346,11 @@ class StreamingBaseModel:
         """
         self._sync_guard("clear_cache")
         self.ensure_loaded()
-        self.engine.run(self.engine.cache.clear())
+        self.engine.run(self.engine.clear_caches())
 
     async def clear_cache_async(self) -> None:
         await self.ensure_loaded_async()
-        await self.engine.wrap(self.engine.cache.clear())
+        await self.engine.wrap(self.engine.clear_caches())
 
     def get_cache_info(self) -> dict[str, Any]:
         """Cache counters and contents; ``requested_cache_size`` and ``effective_cache_size`` (the

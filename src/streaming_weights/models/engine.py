@@ -35,6 +35,7 @@ from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
 from ..memory import current_rss, resolve_budget
 from ..monitoring import InferenceRecord
+from .architecture import fp32_names_for
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
 from .patching import FunctionHook, add_hook
@@ -101,6 +102,8 @@ class StreamingEngine:
         # device hook (H): a device this machine lacks fails here, before anything is opened or fetched
         self.placement = DevicePlacement(resolve_device(config.device))
         self.io = LoopThread()
+        # Every source built below takes its unit buffers from this pool (pinned on CUDA), sized by the plan.
+        self.pool = self.placement.pool(0)
         self.policy = RetryPolicy(max_retries=config.max_retries, timeout_seconds=config.timeout_seconds)
         try:
             self.source: RetryingSource = self._open_source(config)
@@ -133,7 +136,9 @@ class StreamingEngine:
         kw.update(trusted_keys=cfg.trusted_keys, manifest_sha256=cfg.manifest_sha256)  # signed manifests (J)
         # The one place retries happen: every layer below makes one attempt per call.
         # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
-        self.converter = ConvertingSource(open_unit_source(cfg.location, **kw), cfg.dtype)
+        # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
+        self.converter = ConvertingSource(open_unit_source(cfg.location, pool=self.pool, **kw), cfg.dtype,
+                                          keep_fp32=fp32_names_for)
         return RetryingSource(self.converter, self.policy)
 
     # --------------------------------------------------------------------------------- the bridge
@@ -207,12 +212,23 @@ class StreamingEngine:
                 self.call(self.cache.resize, keep, self.cache.max_bytes)
         return plan
 
+    def resize_cache(self, units: int) -> None:
+        """Keep ``units`` streamed units (and, for a mixture of experts, ``units`` layers' worth of experts, as
+        the planner gives without a budget). Runs on the I/O loop."""
+        self.cache.resize(units, self.cache.max_bytes)
+        if self.experts is not None and self.plan is not None:
+            layer = self.plan.experts_per_layer * self.plan.expert_unit_bytes
+            self.experts.cache.resize(len(self.experts.cache.sizes) if units else 0, units * layer)
+
+    async def clear_caches(self) -> None:
+        """Drop every cached and prefetched unit and expert (resident parts stay)."""
+        await self.cache.clear()
+        if self.experts is not None:
+            await self.experts.cache.clear()
+
     def _unit_memory(self, manifest: Manifest) -> Callable[[Any], int]:
         """Bytes a unit holds once received (and converted to the compute dtype, if it is)."""
-        converter = getattr(self, "converter", None)
-        if converter is None:
-            return lambda entry: entry.bytes
-        return lambda entry: max(entry.bytes, converter.memory_bytes(entry, manifest))
+        return lambda entry: max(entry.bytes, self.converter.memory_bytes(entry, manifest))
 
     def bind(self, manifest: Manifest, root: torch.nn.Module) -> None:
         """Create the unit cache for ``manifest`` (sized by the plan) and hook every streamed unit of ``root``."""
@@ -227,12 +243,12 @@ class StreamingEngine:
         order = blocks + [u for e in edges if e.heads for u in e.tensor.units]
         # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
         # buffer is enough in steady state and is one of the plan's (cache + prefetch + 1) unit slots.
-        self.source.buffer_pool = self.placement.pool(plan.unit_bytes)  # device hook (H): pinned on CUDA
+        self.pool.limit(max(plan.unit_bytes, self.converter.spare_bytes(manifest)))
         self.cache = UnitCache(
             self._fetch, make_policy(cfg.cache_policy, order),
             {u.name: u.bytes for u in manifest.units if u.name in streamed}, max_units=plan.cache_size,
             max_bytes=None if cfg.cache_size_mb is None else int(cfg.cache_size_mb * (1 << 20)),
-            prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.source.buffer_pool)
+            prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.pool)
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
         self.experts = ExpertStreams.bind(manifest, root, plan, self._fetch, self.run, self.call, cfg.trace,

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from ..exceptions import ModelError, UnsupportedArchitectureError
-from ..client.convert import fp32_names
 from ..format import Manifest
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
@@ -105,7 +104,6 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     cls = resolve_architecture(m.architecture)
     dtype = engine.converter.compute_dtype(m)  # config.dtype, else the stored one (client.convert)
     model = build_meta_model(cls, build_config(m.model_type, m.config), dtype)
-    engine.converter.keep_fp32 = fp32_names(model, dtype)  # as from_pretrained(dtype=...) keeps them
     expected = [u.name for u in m.streamed]
     if streamed_module_names(model) != expected:
         raise ModelError(

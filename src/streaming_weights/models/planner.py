@@ -20,7 +20,8 @@ Weights stored as row shards (a large embedding / lm_head, :mod:`.edges`) are ke
 when that leaves room for the unit computing; otherwise they are streamed like the blocks (the minimum is then
 the rest of the resident parts plus one unit, a shard being at most a unit's size or the largest one).
 Mixture-of-experts models (expert units, :mod:`.experts`) add two parts: the *working set* — every expert of
-one layer, which one step may select at once (a long prompt routes its tokens to all of them) — and the
+one layer, which one step may select at once (a long prompt routes its tokens to all of them), counted twice:
+the fetched units and the compact copy the experts module computes with — and the
 *expert cache*, which keeps popular experts between uses. Dense units are used by every token and experts by
 a few, so the dense plan is made first and the expert cache gets what the budget leaves after it. Without
 a budget the expert cache keeps ``cache_size`` layers' worth of experts.
@@ -164,7 +165,7 @@ class Plan:
             f"streamed:  {len(self.streamed)} units; keep {self.cache_size}, prefetch {self.prefetch_count}{whole}",
             *([f"experts:   {self.expert_layers} layers x {self.experts_per_layer} experts of up to "
                f"{_mib(self.expert_unit_bytes)}; fetched as routed: working set {_mib(self.expert_working_bytes)} "
-               f"(one layer's), cache {_mib(self.expert_cache_bytes)} "
+               f"(one layer's, fetched + compact copy), cache {_mib(self.expert_cache_bytes)} "
                f"(up to {min(self.expert_layers * self.experts_per_layer, self.expert_cache_bytes // max(1, self.expert_unit_bytes))}"
                f" of {self.expert_layers * self.experts_per_layer} experts kept, by popularity)"]
               if self.expert_layers else []),
@@ -173,14 +174,14 @@ class Plan:
 
 def _experts(manifest: Manifest, config: StreamingConfig, size: Callable[[UnitEntry], int]) -> tuple[int, int, int, int]:
     """``(layers with expert units, most experts in one layer, largest expert unit's bytes, working set)``: the
-    working set is one layer's experts (in use at once) and, when pre-gating, up to 2 x top-k experts fetched
-    ahead for the next layer."""
+    working set is one layer's experts in use at once, twice (the fetched units and the compact copy the
+    experts module computes with), and, when pre-gating, up to 2 x top-k experts fetched ahead."""
     groups = manifest.expert_groups() if hasattr(manifest, "expert_groups") else {}
     per_layer = max((len(g) for g in groups.values()), default=0)
     unit = max((size(u) for g in groups.values() for u in g), default=0)
     top_k = int(manifest.config.get("num_experts_per_tok") or per_layer)
     ahead = min(2 * top_k, per_layer) if getattr(config, "expert_prefetch", False) else 0
-    return len(groups), per_layer, unit, (per_layer + ahead) * unit
+    return len(groups), per_layer, unit, (2 * per_layer + ahead) * unit
 
 
 def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
@@ -219,7 +220,7 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
 
     if config.cache_size is not None or budget is None:
         k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
-        return plan(k, config.prefetch_count, stream_shards=False, expert_cache=k * working,
+        return plan(k, config.prefetch_count, stream_shards=False, expert_cache=k * per_layer * expert_unit,
                     source="default" if config.cache_size is None else "cache_size")
     least = plan(0, 0, stream_shards=False, source="budget")
     if budget < least.bound_bytes and shards:  # the shards do not fit beside one unit: stream them

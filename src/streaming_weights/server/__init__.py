@@ -7,7 +7,8 @@ behind a shared Redis cache: the scale-out setup), :class:`ByteLRU` (a server's 
 
 from .advanced import AdvancedWeightServer
 from .cache import ByteLRU
+from .options import ServerLimits, ServerTLS
 from .run import run_server
 from .server import WeightServer
 
-__all__ = ["AdvancedWeightServer", "ByteLRU", "WeightServer", "run_server"]
+__all__ = ["AdvancedWeightServer", "ByteLRU", "ServerLimits", "ServerTLS", "WeightServer", "run_server"]

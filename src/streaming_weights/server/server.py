@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import os
-import ssl
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from websockets.http11 import Request as HTTPRequest
 from websockets.http11 import Response as HTTPResponse
 
 from .. import protocol as proto
+from ..config import token_from_env
 from ..exceptions import ConfigurationError, KeyNotFoundError, NotFoundError, RemoteError, StorageError
 from ..format.manifest import BlobEntry
 from ..protocol.frames import binary_frame_header
@@ -38,14 +38,16 @@ from .handler import Answer, Cancel, Hosted, Reject, RequestHandler, error_reply
 from .hosting import Catalog, answer_current
 from .hosting import resolve_storage as _resolve_storage  # compatibility: it lived here
 from .metrics import ServerMetrics
+from .options import ServerLimits, ServerTLS, group_legacy
 
 logger = logging.getLogger("streaming_weights.server")
 
-TOKEN_ENV = "SURFING_TOKEN"
 _Hosted = Hosted  # compatibility alias
 
 
 @dataclass(eq=False)
+
+
 class _Conn:
     ws: ServerConnection
     peer: str = "?"
@@ -71,15 +73,11 @@ class WeightServer:
             ``$SURFING_TOKEN``; ``""`` disables auth even when the variable is set.
         token_file: per-model tokens, one ``TOKEN [MODEL[,MODEL...]]`` per line (no models: all), re-read
             by :meth:`reload_access` (SIGHUP under :func:`run_server`); combines with ``token``.
-        tls_cert, tls_key: PEM files to serve ``wss://`` (also ``use_ssl`` + ``ssl_cert_path`` /
-            ``ssl_key_path``, the original names), or a ready ``ssl_context``.
-        max_connections: concurrent connections; more are refused with HTTP 503 at the handshake.
-        max_inflight_per_connection: concurrent requests per connection; more are answered ``busy``.
-        max_request_bytes: largest inbound WebSocket message; larger ones close the connection (1009).
-        chunk_bytes: DATA body size.
-        write_limit: websockets' transport high-water mark (bytes buffered before a send waits).
-        rescan_interval: least seconds between two storage listings for models chunked since start-up (see
-            :class:`~.hosting.Catalog`; every ``get_manifest`` re-reads that model's manifest from storage).
+        tls: :class:`~.options.ServerTLS` to serve ``wss://`` (the original flat keywords ``tls_cert`` /
+            ``tls_key``, ``use_ssl`` + ``ssl_cert_path`` / ``ssl_key_path`` and ``ssl_context`` still work).
+        limits: :class:`~.options.ServerLimits` (connections, in-flight requests, message and frame sizes,
+            keepalive, storage rescans); its field names also work as flat keywords (``max_connections=16``).
+        pacer: a :class:`~.pacing.TokenBucket` every connection's sends wait on (``surfing serve --max-rate``).
 
     Raises:
         ConfigurationError: no storage given, TLS files unreadable, bad limits.
@@ -89,8 +87,6 @@ class WeightServer:
         self,
         source: str | os.PathLike[str] | StorageBackend | None = None,
         *,
-        chunks_dir: str | os.PathLike[str] | None = None,
-        storage_backend: StorageBackend | None = None,
         prefix: str = "",
         host: str = "127.0.0.1",
         port: int = 8765,
@@ -98,45 +94,31 @@ class WeightServer:
         max_cached_blob_mb: float | None = None,
         token: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        use_ssl: bool = False,
-        ssl_cert_path: str | os.PathLike[str] | None = None,
-        ssl_key_path: str | os.PathLike[str] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        max_connections: int = 64,
-        max_inflight_per_connection: int = 32,
-        max_request_bytes: int = 64 * 1024,
-        chunk_bytes: int = proto.DEFAULT_CHUNK_BYTES,
-        write_limit: int = 256 * 1024,
-        ping_interval: float | None = 20.0,
-        ping_timeout: float | None = 20.0,
-        close_timeout: float = 2.0,
-        rescan_interval: float = 1.0,
+        tls: ServerTLS | None = None,
+        limits: ServerLimits | None = None,
+        pacer: Any = None,
+        chunks_dir: str | os.PathLike[str] | None = None,
+        storage_backend: StorageBackend | None = None,
+        **legacy: Any,
     ) -> None:
         self.storage, self.prefix = _resolve_storage(source, chunks_dir, storage_backend, prefix)
-        if min(max_connections, max_inflight_per_connection, max_request_bytes, chunk_bytes) <= 0:
-            raise ConfigurationError("server limits must be positive")
-        if max_request_bytes < proto.HEADER_SIZE + 64:
-            raise ConfigurationError(f"max_request_bytes must be at least {proto.HEADER_SIZE + 64}")
+        self.limits, tls, use_ssl = group_legacy(limits, tls, legacy)
         self.host, self.port = host, port
         #: Optional :class:`~.pacing.TokenBucket` shared by all connections (``surfing serve --max-rate``).
-        self.pacer = None
-        self.token = (os.environ.get(TOKEN_ENV) if token is None else token) or None
+        self.pacer = pacer
+        self.token = (token_from_env() if token is None else token) or None
         self.access = AccessList(self.token, token_file)
-        self.ssl_context = server_tls(ssl_context, tls_cert or ssl_cert_path, tls_key or ssl_key_path, use_ssl)
+        tls = tls or ServerTLS()
+        self.ssl_context = server_tls(tls.context, tls.cert, tls.key, use_ssl)
         cache_bytes = int(cache_size_mb * 2**20)
         max_item = int(max_cached_blob_mb * 2**20) if max_cached_blob_mb is not None else cache_bytes // 4
         self.cache = ByteLRU(cache_bytes, max_item_bytes=max_item)
-        self.max_connections = max_connections
-        self.max_inflight = max_inflight_per_connection
-        self.max_request_bytes = max_request_bytes
-        self.chunk_bytes = chunk_bytes
-        self.write_limit = write_limit
-        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
-        self.close_timeout = close_timeout
+        lim = self.limits
+        self.max_connections, self.max_inflight = lim.max_connections, lim.max_inflight_per_connection
+        self.max_request_bytes, self.chunk_bytes, self.write_limit = lim.max_request_bytes, lim.chunk_bytes, lim.write_limit
+        self.ping_interval, self.ping_timeout, self.close_timeout = lim.ping_interval, lim.ping_timeout, lim.close_timeout
         self.metrics = ServerMetrics(storage=self.storage)
-        self.catalog = Catalog(self.storage, self.prefix, rescan_interval=rescan_interval, cache=self.cache)
+        self.catalog = Catalog(self.storage, self.prefix, rescan_interval=lim.rescan_interval, cache=self.cache)
         self.models: dict[str, Hosted] = self.catalog.models
         self.handler = RequestHandler(self.models, max_inflight=self.max_inflight)
         self._server: Server | None = None
