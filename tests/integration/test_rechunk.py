@@ -38,6 +38,21 @@ def _retrained(src: Path, out: Path) -> Path:
     return out
 
 
+def _first_layers(src: Path, out: Path, n: int) -> Path:
+    """A copy of llama checkpoint ``src`` keeping only its first ``n`` layers (those stay byte-identical)."""
+    import json
+
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["num_hidden_layers"] = n
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in out.glob("*.safetensors"):
+        kept = {k: v for k, v in load_file(str(f)).items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) < n}
+        save_file(kept, str(f), metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """(first checkpoint, its retrained copy, logits of each on IDS)."""
@@ -131,3 +146,13 @@ def test_a_model_chunked_and_re_chunked_in_s3(sources, s3_server, s3_bucket, mon
         _old_then_new(uri, lambda: to_s3(new, "models/m", "m"), want)
     to_s3(old, "models/m", "m")
     _old_then_new(f"s3://{s3_bucket}/models", lambda: to_s3(new, "models/m", "m"), want)  # s3:// read directly
+
+
+def test_a_unit_gone_with_the_re_chunk_is_a_model_change_too(sources, tmp_path):
+    old, _, _ = sources
+    chunk(old, tmp_path / "m", name="m")
+    with _open(str(tmp_path)) as before:
+        _logits(before)
+        chunk(_first_layers(old, tmp_path / "two-layers", 2), tmp_path / "m", name="m", force=True)
+        with pytest.raises(ModelChangedError, match="unit 'model.layers.2' is no longer part of it"):
+            _logits(before)
