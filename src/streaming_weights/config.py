@@ -155,6 +155,9 @@ class StreamingConfig:
     ssl_context: Any = opt(None, parse=None, repr=False)
     monitor: Any = opt(None, parse=None, repr=False)
     trace: bool = opt(False, parse=parse_bool)
+    #: ``s3://`` locations: a ``storage.S3Options`` (endpoint, region, credentials); ``None``: boto3's defaults
+    #: (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles…)
+    s3: Any = opt(None, parse=None)
     #: ``generate`` drafting: "auto" (prompt lookup for greedy single-sequence calls), "off", or a draft
     #: length N (validated by ``models.generation.parse_speculation`` where it is used).
     speculation: Any = opt("auto", parse=parse_str)

@@ -153,6 +153,18 @@ class ConnectionFailedError(WeightServerError, ConnectionError):
     pass
 
 
+class HandshakeRefusedError(ConnectionFailedError):
+    """The weight server answered the WebSocket handshake with an HTTP error: it would answer the same again."""
+
+    retryable = False
+
+
+class TLSVerificationError(ConnectionFailedError):
+    """The server's TLS certificate was rejected (pass ``ca_cert=`` / ``--ca-cert`` for a private CA)."""
+
+    retryable = False
+
+
 class FetchTimeoutError(WeightServerError, TimeoutError):
     pass
 

@@ -258,7 +258,7 @@ def test_cli_chunk_and_inspect(tiny_source, tmp_path, capsys):
     # both entry points, run side by side (each subprocess pays the torch/transformers import)
     procs = [
         subprocess.Popen([sys.executable, "-m", "streaming_weights.chunker", str(src), "--output-dir",
-                          str(tmp_path / "a"), "--name", "qw", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          str(tmp_path / "a"), "--name", "qw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env),
         subprocess.Popen([str(BIN / "surfing"), "chunk", str(src), "-o", str(tmp_path / "b"), "--dtype", "bfloat16"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),

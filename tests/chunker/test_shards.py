@@ -240,7 +240,7 @@ def test_cli_shard_size(tiny_source, tmp_path):
     src = tiny_source("llama", tie=True)
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main(["chunk", str(src), "-o", str(tmp_path / "out"), "--shard-size", "4000", "-q"]) == 0
+        assert main(["chunk", str(src), "-o", str(tmp_path / "out"), "--shard-size", "4000"]) == 0
     m = manifest_of(tmp_path / "out")
     assert len(m.shards) >= 3 and f"({len(m.shards)} row shards)" in buf.getvalue()
     with redirect_stdout(io.StringIO()):

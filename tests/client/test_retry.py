@@ -8,6 +8,8 @@ from tests.support.servers import build_model
 from streaming_weights.client.failover import FailoverSource
 from streaming_weights.client.retry import RetryingSource, RetryPolicy, is_transient
 from streaming_weights.exceptions import (
+    HandshakeRefusedError,
+    TLSVerificationError,
     AuthenticationError,
     BadRequestError,
     BusyError,
@@ -90,9 +92,10 @@ async def test_other_calls_reraise_the_last_error(chunks):
     fake = FakeSource(failing({"list_models": [ConnectionFailedError("a"), ConnectionFailedError("b")]}), chunks_dir=chunks)
     with pytest.raises(ConnectionFailedError, match="b"):
         await RetryingSource(fake, RetryPolicy(max_retries=1, **FAST)).list_models()
-    marked = ConnectionFailedError("certificate rejected")
-    marked.retryable = False
-    assert not is_transient(marked) and is_transient(ConnectionFailedError("refused"))
+    # retryability is a property of the error's class, never set on an instance
+    assert not is_transient(TLSVerificationError("certificate rejected"))
+    assert not is_transient(HandshakeRefusedError("HTTP 400"))
+    assert is_transient(ConnectionFailedError("refused"))
     assert is_transient(IntegrityError("x"), unit=True) and not is_transient(IntegrityError("x"))
 
 

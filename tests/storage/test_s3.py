@@ -250,7 +250,7 @@ def test_chunk_with_original_keywords(s3_server, s3_bucket, tiny_source):
 def test_cli_chunk_to_s3(s3_server, s3_bucket, tiny_source, monkeypatch, capsys):
     src = tiny_source("llama")
     env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
-    cmd = [sys.executable, "-m", "streaming_weights.cli", "chunk", str(src), "--name", "llama", "--quiet",
+    cmd = [sys.executable, "-m", "streaming_weights.cli", "chunk", str(src), "--name", "llama",
            "--s3-bucket", s3_bucket, "--s3-prefix", "cli/llama", "--s3-endpoint", s3_server.endpoint_url,
            "--s3-access-key", s3_server.access_key, "--s3-secret-key", s3_server.secret_key]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -31,6 +31,7 @@ from ..format.names import MANIFEST_FILE, join_key
 from ..format.quant import SCHEMES
 from ..format.quant import encode as quant_encode
 from ..storage.base import StorageBackend
+from ..storage import S3Options
 from ..storage.filesystem import FilesystemBackend
 from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, parse_shard_size, plan_model
 from .naming import default_model_name, source_id
@@ -71,7 +72,9 @@ class ModelChunker:
         progress: show a progress bar (units and bytes) on stderr.
         on_unit: called with each unit's name once it is written.
         on_progress: called with a :class:`ChunkProgress` once each unit is written.
-        s3_bucket, s3_prefix, s3_region, s3_endpoint, aws_*: chunk straight to S3 (original keywords).
+        s3_bucket, s3_prefix: chunk straight to S3, reached with ``s3`` (:class:`~..storage.S3Options`: endpoint,
+            region, credentials); the original flat keywords ``s3_region``, ``s3_endpoint``, ``aws_access_key_id``,
+            ``aws_secret_access_key``, ``aws_session_token``, ``aws_profile`` still work.
     """
 
     def __init__(
@@ -89,16 +92,12 @@ class ModelChunker:
         shard_size: int | str | None = "auto",
         expert_units: bool = True,
         progress: bool = False,
+        s3: S3Options | None = None,
         s3_bucket: str | None = None,
         s3_prefix: str = "",
-        s3_region: str | None = None,
-        s3_endpoint: str | None = None,
-        aws_access_key_id: str | None = None,
-        aws_secret_access_key: str | None = None,
-        aws_session_token: str | None = None,
-        aws_profile: str | None = None,
         on_unit: Callable[[str], None] | None = None,
         on_progress: Callable[[ChunkProgress], None] | None = None,
+        **s3_legacy: Any,
     ) -> None:
         if compress and dtype is not None and parse_dtype(dtype) != torch.float16:
             raise ConfigurationError("compress=True means float16; do not also pass another dtype")
@@ -117,13 +116,9 @@ class ModelChunker:
         if sum(x is not None for x in (output_dir, storage_backend, s3_bucket)) > 1:
             raise ConfigurationError("pass only one of output_dir, storage_backend, s3_bucket")
         if s3_bucket is not None:
-            from ..storage.s3 import S3Backend  # boto3 is optional
-
-            storage_backend = S3Backend(
-                s3_bucket, prefix=s3_prefix, region_name=s3_region, endpoint_url=s3_endpoint,
-                aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
-                aws_session_token=aws_session_token, profile_name=aws_profile,
-            )
+            storage_backend = _s3_options(s3, s3_legacy).backend(s3_bucket, s3_prefix)
+        elif s3_legacy:
+            raise TypeError(f"ModelChunker got unexpected keyword arguments {sorted(s3_legacy)}")
         self.storage = storage_backend or FilesystemBackend(output_dir if output_dir is not None else "./chunks")
         self.prefix = prefix.strip("/")
 
@@ -264,6 +259,22 @@ def _read_one(source: Source, key: str) -> torch.Tensor:
         return next(reader)[1]
     finally:
         reader.close()
+
+
+_S3_LEGACY = {"s3_region": "region_name", "s3_endpoint": "endpoint_url", "aws_access_key_id": "aws_access_key_id",
+              "aws_secret_access_key": "aws_secret_access_key", "aws_session_token": "aws_session_token",
+              "aws_profile": "profile_name"}
+
+
+def _s3_options(s3: S3Options | None, legacy: dict[str, Any]) -> S3Options:
+    """``s3`` or the original flat keywords as :class:`S3Options` (not both; an unknown keyword is a TypeError)."""
+    unknown = sorted(set(legacy) - set(_S3_LEGACY))
+    if unknown:
+        raise TypeError(f"ModelChunker got unexpected keyword arguments {unknown}")
+    given = {_S3_LEGACY[k]: v for k, v in legacy.items() if v is not None}
+    if given and s3 is not None:
+        raise TypeError(f"pass s3=S3Options(...) or {sorted(legacy)}, not both")
+    return s3 if s3 is not None else S3Options(**given)
 
 
 def _check_shape(ck: str, tensor: torch.Tensor, plan: ModelPlan, name: str) -> None:

@@ -186,10 +186,13 @@ def s3_backend(args: argparse.Namespace) -> Any:
         return None
     if not args.s3_bucket:
         raise ConfigurationError("--s3 needs --s3-bucket")
-    from ..storage.s3 import S3Backend
+    return s3_options(args).backend(args.s3_bucket, args.s3_prefix)
 
-    return S3Backend(
-        args.s3_bucket, prefix=args.s3_prefix, endpoint_url=args.s3_endpoint, region_name=args.s3_region,
-        aws_access_key_id=args.s3_access_key, aws_secret_access_key=args.s3_secret_key,
-        aws_session_token=args.s3_session_token, profile_name=args.s3_profile,
-    )
+
+def s3_options(args: argparse.Namespace) -> Any:
+    """The ``--s3-*`` endpoint, region and credential flags as :class:`~..storage.S3Options`."""
+    from ..storage import S3Options
+
+    return S3Options(endpoint_url=args.s3_endpoint, region_name=args.s3_region, aws_access_key_id=args.s3_access_key,
+                     aws_secret_access_key=args.s3_secret_key, aws_session_token=args.s3_session_token,
+                     profile_name=args.s3_profile)

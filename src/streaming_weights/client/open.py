@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import ssl
 from typing import Any, Sequence, Union
 
 from ..exceptions import ConfigurationError
-from ..storage import FilesystemBackend, StorageBackend
+from ..storage import S3Options, StorageBackend, open_storage
 from .base import UnitSource
 from .buffers import BufferPool
 from .failover import FailoverSource
@@ -64,7 +65,8 @@ def client_ssl_context(ca_cert: str | os.PathLike[str] | None = None) -> ssl.SSL
 def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds: float = 30.0,
                      ssl_context: ssl.SSLContext | None = None, ca_cert: str | os.PathLike[str] | None = None,
                      max_retries: int | None = None, trusted_keys: Sequence[Any] | None = None,
-                     manifest_sha256: str | None = None, pool: BufferPool | None = None) -> UnitSource:
+                     manifest_sha256: str | None = None, pool: BufferPool | None = None,
+                     s3: S3Options | None = None) -> UnitSource:
     """A source for a ``ws://``/``wss://``/``host:port`` URI, a list of them (failover), ``s3://bucket/prefix``,
     a :class:`StorageBackend`, a local chunk directory, or a ready :class:`UnitSource` (returned as is).
 
@@ -73,7 +75,8 @@ def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds
     ``trusted_keys`` (Ed25519 public key files) / ``manifest_sha256`` (one pinned manifest): every
     ``get_manifest`` checks the manifest's exact bytes first and raises SignatureError if they fail.
     ``pool``: the receive-buffer pool every source built here takes its buffers from. Both are given to each
-    source's constructor; nothing is set on a source afterwards.
+    source's constructor; nothing is set on a source afterwards. ``s3``: endpoint, region and credentials for
+    ``s3://`` locations (botocore makes one attempt per request here).
 
     Raises:
         ConfigurationError: a malformed URI (see :func:`normalize_uri`), both ``ssl_context`` and ``ca_cert``,
@@ -92,7 +95,7 @@ def open_unit_source(uri: Location, *, token: str | None = None, timeout_seconds
             raise ConfigurationError(f"{type(uri).__name__} is already built, so it cannot verify manifest "
                                      "signatures asked for here: give it its trust policy when you build it, or use a "
                                      "ws://, s3:// or directory location with trusted_keys / manifest_sha256")
-    source = _Opener(token, timeout_seconds, ssl_context, trust, pool).open(uri)
+    source = _Opener(token, timeout_seconds, ssl_context, trust, pool, s3).open(uri)
     if max_retries is None:
         return source
     return RetryingSource(source, RetryPolicy(max_retries=max_retries, timeout_seconds=timeout_seconds))
@@ -102,8 +105,8 @@ class _Opener:
     """Builds the source for one location, giving every leaf source the same options."""
 
     def __init__(self, token: str | None, timeout: float, ctx: ssl.SSLContext | None, trust: Any,
-                 pool: BufferPool | None) -> None:
-        self.token, self.timeout, self.ctx, self.trust, self.pool = token, timeout, ctx, trust, pool
+                 pool: BufferPool | None, s3: S3Options | None) -> None:
+        self.token, self.timeout, self.ctx, self.trust, self.pool, self.s3 = token, timeout, ctx, trust, pool, s3
 
     def open(self, uri: Location) -> UnitSource:
         if isinstance(uri, UnitSource):
@@ -118,12 +121,9 @@ class _Opener:
         if text.startswith(("ws://", "wss://")):
             return WebSocketSource(text, token=self.token, timeout_seconds=self.timeout, ssl_context=self.ctx,
                                    trust=self.trust, pool=self.pool)
-        if text.startswith("s3://"):
-            from ..storage.s3 import S3Backend
-
-            bucket, _, prefix = text[5:].partition("/")
-            return StorageSource(S3Backend(bucket), prefix, trust=self.trust, pool=self.pool)
-        return StorageSource(FilesystemBackend(text), trust=self.trust, pool=self.pool)
+        # one attempt per S3 request: the client's retry layer (client.retry) is the one that retries
+        backend, prefix = open_storage(text, dataclasses.replace(self.s3 or S3Options(), max_attempts=1))
+        return StorageSource(backend, prefix, trust=self.trust, pool=self.pool)
 
 
 __all__ = ["client_ssl_context", "normalize_uri", "open_unit_source"]

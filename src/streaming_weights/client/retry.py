@@ -52,7 +52,7 @@ def is_transient(exc: BaseException, *, unit: bool = False) -> bool:
     ``unit``: the call fetches a unit, whose integrity failures are retried too (a corrupted copy in a
     cache or in transit is refused, and the next attempt may get good bytes).
     """
-    if isinstance(exc, _NEVER) or getattr(exc, "retryable", True) is False:
+    if isinstance(exc, _NEVER) or getattr(type(exc), "retryable", True) is False:  # a property of the class
         return False
     if isinstance(exc, RemoteError) and not isinstance(exc, BusyError):
         return exc.code == "internal"

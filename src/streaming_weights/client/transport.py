@@ -28,6 +28,7 @@ from websockets.uri import parse_uri
 
 from .. import protocol as proto
 from ..exceptions import (AuthenticationError, BadRequestError, BusyError, ConfigurationError, ConnectionFailedError,
+                          HandshakeRefusedError, TLSVerificationError,
                           FetchTimeoutError, NotFoundError, ProtocolError, SignatureError)
 from ..format import Manifest
 from ..format.signing import TrustPolicy
@@ -209,9 +210,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return BusyError(f"weight server is busy (HTTP 503: {body})")
             if status == 400 and "https" in body.lower() and not self.secure:
                 return _tls_hint(self.uri)  # e.g. nginx: "The plain HTTP request was sent to HTTPS port"
-            failed = ConnectionFailedError(f"weight server {self.uri} refused the WebSocket handshake: HTTP {status} {body}")
-            failed.retryable = False  # type: ignore[attr-defined]  # it would answer the same again
-            return failed
+            return HandshakeRefusedError(f"weight server {self.uri} refused the WebSocket handshake: HTTP {status} {body}")
         if not self.handshake_bytes:
             return ConnectionFailedError(f"weight server {self.uri} is unreachable: the connection closed before "
                                          "the WebSocket handshake was answered")
@@ -304,10 +303,8 @@ class WebSocketSource(UnitSource):
                 conn.transport.abort()
             raise
         except ssl.SSLCertVerificationError as exc:
-            failed = ConnectionFailedError(f"TLS certificate of {self.uri} rejected: {exc.verify_message or exc}; "
-                                           "pass ca_cert= (CLI: --ca-cert) for a private CA")
-            failed.retryable = False  # type: ignore[attr-defined]
-            raise failed from None
+            raise TLSVerificationError(f"TLS certificate of {self.uri} rejected: {exc.verify_message or exc}; "
+                                       "pass ca_cert= (CLI: --ca-cert) for a private CA") from None
         except ConnectionFailedError:
             # A TLS server closes a plain connection without a byte: ask it for a TLS handshake to say so.
             if conn is not None and not conn.handshake_bytes and not self._wsuri.secure and await self._speaks_tls():

@@ -133,7 +133,8 @@ class StreamingEngine:
                               "ssl_context": cfg.ssl_context}
         if getattr(cfg, "ca_cert", None):
             kw["ca_cert"] = cfg.ca_cert
-        kw.update(trusted_keys=cfg.trusted_keys, manifest_sha256=cfg.manifest_sha256)  # signed manifests (J)
+        kw.update(trusted_keys=cfg.trusted_keys, manifest_sha256=cfg.manifest_sha256,  # signed manifests (J)
+                  s3=cfg.s3)
         # The one place retries happen: every layer below makes one attempt per call.
         # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
         # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
