@@ -120,11 +120,25 @@ def test_sigterm_past_the_grace_answers_the_request_in_flight_with_a_503(proxied
         thread, result = _in_flight_request(api, proxied)
         api.proc.send_signal(signal.SIGTERM)
         thread.join(120)  # answered while its weights are still held back
-        proxied.resume()
-        rc, out, err = api.wait()
+        rc, out, err = api.wait()  # and the command ends although they never arrive
     exc = result.get("error")
-    assert isinstance(exc, openai.InternalServerError), result
+    assert isinstance(exc, openai.InternalServerError), (result, out, err)
     assert exc.status_code == 503 and exc.code == "server_shutting_down" and exc.type == "server_error"
     assert set(exc.body) == {"message", "type", "param", "code"}, exc.body
     assert rc == 0, err
     assert _one_clean_line(out, err) == "stopped (SIGTERM): 1 request in flight, 1 cancelled with a 503"
+
+
+def test_a_second_ctrl_c_cancels_at_once(proxied):
+    with surfing_api("--server", f"ws://127.0.0.1:{proxied.port}", "--model", MODEL, "--cache-size", "0",
+                     "--shutdown-grace", "300") as api:
+        thread, result = _in_flight_request(api, proxied)
+        api.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: not _listening(api.port), timeout=60, what="the API to stop taking connections")
+        api.proc.send_signal(signal.SIGINT)  # do not wait out the 300 s grace
+        thread.join(120)
+        rc, out, err = api.wait()
+    exc = result.get("error")
+    assert isinstance(exc, openai.InternalServerError) and exc.code == "server_shutting_down", result
+    assert rc == 0, err
+    assert _one_clean_line(out, err) == "stopped (SIGINT twice: no grace): 1 request in flight, 1 cancelled with a 503"

@@ -92,8 +92,8 @@ class _Service:
 
     async def stop(self) -> None:
         await self.drain()
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self.batcher is not None:  # wait for the model to be idle, unless told to hurry (a second Ctrl-C)
+            await self.batcher.stop(wait=0 if self.lifecycle.hurried else 10)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -199,6 +199,7 @@ def create_app(model: Any, *, model_id: str | None = None, tokens: Iterable[str]
     app = FastAPI(title="surfing-weights OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
     app.state.drain = svc.drain  # ApiServer calls it first thing when stopping
+    app.state.hurry = svc.lifecycle.hurry  # and this on a second Ctrl-C
     app.add_middleware(_CountRequests, metrics=svc.metrics, lifecycle=svc.lifecycle)
     _install_error_handlers(app, svc)
     _install_routes(app, svc)

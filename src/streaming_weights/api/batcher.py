@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import itertools
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -169,6 +170,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: list[GenRequest] = []
         self._busy: asyncio.Future | None = None  # the worker thread's batch, while one runs
+        self._closed = False  # cancel_all() ran: the server is stopping, nothing new is taken
+        # A worker of its own, not asyncio's default executor: asyncio.run() joins that one when the server
+        # stops, so a batch stuck on a fetch would hold the stop until the fetch times out (closing the
+        # model after the server ends it instead).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surfing-api-batch")
         self._tok = tok = model.tokenizer
         eos = self._eos_list()
         if tok.pad_token_id is None and not eos:
@@ -193,7 +199,10 @@ class Batcher:
         return len(self._pending)
 
     def submit(self, req: GenRequest) -> GenRequest:
-        """Queue a row (call from the event loop). Raises :class:`QueueFullError` when the queue is full."""
+        """Queue a row (call from the event loop). Raises :class:`QueueFullError` when the queue is full, and a
+        503 once :meth:`cancel_all` ran."""
+        if self._closed:
+            raise shutting_down()
         if len(self._pending) >= self.max_queue:
             raise QueueFullError(len(self._pending))
         if self._task is None or self._task.done():
@@ -219,7 +228,8 @@ class Batcher:
 
     def cancel_all(self) -> int:
         """Answer every waiting and running row with a 503 now; running rows stop computing at their next
-        token. Returns how many rows were answered."""
+        token; rows submitted later are refused the same way. Returns how many rows were answered."""
+        self._closed = True
         closing = shutting_down()
         victims = [r for r in [*self._pending, *self._running] if not (r.cancelled or r.finished)]
         for req in victims:
@@ -235,6 +245,7 @@ class Batcher:
         self.cancel_all()
         if self._busy is not None:
             await asyncio.wait({self._busy}, timeout=wait)
+        self._worker.shutdown(wait=False)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -245,7 +256,7 @@ class Batcher:
         while True:
             batch = await self._next_batch(loop)
             self._running = batch
-            self._busy = asyncio.ensure_future(asyncio.to_thread(self._run_batch, batch, loop))
+            self._busy = loop.run_in_executor(self._worker, self._run_batch, batch, loop)
             try:
                 await asyncio.shield(self._busy)  # stop() cancels this task, never the batch in its thread
             finally:

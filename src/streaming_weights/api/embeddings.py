@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..models.engine import in_running_loop
@@ -45,6 +47,9 @@ class Embedder:
         self.max_queue = max_queue
         self.queued = 0
         self._lock = asyncio.Lock()
+        # Its own worker (not asyncio's default executor, which asyncio.run joins): an abandoned batch must not
+        # hold up the server's stop.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surfing-api-embed")
         self._closing: asyncio.Event | None = None
         self.recipe: EmbeddingRecipe | None = None
         if not in_running_loop():  # fail fast (the CLI reports a bad pipeline before serving)
@@ -60,6 +65,7 @@ class Embedder:
         """Shutting down: waiting and running requests are answered 503 now (the running batch is abandoned)."""
         if self._closing is not None:
             self._closing.set()
+        self._worker.shutdown(wait=False)
 
     async def respond(self, body: EmbeddingRequest, model_id: str) -> dict[str, Any]:
         recipe = self.recipe or EmbeddingRecipe()
@@ -84,8 +90,8 @@ class Embedder:
         async with self._lock:
             if self._closing is not None and self._closing.is_set():
                 raise shutting_down()
-            work = asyncio.ensure_future(asyncio.to_thread(_embed_fn(self.model), texts, pooling=recipe.pooling,
-                                                           normalize=recipe.normalize))
+            embed = functools.partial(_embed_fn(self.model), texts, pooling=recipe.pooling, normalize=recipe.normalize)
+            work = asyncio.get_running_loop().run_in_executor(self._worker, embed)
             closing = asyncio.ensure_future(self._closing.wait()) if self._closing is not None else None
             try:
                 await asyncio.wait({work} | ({closing} if closing else set()), return_when=asyncio.FIRST_COMPLETED)

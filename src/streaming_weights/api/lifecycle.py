@@ -10,7 +10,6 @@ Readiness (``/healthz``): the weight source answers one cheap call (below the re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -39,6 +38,7 @@ class Lifecycle:
         self.in_flight = 0
         self.closing = False
         self._idle: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
 
     def _event(self) -> asyncio.Event:
         if self._idle is None:
@@ -56,9 +56,24 @@ class Lifecycle:
         if self.in_flight == 0:
             self._event().set()
 
-    async def _until_idle(self, timeout: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event().wait(), max(0.0, timeout))
+    @property
+    def hurried(self) -> bool:
+        return self._hurry is not None and self._hurry.is_set()
+
+    def hurry(self) -> None:
+        """End the grace now (a second Ctrl-C): what is still in flight is cancelled at once."""
+        if self._hurry is not None:
+            self._hurry.set()
+
+    async def _until_idle(self, timeout: float, hurry: asyncio.Event | None = None) -> bool:
+        waits = {asyncio.ensure_future(self._event().wait())}
+        if hurry is not None:
+            waits.add(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
         return self.in_flight == 0
 
     async def drain(self, grace: float, cancel: Callable[[], Awaitable[None]]) -> DrainReport:
@@ -67,8 +82,9 @@ class Lifecycle:
         if self.closing:
             return DrainReport()
         self.closing = True
+        self._hurry = asyncio.Event()
         at_start = self.in_flight
-        if await self._until_idle(grace):
+        if await self._until_idle(grace, self._hurry):
             return DrainReport(at_start, 0)
         cancelled = self.in_flight
         await cancel()

@@ -7,6 +7,7 @@ its connections. The signal is not re-raised afterwards: the caller gets a :clas
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -23,10 +24,12 @@ from .lifecycle import DrainReport
 
 @dataclass(frozen=True)
 class StopReport:
-    """How the server stopped: the signal's name (``None``: :meth:`ApiServer.stop`) and the drain."""
+    """How the server stopped: the signal's name (``None``: :meth:`ApiServer.stop`), the drain, and whether a
+    second Ctrl-C cut the grace short (``forced``: what was in flight then was cancelled at once)."""
 
     signal: str | None
     drain: DrainReport
+    forced: bool = False
 
 
 class _DrainingServer(uvicorn.Server):
@@ -35,9 +38,12 @@ class _DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
-        self._drain = getattr(getattr(app, "state", None), "drain", None)
+        state = getattr(app, "state", None)
+        self._drain = getattr(state, "drain", None)
+        self._hurry = getattr(state, "hurry", None)
         self.signals: list[int] = []
         self.drained = DrainReport()
+        self.forced = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.signals.append(sig)
@@ -49,8 +55,16 @@ class _DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new connections while draining
             server.close()
-        if self._drain is not None and not self.force_exit:
-            self.drained = await self._drain()
+        if self._drain is not None:
+            task = asyncio.ensure_future(self._drain())
+            while not task.done():
+                if self.force_exit and self._hurry is not None:  # a second Ctrl-C: cancel what is in flight now
+                    self._hurry()
+                await asyncio.wait({task}, timeout=0.1)  # uvicorn's own poll of force_exit, same interval
+            self.drained = task.result()
+        # The app is idle now: let uvicorn close connections and run the app's shutdown normally (skipping
+        # it, as a forced exit does, would leave the lifespan task to be cancelled with a traceback).
+        self.forced, self.force_exit = self.force_exit, False
         await super().shutdown(sockets)
 
 
@@ -95,7 +109,7 @@ class ApiServer:
         finally:
             self._sock.close()
         sigs = self._server.signals
-        return StopReport(signal.Signals(sigs[0]).name if sigs else None, self._server.drained)
+        return StopReport(signal.Signals(sigs[0]).name if sigs else None, self._server.drained, self._server.forced)
 
     def start(self, timeout: float = 60.0) -> ApiServer:
         """Serve in a daemon thread; returns once the app has started (its lifespan ran)."""

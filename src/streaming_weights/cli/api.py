@@ -21,6 +21,8 @@ def _non_negative_seconds(text: str) -> float:
 def _stopped_line(report) -> str:
     """One line saying how the server stopped and what happened to the requests in flight."""
     how = f"stopped ({report.signal})" if report.signal else "stopped"
+    if report.forced:
+        how = f"stopped ({report.signal} twice: no grace)"
     d = report.drain
     if not d.in_flight:
         return f"{how}: no request in flight"
