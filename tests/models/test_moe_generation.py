@@ -22,11 +22,11 @@ LOOP_IDS = torch.tensor([[5, 17, 33, 9, 41, 7, 5, 17, 33, 9, 41, 7, 5, 17]])
 def test_speculation_keeps_transformers_tokens_on_moe(family, moe_chunks, moe_reference):
     src, chunks = moe_chunks(family)
     with torch.no_grad():
-        want = moe_reference(src).generate(input_ids=LOOP_IDS, max_new_tokens=16, do_sample=False)
+        want = moe_reference(src).generate(input_ids=LOOP_IDS, max_new_tokens=12, do_sample=False)
     with StreamingBaseModel(family, str(chunks), cache_size=1) as m:
         for speculation in ("off", "auto", 4):
             before = m.get_inference_stats()
-            got = m.generate(input_ids=LOOP_IDS, max_new_tokens=16, do_sample=False, speculation=speculation)
+            got = m.generate(input_ids=LOOP_IDS, max_new_tokens=12, do_sample=False, speculation=speculation)
             assert torch.equal(got, want), speculation
             after = m.get_inference_stats()
             drafted = after["drafted_tokens"] - before["drafted_tokens"]
