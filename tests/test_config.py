@@ -9,14 +9,14 @@ import pytest
 
 from streaming_weights.config import DEFAULT_CACHE_SIZE, StreamingConfig
 from streaming_weights.exceptions import ConfigurationError
-from streaming_weights.utils import calculate_chunk_hash, format_bytes
+from streaming_weights.utils import calculate_chunk_hash
 
 
 def test_defaults():
     c = StreamingConfig()
     assert (c.server_host, c.server_port, c.use_ssl) == ("localhost", 8765, False)
     # cache_size None: the planner decides with a memory_budget, else DEFAULT_CACHE_SIZE (3) units.
-    assert (c.cache_size, c.enable_compression, c.prefetch_layers, c.prefetch_count) == (None, False, True, 1)
+    assert (c.cache_size, c.prefetch_count) == (None, 1)
     assert c.memory_budget is None and DEFAULT_CACHE_SIZE == 3
     assert c.timeout_seconds == 30.0 and c.model_name is None and c.chunks_dir == "./chunks"
     assert c.websocket_uri == "ws://localhost:8765"
@@ -29,12 +29,12 @@ def test_token_not_in_repr():
 
 def test_env_overrides():
     env = {"SURFING_SERVER_HOST": "10.0.0.2", "SURFING_SERVER_PORT": "9000", "SURFING_CACHE_SIZE": "5",
-           "SURFING_USE_SSL": "yes", "SURFING_TIMEOUT_SECONDS": "2.5", "SURFING_PREFETCH_LAYERS": "0",
+           "SURFING_USE_SSL": "yes", "SURFING_TIMEOUT_SECONDS": "2.5",
            "SURFING_PREFETCH_COUNT": "4", "SURFING_MODEL_NAME": "m", "SURFING_CHUNKS_DIR": "/c",
            "SURFING_CACHE_SIZE_MB": "64", "SURFING_TOKEN": "tok", "UNRELATED": "x"}
     c = StreamingConfig.from_env(env)
     assert (c.server_host, c.server_port, c.cache_size, c.use_ssl) == ("10.0.0.2", 9000, 5, True)
-    assert (c.timeout_seconds, c.prefetch_layers, c.prefetch_count) == (2.5, False, 4)
+    assert (c.timeout_seconds, c.prefetch_count) == (2.5, 4)
     assert (c.model_name, c.chunks_dir, c.cache_size_mb, c.token) == ("m", "/c", 64.0, "tok")
     assert c.websocket_uri == "wss://10.0.0.2:9000"
     # explicit overrides win over the environment; None means "not given"
@@ -75,12 +75,6 @@ def test_calculate_chunk_hash_matches_sha256sum(tmp_path):
                                                           check=True).stdout.split()[0]
     (tmp_path / "empty").write_bytes(b"")
     assert calculate_chunk_hash(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
-
-
-def test_format_bytes():
-    assert format_bytes(512) == "512 B"
-    assert format_bytes(1536) == "1.5 KiB"
-    assert format_bytes(3 << 30) == "3.0 GiB"
 
 
 # ---------------------------------------------------------------- per-field parsers, options mapping

@@ -137,8 +137,6 @@ class StreamingConfig:
     #: :data:`DEFAULT_CACHE_SIZE` without a ``memory_budget`` (an explicit value always wins)
     cache_size: int | None = opt(None, parse=parse_optional_int)
     cache_size_mb: float | None = opt(None, parse=parse_optional_float)
-    enable_compression: bool = opt(False, parse=parse_bool)  # compatibility only: weights go raw
-    prefetch_layers: bool = opt(True, parse=parse_bool)
     prefetch_count: int = opt(1, parse=parse_int)
     #: mixture-of-experts: while layer i computes, apply layer i+1's router to layer i's hidden state and
     #: fetch the experts it predicts (pre-gating); off by default (see the benchmark's hit rate and stall)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from streaming_weights import ModelChunker
-from streaming_weights.client.source import StorageSource
+from streaming_weights.client import StorageSource
 from streaming_weights.exceptions import (
     ChunkingError, ConfigurationError, IntegrityError, UnitFormatError, UnsafeFormatError,
 )
@@ -385,7 +385,7 @@ def test_damaged_unit_detected_on_fetch(tiny_chunks, tmp_path, damage):
 
 def test_unit_not_matching_manifest_tensors_rejected(tiny_chunks, tmp_path):
     """A unit whose bytes hash right but whose header disagrees with the manifest's tensor list."""
-    from streaming_weights.client.source import verify_and_decode
+    from streaming_weights.client.verify import verify_and_decode
     from streaming_weights.format import Digests, UnitEntry
 
     d = _copy_chunks(tiny_chunks, tmp_path)

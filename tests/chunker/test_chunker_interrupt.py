@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from streaming_weights.exceptions import NotFoundError
-from streaming_weights.client.source import StorageSource
+from streaming_weights.client import StorageSource
 from streaming_weights.storage import FilesystemBackend
 
 from tests.support.models import chunk

@@ -29,7 +29,7 @@ import asyncio, json, os, resource, sys
 import torch, transformers, accelerate, safetensors, blake3, tqdm
 from transformers import LlamaForCausalLM, LlamaConfig  # noqa: F401 (import cost is baseline)
 from streaming_weights.chunker import ModelChunker
-import streaming_weights.sources, streaming_weights.models.architecture  # noqa: F401
+import streaming_weights.chunker.readers, streaming_weights.models.architecture  # noqa: F401
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -9,7 +9,7 @@ import torch
 
 from streaming_weights.client.cache import UnitCache
 from streaming_weights.client.policy import ExecutionOrderPolicy, LRUPolicy, make_policy
-from streaming_weights.client.source import FetchedUnit
+from streaming_weights.client import FetchedUnit
 from streaming_weights.exceptions import ConfigurationError, NotFoundError
 
 UNITS = [f"layer.{i}" for i in range(8)]

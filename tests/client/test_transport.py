@@ -12,7 +12,7 @@ import torch
 
 from streaming_weights import protocol as proto
 from streaming_weights.client.retry import RetryingSource, RetryPolicy
-from streaming_weights.client.source import StorageSource, open_unit_source
+from streaming_weights.client import StorageSource, open_unit_source
 from streaming_weights.client.transport import WebSocketSource
 from streaming_weights.exceptions import (
     AuthenticationError,

@@ -207,7 +207,7 @@ def test_unit_corrupted_in_server_storage_is_never_cached_or_used(big, tmp_path)
             m.forward(IDS, MASK)
         assert any(isinstance(e, IntegrityError) for e in causes(ei.value))
         assert "model.layers.1" not in m.get_cache_info()["cached_components"]
-        assert all(b.module.mlp.up_proj.weight.is_meta for b in m._bindings)
+        assert all(b.module.mlp.up_proj.weight.is_meta for b in m.engine.bindings)
 
 
 # Last: it leaves the module's server process dead (the `server` fixture would restart it).
@@ -223,7 +223,7 @@ def test_server_stays_down_specific_error_no_hang(big, server, proxy):
         assert any(isinstance(e, ConnectionFailedError) for e in causes(ei.value)), causes(ei.value)
         # bounded by the one retry budget: (retries+1) attempts, each at most timeout_seconds, plus backoff
         assert elapsed < m.source.deadline() + 5
-        assert all(b.module.mlp.up_proj.weight.is_meta for b in m._bindings)  # never ran on garbage
+        assert all(b.module.mlp.up_proj.weight.is_meta for b in m.engine.bindings)  # never ran on garbage
     # a client that starts while the server is down fails at construction with the same specific error
     with pytest.raises(ConnectionFailedError, match="unreachable"):
         model(proxy, timeout_seconds=timeout, max_retries=retries)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from streaming_weights import ModelChunker, StreamingLlamaModel
 from streaming_weights.client.bridge import LoopThread
 from streaming_weights.client.failover import FailoverSource
-from streaming_weights.client.source import StorageSource, open_unit_source
+from streaming_weights.client import StorageSource, open_unit_source
 from streaming_weights.client.transport import WebSocketSource
 from streaming_weights.cli import main as cli_main
 from streaming_weights.exceptions import NotFoundError
@@ -122,7 +122,7 @@ def test_two_servers_shared_redis_failover_parity_and_each_unit_read_from_s3_onc
                     return orig(name)
                 return acquire
 
-            for b in m._bindings:
+            for b in m.engine.bindings:
                 b._acquire = stop_a_midway(b._acquire)
             got = m.generate(input_ids=IDS, max_new_tokens=8, do_sample=False, min_new_tokens=8)
             assert stopped, "server A was not stopped mid-run"

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from streaming_weights import ModelChunker
-from streaming_weights.client.source import StorageSource
+from streaming_weights.client import StorageSource
 from streaming_weights.exceptions import (
     AuthenticationError,
     ConfigurationError,

@@ -7,7 +7,7 @@ import contextlib
 from typing import Iterator
 
 from streaming_weights.client.bridge import LoopThread
-from streaming_weights.client.source import FetchedUnit, StorageSource, UnitSource
+from streaming_weights.client import FetchedUnit, StorageSource, UnitSource
 from streaming_weights.storage import FilesystemBackend
 
 

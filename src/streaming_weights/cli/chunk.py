@@ -70,7 +70,7 @@ def _print_manifest(m: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..client.source import open_unit_source
+    from ..client.open import open_unit_source
     from .options import parse_servers
 
     location = parse_servers(args.location)

@@ -65,12 +65,11 @@ class UnitCache:
         max_units: streamed units kept between uses (``cache_size``).
         max_bytes: optional byte bound for kept units.
         prefetch_count: units fetched ahead of the one computing.
-        max_retries, retry_base_delay: ignored (deprecated): retries belong to the source (``RetryingSource``).
     """
 
     def __init__(self, fetch: Fetcher, policy: CachePolicy, sizes: dict[str, int], *, max_units: int = 3,
-                 max_bytes: int | None = None, prefetch_count: int = 1, max_retries: int | None = None,
-                 retry_base_delay: float | None = None, trace: bool = False, pool: BufferPool | None = None) -> None:
+                 max_bytes: int | None = None, prefetch_count: int = 1, trace: bool = False,
+                 pool: BufferPool | None = None) -> None:
         if max_units < 0:
             raise CacheError(f"cache_size must be >= 0, got {max_units}")
         self._fetch = fetch

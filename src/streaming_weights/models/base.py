@@ -37,7 +37,7 @@ class StreamingBaseModel:
     Args:
         model_name: the manifest's model name (``None``: the only model the source hosts).
         websocket_uri: ``ws://``/``wss://`` server, a list of servers (failover), ``s3://bucket/prefix``,
-            a local chunk directory or a :class:`~streaming_weights.client.source.UnitSource`.
+            a local chunk directory or a :class:`~streaming_weights.client.UnitSource`.
             Default: ``config.server_uri``, else ``config.websocket_uri`` (``ws://localhost:8765``).
         cache_size: streamed units kept between uses (resident parts, in-flight prefetches and the unit
             computing now are not counted). Changeable at run time: ``model.cache_size = 5``.
@@ -153,8 +153,6 @@ class StreamingBaseModel:
         return self.config.max_retries
 
     # Private aliases kept for tests written against the single-class version.
-    _bindings = property(lambda self: self.engine.bindings)
-    _cache = property(lambda self: self.engine.cache)
 
     # ------------------------------------------------------------------------------------ compute
     def _forward_impl(self, **kwargs: Any) -> Any:
