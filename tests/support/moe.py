@@ -87,7 +87,10 @@ def reference(path: Path, experts_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+    if experts_implementation:
+        assert model.config._experts_implementation == experts_implementation, model.config._experts_implementation
+    return model
 
 
 def implementations() -> list[str]:
