@@ -104,7 +104,8 @@ async def probe_weights(model: Any, timeout: float = PROBE_SECONDS) -> str | Non
     except asyncio.TimeoutError:
         return f"the weights at {where} did not answer within {timeout:g} s"
     except Exception as exc:  # noqa: BLE001 - any failure is the reason, not an error of the probe
-        return f"the weights at {where} are unavailable: {exc}"
+        text = str(exc) or type(exc).__name__
+        return text if str(where) in text else f"the weights at {where} are unavailable: {text}"
     return None
 
 
