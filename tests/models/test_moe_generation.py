@@ -105,3 +105,36 @@ def test_surfing_chunk_experts_layer_keeps_experts_in_the_layer(moe_source, tmp_
     assert "expert units" not in res.stdout
     m = moe.manifest_of(out)
     assert not m.experts and any(".experts." in t for u in m.streamed for t in u.tensors)
+
+
+def test_openai_api_concurrent_completions_equal_transformers(text_moe):
+    """The OpenAI-compatible API over an MoE model served by a real weight server: concurrent greedy requests
+    (batched by the API) get transformers' continuation of each prompt alone."""
+    pytest.importorskip("fastapi", reason="needs the `api` extra: pip install -e '.[api,dev]'")
+    openai = pytest.importorskip("openai", reason="needs the openai client (the `dev` extra)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    from tests.api.conftest import api_server
+    from tests.support.streaming import served
+
+    src, tok_dir, chunks = text_moe
+    tok, ref = AutoTokenizer.from_pretrained(str(tok_dir)), moe.reference(src)
+    want = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:]  # stops at EOS
+        want.append(tok.decode(new, skip_special_tokens=True))
+    with served(chunks) as uri, StreamingBaseModel("qwen2_moe", uri, cache_size=1) as m, \
+            api_server(m, window=0.2, max_batch=8, max_queue=16) as url, \
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        def ask(prompt):
+            return client.completions.create(model="qwen2_moe", prompt=prompt, max_tokens=5,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(ask, PROMPTS))
+    assert got == want
+    assert all(len(w.split()) >= 2 for w in want), want  # real continuations, not an immediate EOS
