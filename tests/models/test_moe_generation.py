@@ -107,6 +107,7 @@ def test_surfing_chunk_experts_layer_keeps_experts_in_the_layer(moe_source, tmp_
     assert not m.experts and any(".experts." in t for u in m.streamed for t in u.tensors)
 
 
+@pytest.mark.slow  # the API machinery has its own suite; this adds the MoE model behind it
 def test_openai_api_concurrent_completions_equal_transformers(text_moe):
     """The OpenAI-compatible API over an MoE model served by a real weight server: concurrent greedy requests
     (batched by the API) get transformers' continuation of each prompt alone."""
