@@ -18,24 +18,22 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from ..exceptions import ChunkingError, ConfigurationError
+from ..exceptions import ConfigurationError
 from ..format.builder import ModelBuilder
-from ..format.chunkfile import tensor_view
-from ..format.hashing import Digests
 from ..format.manifest import Manifest, UnitEntry
 from ..format.names import MANIFEST_FILE, join_key
 from ..format.quant import SCHEMES
-from ..format.quant import encode as quant_encode
 from ..storage.base import StorageBackend
 from ..storage import S3Options
 from ..storage.filesystem import FilesystemBackend
 from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, parse_shard_size, plan_model
 from .naming import default_model_name, source_id
-from .readers import Source, anon_buffer, open_source
+from .produce import produce_group
+from .readers import Source, open_source
 
 
 @dataclass(frozen=True)
@@ -167,10 +165,7 @@ class ModelChunker:
 
         try:
             for group in plan.groups():
-                if plan.rows_of(group[0]) is not None:
-                    await self._write_rows(builder, group, source, plan, report)
-                else:
-                    report(group[0], await self._write_unit(builder, group[0], source, plan))
+                await self._write_group(builder, group, source, plan, report)
         finally:
             if bar is not None:
                 bar.close()
@@ -183,32 +178,21 @@ class ModelChunker:
         )
 
     @staticmethod
-    async def _write_unit(builder: ModelBuilder, unit: str, source: Source, plan: ModelPlan) -> UnitEntry:
-        keys = plan.units[unit]
-        parts = ((name, tensor, plan.quant.get(name)) for name, tensor in _model_tensors(keys, source, plan))
-        buf, digests = await asyncio.to_thread(_fill, plan.layout(unit), parts)
-        return await builder.add_encoded_unit(unit, buf, digests=digests)
-
-    @staticmethod
-    async def _write_rows(builder: ModelBuilder, units: list[str], source: Source, plan: ModelPlan,
-                          report: Callable[[str, UnitEntry], None]) -> None:
-        """Units holding row ranges of the same tensors (the row shards of one tensor, or the experts of one
-        experts module), from ONE read of those tensors (held until the last of the units is written)."""
-        keys = plan.units[units[0]]
-        reader = _model_tensors(keys, source, plan)
+    async def _write_group(builder: ModelBuilder, group: list[str], source: Source, plan: ModelPlan,
+                           report: Callable[[str, UnitEntry], None]) -> None:
+        """Write the units of one of ``plan.groups()``, produced by :func:`.produce.produce_group` (the units of
+        a row group from ONE read of their tensors) in a worker thread, one unit at a time."""
+        role = "expert" if group[0] in plan.experts else None
+        units = produce_group(plan, source, group)
         try:
-            whole = dict(await asyncio.to_thread(list, reader))
-            role = "expert" if units[0] in plan.experts else None
-            for unit in units:
-                start, stop = plan.rows_of(unit)
-                layout, quant = plan.layout(unit), plan.unit_quant(unit)
-                parts = [(k, whole[k][start:stop], quant.get(k)) for k in keys]
-                buf, digests = await asyncio.to_thread(_fill, layout, parts)
-                report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=(start, stop), role=role))
-                del buf, parts
-            whole.clear()
+            while (item := await asyncio.to_thread(next, units, None)) is not None:
+                unit, buf, digests = item
+                del item
+                report(unit, await builder.add_encoded_unit(unit, buf, digests=digests, rows=plan.rows_of(unit),
+                                                            role=role))
+                del buf
         finally:
-            reader.close()
+            units.close()
 
     def _summary(self, manifest: Manifest) -> dict[str, Any]:
         return {
@@ -228,39 +212,6 @@ class ModelChunker:
         }
 
 
-def _model_tensors(keys: list[str], source: Source, plan: ModelPlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(model tensor name, tensor)`` for ``keys``, one at a time: plain renames in one pass over the
-    checkpoint, converted tensors (:mod:`.convert`) each from just the checkpoint tensors it needs."""
-    plain = [k for k in keys if k not in plan.recipes]
-    back = {plan.mapping[k]: k for k in plain}
-    reader = source.read_tensors([plan.mapping[k] for k in plain])
-    try:
-        for ck, tensor in reader:
-            _check_shape(ck, tensor, plan, back[ck])
-            yield back[ck], tensor
-            del tensor  # one source tensor at a time: gone before the next is read
-    finally:
-        reader.close()
-    done: set[str] = set()
-    for key in keys:
-        if key not in plan.recipes or key in done:
-            continue
-        out = plan.recipes[key].run(lambda k: _read_one(source, k), None, plan.config)
-        for name in [n for n in out if n in keys]:
-            _check_shape(f"{plan.recipes[key].keys[0]}…", out[name], plan, name)
-            done.add(name)
-            yield name, out.pop(name)
-        del out
-
-
-def _read_one(source: Source, key: str) -> torch.Tensor:
-    reader = source.read_tensors([key])
-    try:
-        return next(reader)[1]
-    finally:
-        reader.close()
-
-
 _S3_LEGACY = {"s3_region": "region_name", "s3_endpoint": "endpoint_url", "aws_access_key_id": "aws_access_key_id",
               "aws_secret_access_key": "aws_secret_access_key", "aws_session_token": "aws_session_token",
               "aws_profile": "profile_name"}
@@ -275,31 +226,6 @@ def _s3_options(s3: S3Options | None, legacy: dict[str, Any]) -> S3Options:
     if given and s3 is not None:
         raise TypeError(f"pass s3=S3Options(...) or {sorted(legacy)}, not both")
     return s3 if s3 is not None else S3Options(**given)
-
-
-def _check_shape(ck: str, tensor: torch.Tensor, plan: ModelPlan, name: str) -> None:
-    want = plan.quant[name].shape if name in plan.quant else plan.specs[name][1]
-    if tuple(tensor.shape) != want:
-        raise ChunkingError(f"checkpoint tensor {ck!r} has shape {tuple(tensor.shape)}, the model expects {want}")
-
-
-def _fill(layout: Any, parts: Iterable[tuple[str, torch.Tensor, Any]]) -> tuple[Any, Digests]:
-    """A unit buffer laid out as ``layout`` holding ``parts`` (``(name, tensor, quant spec or None)``), and its
-    digests (hashed here too: in the worker thread, BLAKE3 without the GIL)."""
-    buf = anon_buffer(layout.total_bytes)  # freed pages return to the OS (see anon_buffer)
-    buf[: layout.data_start] = layout.header
-    for name, tensor, spec in parts:
-        _put(buf, layout, name, tensor, spec)
-        del tensor
-    return buf, Digests.of(buf)
-
-
-def _put(buf: Any, layout: Any, name: str, tensor: torch.Tensor, spec: Any) -> None:
-    """Store ``tensor`` as ``name`` into ``buf`` (cast to the stored dtype; quantized here if ``spec``)."""
-    parts = quant_encode(tensor, spec) if spec is not None else {"": tensor}
-    for suffix, part in parts.items():
-        if part.numel():
-            tensor_view(buf, layout, name + suffix, layout.tensors[name + suffix]).copy_(part)
 
 
 __all__ = ["ChunkProgress", "ModelChunker", "default_model_name", "map_checkpoint_keys", "parse_dtype"]
