@@ -7,8 +7,6 @@ ever computes with uninitialized weights.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 
 from ..exceptions import ModelError, UnsupportedArchitectureError
 from ..format import Manifest
+from ..memory import pin_mmap_threshold, release_free_heap
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
 from .edges import assemble, kept_and_streamed, names_of
@@ -55,40 +54,6 @@ def load_model(engine: StreamingEngine, model_name: str | None, families: frozen
         model.generation_config = generation_config
     engine.bind(manifest, model)
     return LoadedModel(manifest, model, tokenizer)
-
-
-def _libc() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-
-
-def release_free_heap() -> None:
-    """Give the malloc heap's free pages back to the kernel (glibc ``malloc_trim``; a no-op elsewhere)."""
-    try:
-        _libc().malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
-
-
-#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD``
-_M_MMAP_THRESHOLD = -3
-#: allocations from this size on get their own memory map (freed straight back to the kernel)
-MMAP_THRESHOLD = 1 << 20
-
-
-def pin_mmap_threshold() -> None:
-    """Serve every allocation of :data:`MMAP_THRESHOLD` or more with its own memory map (glibc; a no-op elsewhere).
-
-    glibc starts at 128 KiB but raises the threshold (up to 32 MiB) each time such a map is freed, so after
-    the first forward the activations of a batch (MiB-sized) come from the heap, where freed blocks leave
-    holes the process keeps: measured with SmolLM2 and a batch of 8 under a 300 MB budget, peak memory
-    varied by 130 MiB between identical runs and exceeded the budget; with the threshold pinned it stayed
-    within 7 MiB run to run and below the budget. Setting it process-wide is a side effect of loading a
-    streaming model: the price is one ``mmap`` per allocation of 1 MiB or more.
-    """
-    try:
-        _libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 def check_family(manifest: Manifest, families: frozenset[str], cls_name: str) -> None:
