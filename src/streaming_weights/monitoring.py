@@ -8,20 +8,56 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
 @dataclass
-class InferenceRecord:
-    seconds: float
-    kind: str  # "forward" | "generate"
+class Totals:
+    """Counters over inferences: one inference's (:class:`InferenceRecord`), a model's or a monitor's.
+
+    The one stats object: a model's ``get_inference_stats()`` and a monitor's ``get_metrics()`` are both
+    :meth:`as_stats` of a :class:`Totals`. ``compute + stall == seconds`` by construction.
+    """
+
+    inferences: int = 0
+    seconds: float = 0.0
     tokens: int = 0
     fetch_seconds: float = 0.0
     stall_seconds: float = 0.0
     bytes_fetched: int = 0
     hits: int = 0
     misses: int = 0
+
+    def add(self, other: Totals) -> None:
+        for f in fields(Totals):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_stats(self) -> dict[str, Any]:
+        """The documented keys (``total_inferences``, ``total_time``, ``cache_hit_rate``, …)."""
+        n, total, looked = self.inferences, self.seconds, self.hits + self.misses
+        return {
+            "total_inferences": n,
+            "total_time": total,
+            "avg_inference_time": total / n if n else 0.0,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_hit_rate": self.hits / looked if looked else 0.0,
+            "bytes_fetched": self.bytes_fetched,
+            "fetch_seconds": self.fetch_seconds,
+            "stall_seconds": self.stall_seconds,
+            "compute_seconds": max(0.0, total - self.stall_seconds),
+            "generated_tokens": self.tokens,
+            "tokens_per_second": self.tokens / total if total and self.tokens else 0.0,
+        }
+
+
+@dataclass
+class InferenceRecord(Totals):
+    """One inference (``inferences == 1``) and its kind: ``"forward"`` or ``"generate"``."""
+
+    kind: str = "forward"
+    inferences: int = 1
 
 
 @dataclass
@@ -39,26 +75,10 @@ class StreamingMonitor:
     def get_metrics(self) -> dict[str, Any]:
         with self._lock:
             recs = list(self.records)
-        n = len(recs)
-        hits = sum(r.hits for r in recs)
-        misses = sum(r.misses for r in recs)
-        total_time = sum(r.seconds for r in recs)
-        tokens = sum(r.tokens for r in recs)
-        return {
-            "total_inferences": n,
-            "total_time": total_time,
-            "avg_inference_time": total_time / n if n else 0.0,
-            "cache_hits": hits,
-            "cache_misses": misses,
-            "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "bytes_fetched": sum(r.bytes_fetched for r in recs),
-            "fetch_seconds": sum(r.fetch_seconds for r in recs),
-            "stall_seconds": sum(r.stall_seconds for r in recs),
-            "compute_seconds": max(0.0, total_time - sum(r.stall_seconds for r in recs)),
-            "generated_tokens": tokens,
-            "tokens_per_second": tokens / total_time if total_time and tokens else 0.0,
-            "uptime_seconds": time.time() - self.started,
-        }
+        total = Totals()
+        for r in recs:
+            total.add(r)
+        return {**total.as_stats(), "uptime_seconds": time.time() - self.started}
 
     def reset(self) -> None:
         with self._lock:

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import threading
-import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import torch
@@ -34,7 +31,8 @@ from ..config import StreamingConfig
 from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
 from ..memory import current_rss, resolve_budget
-from ..monitoring import InferenceRecord
+from ..monitoring import Totals
+from .accounting import Accounting
 from .architecture import fp32_names_for
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
@@ -65,26 +63,6 @@ def guard_sync(what: str, alternative: str | None = None) -> None:
         raise SyncCallInEventLoopError(
             f"{what} blocks on network I/O and was called inside a running event loop, which it would stall "
             f"(and deadlock a weight server running on that loop); {hint} instead")
-
-
-@dataclass
-class InferenceCounters:
-    """Totals over every counted inference; ``compute + stall == time`` by construction."""
-
-    total_inferences: int = 0
-    total_time: float = 0.0
-    stall_seconds: float = 0.0
-    fetch_seconds: float = 0.0
-    tokens: int = 0
-
-
-@dataclass
-class _Frame:
-    kind: str
-    t0: float
-    before: dict[str, Any]
-    tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StreamingEngine:
@@ -118,10 +96,9 @@ class StreamingEngine:
         self.experts: ExpertStreams | None = None  # mixture-of-experts models only
         self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
-        self.counters = InferenceCounters()
         self.monitor = config.monitor
-        self.lock = threading.RLock()  # one inference at a time; re-entrant for nested scopes
-        self._frames: list[_Frame] = []
+        self.accounting = Accounting(self._lifetime, config.monitor)
+        self.lock = self.accounting.lock  # one inference at a time (the facade takes it around a call)
         self._root_handles: list[Any] = []
         self.closed = False
         ref = weakref.ref(self)
@@ -296,58 +273,31 @@ class StreamingEngine:
         self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
 
     # ------------------------------------------------------------------------------- the counters
-    def _snapshot(self) -> dict[str, Any]:
+    def _lifetime(self) -> Totals | None:
+        """The unit and expert caches' counters as :class:`Totals` (``None``: unbound, or the loop is gone)."""
         if self.cache is None or self.closed:
-            return {}
+            return None
         try:
-            return self.call(self._totals)
+            return self.call(self._read_caches)
         except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to count against
-            return {}
+            return None
 
-    def _totals(self) -> dict[str, Any]:
-        """The unit cache's counters, the expert cache's added in (on the I/O loop)."""
-        out = dict(vars(self.cache.stats))
+    def _read_caches(self) -> Totals:
+        caches = [self.cache.stats] + ([self.experts.cache.stats] if self.experts is not None else [])
+        out = Totals(fetch_seconds=sum(c.fetch_seconds for c in caches), bytes_fetched=sum(c.bytes_fetched for c in caches),
+                     hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches),
+                     stall_seconds=self.cache.stats.stall_seconds)
         if self.experts is not None:
-            e = self.experts.cache.stats
-            out.update(stall_seconds=out["stall_seconds"] + self.experts.stall_seconds,
-                       **{k: out[k] + getattr(e, k) for k in ("fetch_seconds", "bytes_fetched", "hits", "misses")})
+            out.stall_seconds += self.experts.stall_seconds  # wall time: concurrent expert fetches overlap
         return out
 
     def enter(self, kind: str) -> None:
-        """Open a counted inference scope (nested scopes belong to the outermost one). Never raises:
-        it runs as a forward pre-hook, and the matching :meth:`exit` runs even when the forward fails."""
-        self.lock.acquire()
-        outermost = not self._frames
-        self._frames.append(_Frame(kind, time.perf_counter(), self._snapshot() if outermost else {}))
+        """Open a counted inference scope (:meth:`Accounting.enter`)."""
+        self.accounting.enter(kind)
 
     def exit(self, tokens: int = 0) -> None:
-        """Close the innermost scope; closing the outermost one adds its time, stall and tokens."""
-        try:
-            frame = self._frames.pop()
-            if self._frames:
-                self._frames[0].tokens += tokens
-                return
-            self._account(frame, time.perf_counter() - frame.t0, tokens + frame.tokens)
-        finally:
-            self.lock.release()
-
-    def _account(self, frame: _Frame, seconds: float, tokens: int) -> None:
-        after = self._snapshot()
-        delta = {k: after[k] - frame.before[k] for k in ("fetch_seconds", "stall_seconds", "bytes_fetched",
-                                                          "hits", "misses")} if frame.before and after else {}
-        # Stall is time this scope waited inside it, so it never exceeds the scope's time.
-        stall = min(delta.get("stall_seconds", 0.0), seconds)
-        c = self.counters
-        c.total_inferences += 1
-        c.total_time += seconds
-        c.stall_seconds += stall
-        c.fetch_seconds += delta.get("fetch_seconds", 0.0)
-        c.tokens += tokens
-        if self.monitor is not None:
-            self.monitor.record(InferenceRecord(
-                seconds=seconds, kind=frame.kind, tokens=tokens, fetch_seconds=delta.get("fetch_seconds", 0.0),
-                stall_seconds=stall, bytes_fetched=delta.get("bytes_fetched", 0), hits=delta.get("hits", 0),
-                misses=delta.get("misses", 0)))
+        """Close the innermost counted scope (:meth:`Accounting.exit`)."""
+        self.accounting.exit(tokens)
 
     def cache_info(self) -> dict[str, Any]:
         """The cache's counters plus the requested and effective cache sizes."""
@@ -367,20 +317,8 @@ class StreamingEngine:
         return info
 
     def inference_stats(self) -> dict[str, Any]:
-        c, info = self.counters, self.cache_info()
-        n, total = c.total_inferences, c.total_time
-        return {
-            "total_inferences": n,
-            "total_time": total,
-            "avg_inference_time": total / n if n else 0.0,
-            "cache_hit_rate": info["hit_rate"],
-            "fetch_seconds": c.fetch_seconds,
-            "stall_seconds": c.stall_seconds,
-            "compute_seconds": total - c.stall_seconds,
-            "bytes_fetched": info["bytes_fetched"] + info.get("experts", {}).get("bytes_fetched", 0),
-            "generated_tokens": c.tokens,
-            "tokens_per_second": c.tokens / total if total and c.tokens else 0.0,
-        }
+        """``get_inference_stats()`` (:meth:`Accounting.stats`)."""
+        return self.accounting.stats(self._lifetime() or Totals())
 
     # ------------------------------------------------------------------------------- the lifecycle
     async def _shutdown(self) -> None:
