@@ -204,4 +204,10 @@ class ModelExistsError(ChunkingError):
     """The chunk target already holds another model (or an unreadable manifest); pass ``force=True``."""
 
 
+class CheckpointError(ChunkingError, StorageError):
+    """A Hugging Face checkpoint folder served as it is (no chunk step) cannot be read: a truncated or corrupted
+    safetensors file, a header whose ranges overlap or run past the file, a config that does not match the
+    tensors, or a file that changed while it was read. It concerns that one model; the others keep serving."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]

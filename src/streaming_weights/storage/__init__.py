@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .base import StorageBackend, normalize_key
 from .catalog import discover_models, pick_model
 from .filesystem import FilesystemBackend
+from .layouts import present, register_layout
 from .memory import MemoryBackend
 
 
@@ -53,15 +54,18 @@ class S3Options:
 def open_storage(location: str | os.PathLike[str] | StorageBackend,
                  s3: S3Options | None = None) -> tuple[StorageBackend, str]:
     """Return (backend, prefix) for a location: a StorageBackend, a directory, or ``s3://bucket/prefix``
-    (reached with ``s3``, default :class:`S3Options()`). Every location a user names is opened here."""
+    (reached with ``s3``, default :class:`S3Options()`). Every location a user names is opened here.
+
+    A directory is presented through the storage layout adapters (:mod:`.layouts`): a folder of Hugging Face
+    checkpoints reads as chunked models (served as they are, :mod:`streaming_weights.checkpoint`)."""
     if isinstance(location, StorageBackend):
         return location, ""
     location = os.fspath(location)
     if location.startswith("s3://"):
         bucket, _, prefix = location[5:].partition("/")
         return (s3 or S3Options()).backend(bucket), prefix.strip("/")
-    return FilesystemBackend(location), ""
+    return present(FilesystemBackend(location)), ""
 
 
 __all__ = ["FilesystemBackend", "MemoryBackend", "S3Backend", "S3Options", "StorageBackend", "discover_models",
-           "normalize_key", "open_storage", "pick_model"]
+           "normalize_key", "open_storage", "pick_model", "register_layout"]

@@ -1,0 +1,170 @@
+"""``CheckpointStorage``: a filesystem storage whose Hugging Face checkpoint folders read as chunked models.
+
+Every folder with a ``config.json`` and ``*.safetensors`` files (and no ``manifest.json``) also shows
+``manifest.json``, ``units/<unit>.safetensors`` and ``files/<name>`` keys, produced from the original files
+(:class:`~.model.CheckpointModel`); everything else is the wrapped backend's. ``manifest.json.sig`` is kept beside
+the folder's index, so ``surfing sign`` works on it. Nothing is written into a checkpoint folder: other writes
+there are refused.
+
+A folder that cannot be served as it is (truncated, corrupted, a config that does not match its tensors) is
+left out of listings with a warning naming the reason (:attr:`CheckpointStorage.problems`); the other models
+stay listed. Only when the folder listed is that checkpoint itself is the reason raised
+(:class:`~streaming_weights.exceptions.CheckpointError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import CheckpointError, KeyNotFoundError, ManifestError, StorageError
+from ..format.names import FILES_DIR, MANIFEST_FILE, SIGNATURE_FILE, UNITS_DIR, join_key
+from ..storage.base import StorageBackend, normalize_key
+from ..storage.filesystem import FilesystemBackend
+from .layout import checkpoint_prefixes
+
+logger = logging.getLogger("streaming_weights.checkpoint")
+
+
+class CheckpointStorage(StorageBackend):
+    """``base`` with its checkpoint folders presented as chunked models; indexes under ``index_root``
+    (default ``<cache dir>/index``)."""
+
+    def __init__(self, base: FilesystemBackend, *, index_root: str | Path | None = None) -> None:
+        self.base = base
+        self.location = base.location
+        self.index_root = index_root
+        #: ``{folder prefix: why it is not served}`` for the checkpoint folders that cannot be served
+        self.problems: dict[str, str] = {}
+        self._models: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ which keys
+    def _is_checkpoint(self, prefix: str) -> bool:
+        folder = self.base.base_dir / prefix if prefix else self.base.base_dir
+        return ((folder / "config.json").is_file() and not (folder / MANIFEST_FILE).exists()
+                and any(folder.glob("*.safetensors")))
+
+    def _virtual(self, key: str) -> tuple[str, str] | None:
+        """``(folder prefix, relative key)`` when ``key`` is one a checkpoint folder presents."""
+        key = normalize_key(key)
+        folder, name = posixpath.split(key)
+        if name in (MANIFEST_FILE, SIGNATURE_FILE):
+            prefix, rel = folder, name
+        else:
+            parent, sub = posixpath.split(folder)
+            if sub not in (UNITS_DIR, FILES_DIR):
+                return None
+            prefix, rel = parent, f"{sub}/{name}"
+        return (prefix, rel) if self._is_checkpoint(prefix) else None
+
+    def model(self, prefix: str) -> Any:
+        """The :class:`~.model.CheckpointModel` of the folder under ``prefix``."""
+        from .model import CheckpointModel
+
+        got = self._models.get(prefix)
+        if got is None:
+            folder = self.base.base_dir / prefix if prefix else self.base.base_dir
+            got = self._models[prefix] = CheckpointModel(folder, self.index_root)
+        return got
+
+    async def _manifest(self, prefix: str) -> bytes:
+        """The folder's manifest bytes (indexed on first use); a problem is recorded and raised."""
+        try:
+            data = await asyncio.to_thread(self.model(prefix).manifest_bytes)
+        except CheckpointError as exc:
+            if self.problems.get(prefix) != str(exc):
+                logger.warning("not serving checkpoint %s: %s", join_key(self.location, prefix) if prefix else
+                               self.location, exc)
+            self.problems[prefix] = str(exc)
+            raise
+        self.problems.pop(prefix, None)
+        return data
+
+    # ------------------------------------------------------------------------------ StorageBackend
+    async def list(self, prefix: str = "") -> list[str]:
+        keys = await self.base.list(prefix)
+        shown = set(keys)
+        for folder in checkpoint_prefixes(keys):
+            try:
+                await self._manifest(folder)
+            except CheckpointError:
+                if folder == prefix.strip("/"):
+                    raise  # the folder asked for is that checkpoint: nothing else to list
+                continue
+            model = self.model(folder)
+            rel = [MANIFEST_FILE, *(b.path for b in (*model.manifest().units, *model.manifest().files))]
+            if await asyncio.to_thread(model.signature) is not None:
+                rel.append(SIGNATURE_FILE)
+            shown.update(join_key(folder, r) for r in rel)
+        return sorted(k for k in shown if k.startswith(prefix))
+
+    async def load(self, key: str) -> bytes:
+        where = self._virtual(key)
+        if where is None:
+            return await self.base.load(key)
+        prefix, rel = where
+        try:
+            if rel == MANIFEST_FILE:
+                return await self._manifest(prefix)
+            if rel == SIGNATURE_FILE:
+                sig = await asyncio.to_thread(self.model(prefix).signature)
+                if sig is None:
+                    raise KeyNotFoundError(f"{key}: the checkpoint is not signed (surfing sign {self.location})")
+                return sig
+            return await asyncio.to_thread(self.model(prefix).blob, rel)
+        except ManifestError:
+            raise KeyNotFoundError(f"{key}: the checkpoint's manifest lists no such unit or file") from None
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        if self._virtual(key) is None:
+            return await self.base.read_range(key, start, length)
+        data = await self.load(key)  # the model keeps a produced unit for the reads of its next ranges
+        return data[start:start + length]
+
+    async def size(self, key: str) -> int:
+        if self._virtual(key) is None:
+            return await self.base.size(key)
+        return len(await self.load(key))
+
+    async def exists(self, key: str) -> bool:
+        if self._virtual(key) is None:
+            return await self.base.exists(key)
+        try:
+            await self.load(key)
+        except (KeyNotFoundError, CheckpointError):
+            return False
+        return True
+
+    async def save(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        where = self._virtual(key)
+        if where is not None and where[1] == SIGNATURE_FILE:
+            await asyncio.to_thread(self.model(where[0]).save_signature, bytes(data))
+            return
+        self._refuse(key, where)
+        await self.base.save(key, data)
+
+    async def delete(self, key: str) -> None:
+        where = self._virtual(key)
+        if where is not None and where[1] == SIGNATURE_FILE:
+            await asyncio.to_thread(self.model(where[0]).delete_signature)
+            return
+        self._refuse(key, where)
+        await self.base.delete(key)
+
+    def _refuse(self, key: str, where: tuple[str, str] | None) -> None:
+        folder = posixpath.dirname(normalize_key(key))
+        if where is not None or self._is_checkpoint(folder):
+            raise StorageError(f"{key}: checkpoint folders are served as they are and never written; chunk the "
+                               f"model (surfing chunk) to store it elsewhere")
+
+    async def close(self) -> None:
+        await self.base.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointStorage({self.location!r})"
+
+
+__all__ = ["CheckpointStorage"]
