@@ -197,6 +197,7 @@ def release_free_heap() -> None:
 _M_MMAP_THRESHOLD = -3
 #: allocations from this size on get their own memory map (freed straight back to the kernel)
 MMAP_THRESHOLD = 1 << 20
+_threshold_pinned = False
 
 
 def pin_mmap_threshold() -> None:
@@ -211,6 +212,10 @@ def pin_mmap_threshold() -> None:
     checkpoint by ~100 MiB (27 MiB with the threshold pinned). Setting it process-wide is a side effect of
     loading a streaming model or chunking one: the price is one ``mmap`` per allocation of 1 MiB or more.
     """
+    global _threshold_pinned
+    if _threshold_pinned:  # once per process: the setting is process-wide
+        return
+    _threshold_pinned = True
     try:
         _libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):

@@ -101,9 +101,7 @@ class StreamingEngine:
         self.lock = self.accounting.lock  # one inference at a time (the facade takes it around a call)
         self._root_handles: list[Any] = []
         self.closed = False
-        ref = weakref.ref(self)
-        self._atexit = lambda: _close_at_exit(ref)
-        atexit.register(self._atexit)
+        _track(self)  # closed at interpreter exit if the user did not (one atexit hook for all engines)
 
     def _open_source(self, cfg: StreamingConfig) -> UnitSource:
         kw: dict[str, Any] = {"token": cfg.token, "timeout_seconds": cfg.timeout_seconds,
@@ -338,7 +336,7 @@ class StreamingEngine:
         if self.closed:
             return
         self.closed = True
-        atexit.unregister(self._atexit)
+        _OPEN.discard(self)
         if not in_running_loop():
             try:
                 self.io.run(self._shutdown(), timeout)
@@ -351,7 +349,7 @@ class StreamingEngine:
         if self.closed:
             return
         self.closed = True
-        atexit.unregister(self._atexit)
+        _OPEN.discard(self)
 
         async def finish() -> None:
             try:
@@ -369,7 +367,23 @@ class StreamingEngine:
             await asyncio.to_thread(self.close)
 
 
-def _close_at_exit(ref: weakref.ReferenceType[StreamingEngine]) -> None:
-    engine = ref()
-    if engine is not None:
+#: engines not closed yet; a weak set, so an engine the user dropped is not kept alive by it
+_OPEN: weakref.WeakSet[StreamingEngine] = weakref.WeakSet()
+
+
+def _track(engine: StreamingEngine) -> None:
+    """Remember ``engine`` for :func:`_close_at_exit`, registered once, when the first engine is made (so it runs
+    before exit hooks registered earlier, as a per-engine hook would)."""
+    if not _registered:
+        _registered.append(atexit.register(_close_at_exit))
+    _OPEN.add(engine)
+
+
+_registered: list = []
+
+
+def _close_at_exit() -> None:
+    """Close what scripts left open, each within :data:`EXIT_CLOSE_SECONDS` (a script that never closes exits
+    promptly; the I/O threads are daemons)."""
+    for engine in list(_OPEN):
         engine.close(EXIT_CLOSE_SECONDS)
