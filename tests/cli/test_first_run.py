@@ -101,7 +101,7 @@ def test_quiet_silences_every_bar_including_transformers(tmp_path):
     quiet = surfing("chunk", packaged_smollm2_gguf(), "-o", tmp_path / "b", "-q", cwd=tmp_path, timeout=600)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr.strip() == ""  # neither the chunker's bar nor transformers' GGUF / loading bars
-    assert quiet.stdout.startswith("chunked ")
+    assert quiet.stdout == "" and (tmp_path / "b" / "manifest.json").is_file()  # issue 23: no summary either
 
 
 # ------------------------------------------------------------------ 6: answer alone on stdout
