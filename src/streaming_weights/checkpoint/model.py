@@ -117,6 +117,11 @@ class CheckpointModel:
                     self.folder, len(plan.units), plan.total_bytes / 2**20, self.index_dir)
         try:
             data = asyncio.run(self._build(plan, source))
+        except CheckpointError:
+            raise
+        except StreamingWeightsError as exc:  # a tensor the config does not describe, a file cut short...
+            raise CheckpointError(f"cannot serve {self.folder} as it is: {exc} (does config.json match the "
+                                  "tensors? is a file truncated?)") from exc
         finally:
             source.close()
         if stat_print(self.folder, names) != {n: (p[0], p[1]) for n, p in prints.items()}:

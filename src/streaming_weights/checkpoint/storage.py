@@ -70,6 +70,10 @@ class CheckpointStorage(StorageBackend):
             got = self._models[prefix] = CheckpointModel(folder, self.index_root)
         return got
 
+    def signature_location(self, prefix: str) -> str | None:
+        """Where the signature of the checkpoint under ``prefix`` is kept (its index directory), else ``None``."""
+        return str(self.model(prefix).index_dir) if self._is_checkpoint(prefix) else None
+
     async def _manifest(self, prefix: str) -> bytes:
         """The folder's manifest bytes (indexed on first use); a problem is recorded and raised."""
         try:

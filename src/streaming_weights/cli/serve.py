@@ -22,6 +22,10 @@ def _storage(args: argparse.Namespace) -> tuple[Any, str]:
     if backend is not None and args.chunks_dir:
         raise ConfigurationError("pass --chunks-dir or --s3-bucket, not both")
     prefix = ""
+    if backend is None and args.index_dir:  # checkpoint folders served as they are, their index there
+        from ..checkpoint import open_checkpoints
+
+        backend = open_checkpoints(args.chunks_dir, index_root=args.index_dir)
     if args.redis_url:
         from ..storage import open_storage
         from ..storage.redis_cache import RedisCacheBackend
@@ -60,9 +64,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve chunked model(s) over WebSocket")
+    p = sub.add_parser("serve", help="serve chunked model(s) and Hugging Face checkpoint folders over WebSocket")
     p.add_argument("chunks_path", nargs="?", metavar="DIR", help="same as --chunks-dir DIR")
-    p.add_argument("--chunks-dir", "-d", help="a chunked model directory, or a directory of several")
+    p.add_argument("--chunks-dir", "-d", help="a chunked model directory, a Hugging Face checkpoint folder "
+                   "(config.json + *.safetensors, served as it is), or a directory of several")
+    p.add_argument("--index-dir", default=None, metavar="DIR",
+                   help="where checkpoint folders served as they are keep their index (unit hashes, signature); "
+                        "default: the cache directory's index/ ($SURFING_CACHE_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", "-p", type=int, default=8765, help="TCP port (0 = any free port)")
     g = p.add_mutually_exclusive_group()

@@ -20,15 +20,21 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _sign_all(location: str, key_path: str) -> list[tuple[str, str]]:
-    """Sign every model under ``location`` (a model directory, a directory of several, or s3://bucket/prefix)."""
+async def _sign_all(location: str, key_path: str, index_dir: str | None = None) -> list[tuple[str, str]]:
+    """Sign every model under ``location`` (a model directory, a directory of several, or s3://bucket/prefix).
+    A Hugging Face checkpoint folder's signature goes beside its index (in ``index_dir``), never into it."""
     from ..exceptions import ConfigurationError
     from ..format.signing import load_private_key, sign_model
     from ..storage import open_storage
     from ..storage.catalog import discover_models
 
     key = load_private_key(key_path)
-    storage, prefix = open_storage(location)
+    if index_dir is not None:
+        from ..checkpoint import open_checkpoints
+
+        storage, prefix = open_checkpoints(location, index_root=index_dir), ""
+    else:
+        storage, prefix = open_storage(location)
     try:
         found = await discover_models(storage, prefix)
         if not found:
@@ -36,7 +42,8 @@ async def _sign_all(location: str, key_path: str) -> list[tuple[str, str]]:
         signed = []
         for name, (model_prefix, _) in sorted(found.items()):
             await sign_model(storage, model_prefix, key)
-            signed.append((name, f"{storage.location}/{model_prefix}".rstrip("/")))
+            beside_index = getattr(storage, "signature_location", lambda _p: None)(model_prefix)
+            signed.append((name, beside_index or f"{storage.location}/{model_prefix}".rstrip("/")))
         return signed
     finally:
         await storage.close()
@@ -45,7 +52,7 @@ async def _sign_all(location: str, key_path: str) -> list[tuple[str, str]]:
 def cmd_sign(args: argparse.Namespace) -> int:
     from ..format.signing import SIGNATURE_FILE, key_id, load_private_key
 
-    signed = asyncio.run(_sign_all(args.model_dir, args.key))
+    signed = asyncio.run(_sign_all(args.model_dir, args.key, args.index_dir))
     kid = key_id(load_private_key(args.key).public_key())
     for name, where in signed:
         print(f"signed {name}: {where}/{SIGNATURE_FILE} (key id {kid})")
@@ -59,9 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("sign", help="sign chunked model(s): writes manifest.json.sig beside each manifest")
-    p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="a chunked model directory, a directory of several, or s3://bucket/prefix")
+    p = sub.add_parser("sign", help="sign chunked model(s): writes manifest.json.sig beside each manifest (for a "
+                       "checkpoint folder served as it is: beside its index, not into the folder)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a chunked model directory, a Hugging Face checkpoint "
+                   "folder, a directory of several, or s3://bucket/prefix")
+    p.add_argument("--index-dir", default=None, metavar="DIR",
+                   help="the index directory `surfing serve --index-dir` uses for checkpoint folders")
     p.add_argument("--key", "-k", required=True, metavar="KEY", help="private key from `surfing keygen`")
     add_common(p)
     p.set_defaults(func=cmd_sign)
