@@ -209,6 +209,43 @@ def test_signed_beside_the_index_and_verified_by_clients(store, tmp_path):
             StreamingLlamaModel(model_name=LLAMA, websocket_uri=uri, trusted_keys=[str(other)]).ensure_loaded()
 
 
+def test_a_checkpoint_beside_its_chunked_copy_is_served_once_from_the_copy(tmp_path):
+    src = tiny.llama(tmp_path / "llama", layers=2)
+    chunk(src, tmp_path / "llama-chunks")  # named "llama" too, its source the folder
+    with served(tmp_path, token="") as uri:
+        assert asyncio.run(hosted(uri)) == ["llama"]
+        with StreamingLlamaModel(model_name="llama", websocket_uri=uri, cache_size=0) as m:
+            assert torch.equal(m.hf_model(input_ids=IDS).logits, reference(src)(IDS).logits)
+
+
+def test_surfing_serve_and_sign_a_checkpoint_folder(store, tmp_path):
+    """The real command: ``surfing serve DIR --index-dir`` in its own process; ``surfing sign FOLDER --index-dir``."""
+    from streaming_weights.exceptions import SignatureError
+    from tests.cli.helpers import surfing
+    from tests.support.servers import start_server_process
+
+    models, _, before = store
+    index = tmp_path / "index"
+    res = surfing("keygen", "--out", tmp_path / "key")
+    assert res.returncode == 0, res.stderr
+    res = surfing("sign", models / LLAMA, "--key", tmp_path / "key", "--index-dir", index)
+    assert res.returncode == 0 and str(index) in res.stdout, (res.stdout, res.stderr)
+    proc, port = start_server_process(models, "--index-dir", str(index))
+    try:
+        uri = f"ws://127.0.0.1:{port}"
+        with StreamingLlamaModel(model_name=LLAMA, websocket_uri=uri, cache_size=0,
+                                 trusted_keys=[str(tmp_path / "key.pub")]) as m:
+            assert torch.equal(m.hf_model(input_ids=IDS).logits, reference(models / LLAMA)(IDS).logits)
+        with pytest.raises(SignatureError):  # the default index holds no signature by that key
+            StreamingLlamaModel(model_name=LLAMA, websocket_uri=str(models),
+                                trusted_keys=[str(tmp_path / "key.pub")]).ensure_loaded()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert {p.name for p in index.rglob("*") if p.is_file()} == {"index.json", "manifest.json", "manifest.json.sig"}
+    assert digest_tree(models) == before
+
+
 def test_the_folders_are_untouched_and_nothing_near_a_model_was_written(store):
     """Runs last in this module: every file is as it was, and the index holds manifests, not weights."""
     models, index, before = store

@@ -15,6 +15,7 @@ stay listed. Only when the folder listed is that checkpoint itself is the reason
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import posixpath
 from pathlib import Path
@@ -91,7 +92,9 @@ class CheckpointStorage(StorageBackend):
     async def list(self, prefix: str = "") -> list[str]:
         keys = await self.base.list(prefix)
         shown = set(keys)
-        for folder in checkpoint_prefixes(keys):
+        folders = checkpoint_prefixes(keys)
+        taken = await self._chunked_names(keys) if folders else set()
+        for folder in folders:
             try:
                 await self._manifest(folder)
             except CheckpointError:
@@ -99,11 +102,33 @@ class CheckpointStorage(StorageBackend):
                     raise  # the folder asked for is that checkpoint: nothing else to list
                 continue
             model = self.model(folder)
-            rel = [MANIFEST_FILE, *(b.path for b in (*model.manifest().units, *model.manifest().files))]
+            manifest = model.manifest()
+            if {manifest.name, manifest.source} & taken:
+                # its chunked copy (or another model of that name) is served instead: one model per name
+                self.problems[folder] = f"a chunked model named {manifest.name!r} (or chunked from it) is served instead"
+                logger.info("not serving checkpoint %s as it is: %s", model.folder, self.problems[folder])
+                continue
+            taken.add(manifest.name)
+            rel = [MANIFEST_FILE, *(b.path for b in (*manifest.units, *manifest.files))]
             if await asyncio.to_thread(model.signature) is not None:
                 rel.append(SIGNATURE_FILE)
             shown.update(join_key(folder, r) for r in rel)
         return sorted(k for k in shown if k.startswith(prefix))
+
+    async def _chunked_names(self, keys: list[str]) -> set[str]:
+        """Names and sources of the chunked models among ``keys`` (read leniently: a malformed manifest is the
+        catalog's to report)."""
+        out: set[str] = set()
+        for key in keys:
+            if posixpath.basename(key) != MANIFEST_FILE:
+                continue
+            try:
+                record = json.loads(await self.base.load(key))
+            except (StorageError, ValueError):
+                continue
+            if isinstance(record, dict):
+                out.update(v for v in (record.get("name"), record.get("source")) if isinstance(v, str) and v)
+        return out
 
     async def load(self, key: str) -> bytes:
         where = self._virtual(key)
