@@ -8,6 +8,10 @@ import pytest
 # Before anything imports huggingface_hub/transformers: the suite never touches the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One compute thread per process (inherited by every `surfing` subprocess): the tests run tiny models, where
+# a second OpenMP thread buys nothing and, on a busy 2-core box, spin-waits turn a 1 ms matmul into 20 ms.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from tests.support import models as tiny  # noqa: E402
 from tests.support import services  # noqa: E402
@@ -48,6 +52,16 @@ def tiny_chunks(workdir, tiny_source):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_text_chunks(workdir, tiny_source) -> Path:
+    """The tiny LLaMA with a word-level tokenizer and a chat template (tests/support/tokenizers.py), chunked
+    as ``llama-text``: text commands (``generate --prompt``, ``--chat``, ``chat``) on a model that loads in
+    well under a second. Use SmolLM2 only where a real model's answer is the point."""
+    from tests.support.tokenizers import text_model
+
+    return text_model(tiny_source("llama"), workdir / "llama-text", name="llama-text", vocab_size=320)
 
 
 @pytest.fixture(scope="session")

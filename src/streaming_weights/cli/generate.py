@@ -50,13 +50,10 @@ def make_streamer(tok: Any) -> Any:
 def encode_prompt(tok: Any, prompt: str, *, chat: bool) -> dict[str, Any]:
     import torch
 
-    if chat:
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-    else:
-        enc = tok(prompt, return_tensors="pt")
-    ids = enc["input_ids"]
-    return {"input_ids": ids, "attention_mask": enc.get("attention_mask", torch.ones_like(ids))}
+    from ..models.text import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tok, prompt, chat=chat)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def stats_line(model: Any, seconds: float) -> str:
@@ -108,10 +105,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return gen
 
 
-def generate_file(model: Any, args: argparse.Namespace, gen: dict[str, Any]) -> None:
+def generate_file(model: Any, args: argparse.Namespace, gen: dict[str, Any], recs: list[dict[str, Any]]) -> None:
     """--prompts-file: every prompt through generate_text in batches, JSON Lines out (input fields kept)."""
     require_generative(model)
-    recs = records.read_records(args.prompts_file, "prompt")
     t0 = time.perf_counter()
     with records.progress_bar(len(recs), "prompt", quiet=args.quiet) as progress:
         texts = model.generate_text([r["prompt"] for r in recs], batch_size=args.batch_size, chat=args.chat,
@@ -122,11 +118,13 @@ def generate_file(model: Any, args: argparse.Namespace, gen: dict[str, Any]) -> 
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # Flag and input-file errors come before the model is loaded (a bad file costs no download).
     gen = generation_kwargs(args)
+    recs = records.read_records(args.prompts_file, "prompt") if args.prompts_file is not None else None
     with open_model(args, prefetch_count=args.prefetch, cache_policy=args.policy) as model:
         log_plan(model)
-        if args.prompts_file is not None:
-            generate_file(model, args, gen)
+        if recs is not None:
+            generate_file(model, args, gen, recs)
         else:
             stream_generate(model, records.read_text_arg(args.prompt), chat=args.chat,
                             max_new_tokens=args.max_new_tokens, quiet=args.quiet, **gen)
@@ -136,6 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """--text: one JSON object on stdout; --input FILE: vectors to --output (.npy or .jsonl)."""
     recs = records.read_records(args.input, "text") if args.input else [{"text": t} for t in args.text]
+    if args.input:
+        records.check_vectors_path(args.output)  # before the model is loaded
     with open_model(args) as model:
         require_tokenizer(model)
         with records.progress_bar(len(recs), "text", quiet=args.quiet or not args.input) as progress:

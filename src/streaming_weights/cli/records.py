@@ -70,9 +70,16 @@ def write_jsonl(path: str | None, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def check_vectors_path(path: str) -> None:
+    """Raises ConfigurationError unless ``path`` is one :func:`save_vectors` can write (.npy, .jsonl, .json, -)."""
+    if not (path == "-" or path.endswith((".npy", ".jsonl", ".json"))):
+        raise ConfigurationError(f"--output must end in .npy or .jsonl (or be -), got {path}")
+
+
 def save_vectors(path: str, records: list[dict[str, Any]], vectors: Any) -> None:
     """``.npy``: one float32 array (N, dim), row i for record i; ``.jsonl`` (or ``-``): each record plus
     its ``"embedding"``."""
+    check_vectors_path(path)
     if path.endswith(".npy"):
         import numpy as np
 
@@ -81,8 +88,6 @@ def save_vectors(path: str, records: list[dict[str, Any]], vectors: Any) -> None
         except OSError as exc:
             raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from None
         return
-    if not (path == "-" or path.endswith((".jsonl", ".json"))):
-        raise ConfigurationError(f"--output must end in .npy or .jsonl (or be -), got {path}")
     write_jsonl(path, [{**rec, "embedding": [float(x) for x in row]} for rec, row in zip(records, vectors)])
 
 
