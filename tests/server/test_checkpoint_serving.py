@@ -127,6 +127,34 @@ def test_the_manifest_is_the_one_surfing_chunk_writes(store, tmp_path, name):
     assert asyncio.run(storage.load(f"{name}/{unit['path']}")) == (tmp_path / "chunked" / unit["path"]).read_bytes()
 
 
+def test_plain_units_are_ranges_of_the_files_and_converted_ones_are_produced(store):
+    """A unit with no conversion is read by range from the original files; MoE experts merged from the hub's
+    per-expert tensors are produced. Every range of every unit is the same bytes as the whole unit."""
+    models, _, _ = store
+    storage = open_checkpoints(models)
+    for name, plain, converted in [(LLAMA, "model.layers.0", None), (MIXTRAL, "model.layers.0", True)]:
+        manifest = json.loads(asyncio.run(storage.load(f"{name}/manifest.json")))
+        model = storage.model(name)
+        assert model._pieces(plain) is not None
+        experts = [u["name"] for u in manifest["units"] if u.get("role") == "expert"]
+        assert bool(experts) == bool(converted) and all(model._pieces(u) is None for u in experts)
+        for unit in manifest["units"]:
+            key = f"{name}/{unit['path']}"
+            whole = asyncio.run(storage.load(key))
+            assert hashlib.sha256(whole).hexdigest() == unit["sha256"]
+            step = max(1, unit["bytes"] // 3 + 1)
+            parts = [asyncio.run(storage.read_range(key, at, step)) for at in range(0, unit["bytes"], step)]
+            assert b"".join(parts) == whole, key
+
+
+def test_served_in_small_ranges_past_the_byte_cache(store):
+    from streaming_weights.server.options import ServerLimits
+
+    models, _, _ = store
+    with served(models, token="", max_cached_blob_mb=0, limits=ServerLimits(chunk_bytes=7000)) as uri:
+        check_parity(uri, models)
+
+
 def test_the_index_is_reused_and_a_changed_file_is_indexed_again(store, tmp_path, caplog):
     models, _, _ = store
     folder = sharded_llama(tmp_path / "copy" / LLAMA)

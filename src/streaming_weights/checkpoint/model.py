@@ -29,6 +29,7 @@ from ..format.names import MANIFEST_FILE, SIGNATURE_FILE
 from ..storage.memory import MemoryBackend
 from .index import fingerprint, index_dir_for, read_index, stat_print, write_index
 from .layout import checkpoint_files
+from .ranges import Piece, read_pieces, unit_pieces
 
 logger = logging.getLogger("streaming_weights.checkpoint")
 
@@ -62,6 +63,8 @@ class CheckpointModel:
         self._parsed: Manifest | None = None
         self._stat: dict[str, tuple[int, int]] = {}
         self._plan: Any = None
+        self._src: Any = None
+        self._ranges: dict[str, list[Piece] | None] = {}
         self._memo: OrderedDict[str, bytes] = OrderedDict()
 
     # ---------------------------------------------------------------------------------------- manifest
@@ -108,8 +111,11 @@ class CheckpointModel:
         (self.index_dir / SIGNATURE_FILE).unlink(missing_ok=True)
 
     def _forget(self) -> None:
-        self._manifest, self._parsed, self._plan = None, None, None
+        if self._src is not None:
+            self._src.close()
+        self._manifest, self._parsed, self._plan, self._src = None, None, None, None
         self._memo.clear()
+        self._ranges.clear()
 
     def _index(self, names: list[str], prints: dict[str, list[Any]]) -> bytes:
         plan, source = self._open()
@@ -118,16 +124,17 @@ class CheckpointModel:
         try:
             data = asyncio.run(self._build(plan, source))
         except CheckpointError:
+            source.close()
             raise
         except StreamingWeightsError as exc:  # a tensor the config does not describe, a file cut short...
+            source.close()
             raise CheckpointError(f"cannot serve {self.folder} as it is: {exc} (does config.json match the "
                                   "tensors? is a file truncated?)") from exc
-        finally:
-            source.close()
         if stat_print(self.folder, names) != {n: (p[0], p[1]) for n, p in prints.items()}:
             raise CheckpointError(f"{self.folder} changed while it was being indexed; it is indexed again on the "
                                   "next request")
         write_index(self.index_dir, self.folder, OPTIONS, prints, data)
+        self._plan, self._src = plan, source  # kept for the reads that follow
         logger.info("indexed checkpoint %s", self.folder)
         return data
 
@@ -166,22 +173,48 @@ class CheckpointModel:
         return plan, source
 
     # ------------------------------------------------------------------------------------------ bytes
-    def blob(self, rel: str) -> bytes:
-        """The bytes of ``rel`` (``units/<unit>.safetensors`` or ``files/<name>``) as the manifest lists them.
+    def read(self, rel: str, start: int = 0, length: int | None = None) -> bytes:
+        """Bytes ``[start, start + length)`` (default: to the end) of ``rel`` (``units/<unit>.safetensors`` or
+        ``files/<name>``) as the current manifest lists it. A unit that needs no conversion is read by range from
+        the original files (:mod:`.ranges`); another is produced whole once and kept for its next ranges. A
+        whole unit or file is checked against the index's BLAKE3 before it is returned.
 
         Raises:
-            KeyError: the manifest lists no such blob.
-            CheckpointError: the folder changed (re-indexed: the client sees a new manifest) or cannot be read.
+            ManifestError: the manifest lists no such blob.
+            CheckpointError: the folder changed (it is indexed again: the client sees a new manifest) or cannot
+                be read.
         """
         with self._lock:
-            manifest = self.manifest()
-            entry = manifest.blob(rel)
+            entry = self.manifest().blob(rel)
+            stop = entry.bytes if length is None else min(entry.bytes, start + length)
             if not isinstance(entry, UnitEntry):
-                return self._file(entry)
-            if entry.name not in self._memo:
-                self._produce(entry.name)
-            self._memo.move_to_end(entry.name)
-            return self._memo[entry.name]
+                return self._file(entry)[start:stop]
+            whole = start == 0 and stop == entry.bytes
+            pieces = self._pieces(entry.name)
+            if pieces is None:
+                if entry.name not in self._memo:
+                    self._produce(entry.name)
+                self._memo.move_to_end(entry.name)
+                data = self._memo[entry.name]
+                return data if whole else data[start:stop]
+            try:
+                data = read_pieces(pieces, start, stop - start)
+            except OSError as exc:
+                self._forget()
+                raise CheckpointError(f"cannot read {rel} from {self.folder}: {exc}") from exc
+            return self._checked(entry, data) if whole else data
+
+    def _pieces(self, unit: str) -> list[Piece] | None:
+        if unit not in self._ranges:
+            plan, source = self._opened()
+            self._ranges[unit] = unit_pieces(plan, source, unit)
+        return self._ranges[unit]
+
+    def _opened(self) -> tuple[Any, Any]:
+        """(the plan, its open source), planned once per version of the folder."""
+        if self._plan is None:
+            self._plan, self._src = self._open()
+        return self._plan, self._src
 
     def _file(self, entry: Any) -> bytes:
         from ..chunker.readers import sentence_module_configs
@@ -193,19 +226,17 @@ class CheckpointModel:
     def _produce(self, unit: str) -> None:
         from ..chunker.produce import produce_group, unit_group
 
-        if self._plan is None:
-            self._plan, source = self._open()
-        else:
-            source = self._source()
+        plan, source = self._opened()
         assert self._parsed is not None
         try:
-            for name, buf, _ in produce_group(self._plan, source, unit_group(self._plan, unit)):
+            for name, buf, _ in produce_group(plan, source, unit_group(plan, unit)):
                 self._memo[name] = self._checked(self._parsed.unit(name), bytes(buf))
                 del buf
-        except ChunkingError as exc:
+        except CheckpointError:
+            raise
+        except StreamingWeightsError as exc:
+            self._forget()
             raise CheckpointError(f"cannot read {unit!r} from {self.folder}: {exc}") from exc
-        finally:
-            source.close()
         while len(self._memo) > 1 and sum(map(len, self._memo.values())) > self.memo_bytes:
             oldest = next(iter(self._memo))
             if oldest == unit:

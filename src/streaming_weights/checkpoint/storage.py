@@ -143,15 +143,22 @@ class CheckpointStorage(StorageBackend):
                 if sig is None:
                     raise KeyNotFoundError(f"{key}: the checkpoint is not signed (surfing sign {self.location})")
                 return sig
-            return await asyncio.to_thread(self.model(prefix).blob, rel)
+            return await self._read(key, prefix, rel, 0, None)
         except ManifestError:
             raise KeyNotFoundError(f"{key}: the checkpoint's manifest lists no such unit or file") from None
 
     async def read_range(self, key: str, start: int, length: int) -> bytes:
-        if self._virtual(key) is None:
-            return await self.base.read_range(key, start, length)
-        data = await self.load(key)  # the model keeps a produced unit for the reads of its next ranges
-        return data[start:start + length]
+        where = self._virtual(key)
+        if where is None or where[1] in (MANIFEST_FILE, SIGNATURE_FILE):
+            return (await self.base.read_range(key, start, length) if where is None
+                    else (await self.load(key))[start:start + length])
+        return await self._read(key, *where, start, length)
+
+    async def _read(self, key: str, prefix: str, rel: str, start: int, length: int | None) -> bytes:
+        try:
+            return await asyncio.to_thread(self.model(prefix).read, rel, start, length)
+        except ManifestError:
+            raise KeyNotFoundError(f"{key}: the checkpoint's manifest lists no such unit or file") from None
 
     async def size(self, key: str) -> int:
         if self._virtual(key) is None:

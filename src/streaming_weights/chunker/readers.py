@@ -132,6 +132,12 @@ class SafetensorsSource(Source):
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def locate(self, key: str) -> tuple[Path, int, TensorSpec]:
+        """(file, absolute offset of tensor ``key``'s first byte in it, its spec there): where a checkpoint served
+        as it is reads the tensor's bytes by range."""
+        f, start, spec = self._where[key]
+        return f, start + spec.data_offsets[0], spec
+
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: DTYPES[s.dtype] for k, (_, _, s) in self._where.items()}
 

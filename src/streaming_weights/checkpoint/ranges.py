@@ -1,0 +1,72 @@
+"""A unit as byte ranges of the original files, when it needs no conversion.
+
+A unit whose tensors are all plain renames of checkpoint tensors, stored in the checkpoint's dtype (no merge,
+no cast, no quantization), is its planned safetensors header followed by ranges of the original files (a row
+shard or an expert unit of such a tensor: a contiguous range of its rows). Such a unit is read by ``pread``
+straight from the files, range by range, with nothing produced or held; the others are produced by the chunker's
+:func:`~streaming_weights.chunker.produce.produce_group`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+#: ``(offset in the unit, length, literal bytes or (file, offset in the file))``
+Piece = tuple[int, int, Union[bytes, tuple[Path, int]]]
+
+
+def unit_pieces(plan: Any, source: Any, unit: str) -> list[Piece] | None:
+    """The pieces unit ``unit`` is made of, in order and tiling it; ``None`` when it needs a conversion."""
+    keys = plan.units[unit]
+    if not hasattr(source, "locate") or any(k in plan.recipes or k in plan.quant for k in keys):
+        return None
+    layout = plan.layout(unit)
+    rows = plan.rows_of(unit)
+    pieces: list[Piece] = [(0, layout.data_start, layout.header)]
+    for key in keys:
+        path, offset, spec = source.locate(plan.mapping[key])
+        if spec.dtype != plan.specs[key][0] or tuple(spec.shape) != tuple(plan.specs[key][1]):
+            return None  # a cast (or a shape the plan refuses: producing the unit says so)
+        if rows is not None and spec.shape:
+            offset += rows[0] * (spec.nbytes // spec.shape[0])
+        start, end = layout.span(key)
+        pieces.append((start, end - start, (path, offset)))
+    pieces.sort(key=lambda p: p[0])  # the layout orders tensors its own way
+    assert all(a[0] + a[1] == b[0] for a, b in zip(pieces, pieces[1:])), "a planned unit tiles its file"
+    return pieces
+
+
+def read_pieces(pieces: list[Piece], start: int, length: int) -> bytes:
+    """Bytes ``[start, start + length)`` of the unit made of ``pieces`` (fewer at its end).
+
+    Raises:
+        OSError: a file cannot be read, or ends before a range it should hold (truncated).
+    """
+    out = bytearray()
+    stop = start + length
+    fds: dict[Path, int] = {}
+    try:
+        for at, size, what in pieces:
+            lo, hi = max(start, at), min(stop, at + size)
+            if lo >= hi:
+                continue
+            if isinstance(what, bytes):
+                out += what[lo - at:hi - at]
+                continue
+            path, offset = what
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)
+            got = os.pread(fd, hi - lo, offset + lo - at)
+            if len(got) != hi - lo:
+                raise OSError(f"{path} ends before byte {offset + hi - at} (truncated?)")
+            out += got
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return bytes(out)
+
+
+__all__ = ["Piece", "read_pieces", "unit_pieces"]
