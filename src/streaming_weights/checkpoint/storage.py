@@ -95,6 +95,9 @@ class CheckpointStorage(StorageBackend):
         folders = checkpoint_prefixes(keys)
         taken = await self._chunked_names(keys) if folders else set()
         for folder in folders:
+            if str((self.base.base_dir / folder).resolve()) in taken:  # chunked from it: not even indexed
+                self._shadowed(folder, "a chunked model made from it")
+                continue
             try:
                 await self._manifest(folder)
             except CheckpointError:
@@ -103,10 +106,8 @@ class CheckpointStorage(StorageBackend):
                 continue
             model = self.model(folder)
             manifest = model.manifest()
-            if {manifest.name, manifest.source} & taken:
-                # its chunked copy (or another model of that name) is served instead: one model per name
-                self.problems[folder] = f"a chunked model named {manifest.name!r} (or chunked from it) is served instead"
-                logger.info("not serving checkpoint %s as it is: %s", model.folder, self.problems[folder])
+            if manifest.name in taken:  # one model per name: a chunked one (or the first folder) wins
+                self._shadowed(folder, f"another model named {manifest.name!r}")
                 continue
             taken.add(manifest.name)
             rel = [MANIFEST_FILE, *(b.path for b in (*manifest.units, *manifest.files))]
@@ -114,6 +115,12 @@ class CheckpointStorage(StorageBackend):
                 rel.append(SIGNATURE_FILE)
             shown.update(join_key(folder, r) for r in rel)
         return sorted(k for k in shown if k.startswith(prefix))
+
+    def _shadowed(self, folder: str, by: str) -> None:
+        why = f"{by} is served instead"
+        if self.problems.get(folder) != why:
+            logger.info("not serving checkpoint %s as it is: %s", self.base.base_dir / folder, why)
+        self.problems[folder] = why
 
     async def _chunked_names(self, keys: list[str]) -> set[str]:
         """Names and sources of the chunked models among ``keys`` (read leniently: a malformed manifest is the
