@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .models.text import chat_ids
 
 
 def common_prefix_length(a: Any, b: Any) -> int:
@@ -106,9 +107,7 @@ class ChatSession:
         tok = self.model.tokenizer
         self.messages.append({"role": "user", "content": text})
         try:
-            enc = tok.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
-            ids = enc["input_ids"]
+            ids = torch.tensor([chat_ids(tok, self.messages)])
             reuse = self._reusable(ids[0])
             self._cached_ids = None  # until this turn completes, the cache's contents are not known
             # `cache=` is transformers 5's name for the KV cache argument (`past_key_values=` is deprecated)

@@ -28,6 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .detok import RowText
 from ..exceptions import ModelError
+from ..models import text
 from .errors import ApiError, from_exception, shutting_down
 from .schemas import Sampling
 
@@ -176,22 +177,15 @@ class Batcher:
         # model after the server ends it instead).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surfing-api-batch")
         self._tok = tok = model.tokenizer
-        eos = self._eos_list()
-        if tok.pad_token_id is None and not eos:
-            raise ModelError(f"{model.model_name!r}: the tokenizer has neither a pad nor an EOS token to batch with")
-        self._pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]  # padding is masked out
+        eos = text.eos_ids(model.hf_model.generation_config, tok)  # the same EOS set as generate_text
+        try:
+            self._pad = text.pad_id(tok, eos)  # padding is masked out
+        except ModelError as exc:
+            raise ModelError(f"{model.model_name!r}: {exc}") from None
         self._eos = frozenset(eos)
         self._extra: dict[str, Any] = {}
         if speculation is not None and "speculation" in inspect.signature(model.generate).parameters:
             self._extra["speculation"] = speculation
-
-    def _eos_list(self) -> list[int]:
-        # The same EOS set as generate_text: the generation config's ids and the tokenizer's.
-        eos = self.model.hf_model.generation_config.eos_token_id
-        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if self._tok.eos_token_id is not None and self._tok.eos_token_id not in ids:
-            ids.append(self._tok.eos_token_id)
-        return [int(i) for i in ids]
 
     # ------------------------------------------------------------------------------- event loop side
     @property
@@ -307,9 +301,8 @@ class Batcher:
                            loop.time() - t0)
 
     def _generate(self, batch: list[GenRequest], rows: list[_Row]) -> None:
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[self._pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        ids, mask = text.left_pad([r.prompt_ids for r in batch], self._pad)
+        width = ids.shape[1]
         sampling = batch[0].sampling
         criteria = StoppingCriteriaList([_BatchCriteria(rows, width, self._eos)])
         kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch),

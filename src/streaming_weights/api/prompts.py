@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models import text
 from ..models.generation import encode_prompts
 from .errors import invalid
 
@@ -64,14 +65,14 @@ class PromptEncoder:
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int | None) -> list[int]:
         """The ids of the chat template rendered with ``add_generation_prompt=True``."""
-        if not getattr(self.tok, "chat_template", None):
+        if not text.has_chat_template(self.tok):
             raise invalid("this model's tokenizer has no chat template: use /v1/completions", param="messages",
                           code="unsupported_model")
         try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = text.chat_ids(self.tok, messages)
         except Exception as exc:  # noqa: BLE001 - a template rejecting the conversation (e.g. role order)
             raise invalid(f"messages: the chat template rejected them: {exc}", param="messages") from exc
-        return self.check(self.tok(text, add_special_tokens=False)["input_ids"], max_tokens, "messages")
+        return self.check(ids, max_tokens, "messages")
 
     def check(self, ids: list[int], max_tokens: int | None, param: str) -> list[int]:
         """``ids`` if they and ``max_tokens`` new tokens fit the model's context (OpenAI's 400 otherwise)."""

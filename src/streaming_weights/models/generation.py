@@ -23,6 +23,7 @@ import torch
 
 from ..exceptions import ConfigurationError, ModelError
 from . import validation
+from . import text
 from .patching import patch_method
 
 #: Draft length of ``speculation="auto"``. A verification pass costs the fetch of a 1-token step, so a
@@ -312,21 +313,13 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False
     """Token ids of each prompt, the one rule for text in: a plain prompt gets the tokenizer's special
     tokens; ``chat=True`` wraps it as one user message in the chat template with the generation prompt
     (the template brings its own special tokens)."""
-    if not chat:
-        return [list(tokenizer(p)["input_ids"]) for p in prompts]
-    if getattr(tokenizer, "chat_template", None) is None:
+    if chat and not text.has_chat_template(tokenizer):
         raise ModelError("chat=True needs a tokenizer with a chat template; this one has none")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return [text.prompt_ids(tokenizer, p, chat=chat) for p in prompts]
 
 
 def _eos_ids(model: Any, tok: Any) -> set[int]:
-    eos = getattr(model.hf_model.generation_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    return {int(i) for i in ids}
+    return set(text.eos_ids(model.hf_model.generation_config, tok))
 
 
 def decode_new_text(tok: Any, new_ids: Sequence[int], eos: set[int], stop: Sequence[str] = ()) -> str:
@@ -334,9 +327,9 @@ def decode_new_text(tok: Any, new_ids: Sequence[int], eos: set[int], stop: Seque
     text ends before the first stop string."""
     ids = list(new_ids)
     cut = next((i for i, t in enumerate(ids) if int(t) in eos), len(ids))
-    text = tok.decode(ids[:cut], skip_special_tokens=True)
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[:min(ends)] if ends else text
+    out = tok.decode(ids[:cut], skip_special_tokens=True)
+    ends = [i for i in (out.find(s) for s in stop) if i >= 0]
+    return out[:min(ends)] if ends else out
 
 
 def generate_text(model: Any, prompts: str | Sequence[str], *, batch_size: int | None = None, chat: bool = False,
