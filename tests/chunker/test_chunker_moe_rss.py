@@ -36,12 +36,6 @@ def _mixtral(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chunker bug: glibc heap fragmentation. transformers' MergeModulelist stacks each layer's experts into "
-    "fresh 8/4 MiB tensors from the malloc heap (glibc raises its mmap threshold after the first such block is "
-    "freed), so RssAnon grows layer after layer: 99-108 MiB peak growth for this 102 MiB model; with "
-    "MALLOC_MMAP_THRESHOLD_=65536 the same run peaks at 27 MiB (2 layers). Fix: call "
-    "streaming_weights.memory.pin_mmap_threshold() at the start of ModelChunker.chunk_model"))
 def test_peak_rss_about_one_layer_on_hub_layout_experts(tmp_path):
     src = _mixtral(tmp_path / "src")
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(src), str(tmp_path / "out")],

@@ -28,6 +28,7 @@ from ..format.manifest import Manifest, UnitEntry
 from ..format.names import MANIFEST_FILE, join_key
 from ..format.quant import SCHEMES
 from ..storage.base import StorageBackend
+from ..memory import pin_mmap_threshold
 from ..storage import S3Options
 from ..storage.filesystem import FilesystemBackend
 from .plan import ModelPlan, map_checkpoint_keys, parse_dtype, parse_shard_size, plan_model
@@ -132,6 +133,9 @@ class ModelChunker:
                 (before the source is even opened) without ``force``.
             UnsafeFormatError: pickle files that are not plain tensor state dicts.
         """
+        # transformers' expert merges make fresh multi-MiB tensors per layer: on the heap their holes would
+        # grow the chunker's memory with the model instead of one layer (memory.pin_mmap_threshold)
+        pin_mmap_threshold()
         builder = ModelBuilder(self.storage, self.prefix, name=self.name, force=self.force)
         await builder.check()
         source = await asyncio.to_thread(open_source, self.model_name)
