@@ -27,3 +27,30 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *phrases: str) -> st
     for p in phrases:
         assert p in errors[0], (p, errors[0])
     return errors[0]
+
+
+def surfing_here(capfd, *args: str, cwd: Path | str | None = None, input: str | None = None,
+                 ) -> subprocess.CompletedProcess:
+    """``surfing ARGS`` in this process (``streaming_weights.cli.main``; stdin from ``input``), with the
+    result shaped as :func:`surfing`'s: for the checks where the command's behaviour is under test, not the
+    fresh process (each command keeps real subprocess runs elsewhere). ``capfd`` is the test's fixture: its
+    output so far is discarded; the command's stdout and stderr are read at the file-descriptor level."""
+    import contextlib
+    import io
+
+    from streaming_weights import cli
+
+    argv = list(map(str, args))
+    capfd.readouterr()
+    with contextlib.ExitStack() as stack:
+        if cwd is not None:
+            stack.enter_context(contextlib.chdir(cwd))
+        if input is not None:
+            old_stdin, sys.stdin = sys.stdin, io.StringIO(input)
+            stack.callback(setattr, sys, "stdin", old_stdin)
+        try:
+            status = cli.main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            status = exc.code if isinstance(exc.code, int) else 2
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["surfing", *argv], status, out, err)

@@ -14,7 +14,7 @@ import pytest
 from streaming_weights.format import MANIFEST_FILE, Manifest
 from streaming_weights.netutil import free_port, wait_for_port
 
-from tests.cli.helpers import SURFING, assert_one_line_error, surfing
+from tests.cli.helpers import SURFING, assert_one_line_error, surfing, surfing_here
 from tests.support.streaming import served
 
 
@@ -23,19 +23,19 @@ def _manifest(d) -> Manifest:
 
 
 # ------------------------------------------------------------------ 2: default name, default output, --force
-def test_chunk_names_the_model_after_the_source_and_refuses_to_replace_another(tiny_source, tmp_path):
+def test_chunk_names_the_model_after_the_source_and_refuses_to_replace_another(tiny_source, tmp_path, capfd):
     llama = shutil.copytree(tiny_source("llama", layers=2), tmp_path / "my-llama")
     bert = shutil.copytree(tiny_source("bert", layers=2), tmp_path / "my-bert")
-    res = surfing("chunk", llama, cwd=tmp_path)
+    res = surfing_here(capfd, "chunk", llama, cwd=tmp_path)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert _manifest(tmp_path / "chunks" / "my-llama").name == "my-llama"  # not the path as typed
 
-    refused = surfing("chunk", bert, "-o", "chunks/my-llama", cwd=tmp_path)
+    refused = surfing_here(capfd, "chunk", bert, "-o", "chunks/my-llama", cwd=tmp_path)
     assert_one_line_error(refused, "my-llama", "--force")
     assert "force=True" not in refused.stderr  # CLI words, not the Python API's
     assert _manifest(tmp_path / "chunks" / "my-llama").name == "my-llama"  # untouched
 
-    forced = surfing("chunk", bert, "-o", "chunks/my-llama", "--force", cwd=tmp_path)
+    forced = surfing_here(capfd, "chunk", bert, "-o", "chunks/my-llama", "--force", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
     m = _manifest(tmp_path / "chunks" / "my-llama")
     assert m.name == "my-bert"
@@ -44,20 +44,20 @@ def test_chunk_names_the_model_after_the_source_and_refuses_to_replace_another(t
 
 
 # ------------------------------------------------------------------ 4: one-line errors, closed pipe
-def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line(tiny_chunks):
+def test_serve_on_a_port_in_use_or_a_bad_host_is_one_line(tiny_chunks, capfd):
     _, chunks = tiny_chunks("llama")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         assert_one_line_error(surfing("serve", "-d", chunks, "--port", port), f"port {port} is in use")
-    assert_one_line_error(surfing("serve", "-d", chunks, "--host", "no-such-host.invalid", "--port", "0"),
+    assert_one_line_error(surfing_here(capfd, "serve", "-d", chunks, "--host", "no-such-host.invalid", "--port", "0"),
                           "no-such-host.invalid")
 
 
-def test_generate_on_an_encoder_says_use_embed(tiny_chunks):
+def test_generate_on_an_encoder_says_use_embed(tiny_chunks, capfd):
     _, chunks = tiny_chunks("bert")
-    assert_one_line_error(surfing("generate", "--server", chunks, "--prompt", "hi"),
+    assert_one_line_error(surfing_here(capfd, "generate", "--server", chunks, "--prompt", "hi"),
                           "is an encoder model", "use surfing embed")
 
 
@@ -105,11 +105,16 @@ def test_quiet_silences_every_bar_including_transformers(tmp_path):
 
 
 # ------------------------------------------------------------------ 6: answer alone on stdout
-def test_generate_writes_the_answer_alone_to_stdout(smollm2_chunks):
-    res = surfing("generate", "--server", smollm2_chunks, "--prompt", "What is the capital of France?", "--chat",
+def test_generate_writes_the_answer_alone_to_stdout(llama_text_chunks):
+    """A fresh process on the tiny text model (the demo and `surfing chat` run real SmolLM2 answers)."""
+    from streaming_weights import StreamingBaseModel
+
+    res = surfing("generate", "--server", llama_text_chunks, "--prompt", "tell me a story", "--chat",
                   "--max-new-tokens", "6", "--cache-size", "30")
     assert res.returncode == 0, res.stderr
-    assert "Paris" in res.stdout
+    with StreamingBaseModel(None, str(llama_text_chunks), 30) as m:
+        want = m.generate_text("tell me a story", chat=True, max_new_tokens=6, do_sample=False)
+    assert res.stdout == want + "\n"  # the answer, and nothing else
     assert "tokens in" not in res.stdout and "cache" not in res.stdout
     stats = [ln for ln in res.stderr.splitlines() if ln.startswith("[6 tokens in")]
     assert len(stats) == 1, res.stderr  # on a line of its own
@@ -133,37 +138,38 @@ def test_a_warning_during_streamed_output_starts_on_a_fresh_line(capsys):
 
 
 # ------------------------------------------------------------------ 7 + 8: CLI words, client options
-def test_cli_errors_use_the_cli_flags(tiny_chunks, tmp_path):
+def test_cli_errors_use_the_cli_flags(tiny_chunks, tmp_path, capfd):
     both = tmp_path / "two-models"
     for kind in ("llama", "bert"):
         shutil.copytree(tiny_chunks(kind)[1], both / kind)
-    line = assert_one_line_error(surfing("generate", "--server", both, "--prompt", "hi"), "pass --model")
+    line = assert_one_line_error(surfing_here(capfd, "generate", "--server", both, "--prompt", "hi"),
+                                 "pass --model")
     assert "model_name" not in line
 
     _, chunks = tiny_chunks("llama")
     with served(chunks, token="s3cret") as uri:
         host_port = uri.removeprefix("ws://")
-        line = assert_one_line_error(surfing("inspect", host_port), "--token")
+        line = assert_one_line_error(surfing_here(capfd, "inspect", host_port), "--token")
         assert "token=" not in line
 
 
-def test_client_token_file_host_port_and_http_rejected(tiny_chunks, tmp_path):
+def test_client_token_file_host_port_and_http_rejected(tiny_chunks, tmp_path, capfd):
     _, chunks = tiny_chunks("llama")
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
     with served(chunks, token="s3cret") as uri:
         host_port = uri.removeprefix("ws://")  # host:port means ws://host:port, not a directory
-        res = surfing("inspect", host_port, "--token-file", token_file, "--json")
+        res = surfing_here(capfd, "inspect", host_port, "--token-file", token_file, "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["name"] == "llama"
-    assert_one_line_error(surfing("generate", "--server", f"http://{host_port}", "--prompt", "hi"),
+    assert_one_line_error(surfing_here(capfd, "generate", "--server", f"http://{host_port}", "--prompt", "hi"),
                           "ws://")
     empty = tmp_path / "empty"
     empty.write_text("")
-    assert_one_line_error(surfing("inspect", host_port, "--token-file", empty), "--token-file", "empty")
+    assert_one_line_error(surfing_here(capfd, "inspect", host_port, "--token-file", empty), "--token-file", "empty")
 
 
-def test_ca_cert_trusts_a_private_ca(tiny_chunks, tmp_path):
+def test_ca_cert_trusts_a_private_ca(tiny_chunks, tmp_path, capfd):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -173,10 +179,10 @@ def test_ca_cert_trusts_a_private_ca(tiny_chunks, tmp_path):
     ca.cert_pem.write_to_path(str(ca_pem))
     _, chunks = tiny_chunks("llama")
     with served(chunks, tls_cert=str(cert_pem), tls_key=str(key_pem)) as uri:
-        ok = surfing("inspect", uri, "--ca-cert", ca_pem, "--json")
+        ok = surfing_here(capfd, "inspect", uri, "--ca-cert", ca_pem, "--json")
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout)["name"] == "llama"
-        untrusted = surfing("inspect", uri)
+        untrusted = surfing_here(capfd, "inspect", uri)
         assert untrusted.returncode == 2 and "Traceback" not in untrusted.stderr
         assert "--ca-cert" in untrusted.stderr
 
@@ -199,7 +205,7 @@ def test_serve_beyond_loopback_without_a_token_prints_the_real_address_and_warns
     assert "Traceback" not in err
 
 
-def test_serve_takes_the_directory_as_an_argument(tiny_chunks):
+def test_serve_takes_the_directory_as_an_argument(tiny_chunks, capfd):
     """`surfing serve ./chunks` (what a new user types) serves like `--chunks-dir ./chunks`."""
     _, chunks = tiny_chunks("llama")
     port = free_port()
@@ -208,13 +214,14 @@ def test_serve_takes_the_directory_as_an_argument(tiny_chunks):
     try:
         line = proc.stdout.readline()
         wait_for_port(port, proc=proc)
-        listed = surfing("inspect", f"ws://127.0.0.1:{port}")
+        listed = surfing_here(capfd, "inspect", f"ws://127.0.0.1:{port}")
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
     assert f"ws://127.0.0.1:{port}" in line, line
     assert listed.returncode == 0 and "LlamaForCausalLM" in listed.stdout, listed.stderr
-    assert_one_line_error(surfing("serve", str(chunks), "-d", "/elsewhere", "--port", "0"), "two chunk directories")
+    assert_one_line_error(surfing_here(capfd, "serve", str(chunks), "-d", "/elsewhere", "--port", "0"),
+                          "two chunk directories")
 
 
 # ------------------------------------------------------------------ 13: chat keeps the KV cache
