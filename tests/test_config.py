@@ -108,7 +108,7 @@ def test_every_field_declares_its_parser():
 def test_a_new_field_is_one_line_with_its_parser():
     import dataclasses
 
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)
     class Extended(StreamingConfig):
         memory_budget: int | str | None = opt(None, parse=parse_memory)
         trusted_keys: list[str] = opt(parse=parse_list, factory=list)
@@ -141,3 +141,13 @@ def test_memory_budget_and_ca_cert_from_env():
                                   "SURFING_CACHE_SIZE": ""})
     assert (c.memory_budget, c.ca_cert, c.cache_size) == (2 << 30, "/etc/ca.pem", None)
     assert StreamingConfig.from_env({"SURFING_MEMORY_BUDGET": "auto"}).memory_budget == "auto"
+
+
+def test_the_resolved_options_are_immutable():
+    """What a model runs with is fixed at construction: replace() makes a new object, nothing changes one."""
+    import dataclasses
+
+    c = StreamingConfig(cache_size=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.cache_size = 5  # type: ignore[misc]
+    assert c.replace(cache_size=5).cache_size == 5 and c.cache_size == 2

@@ -122,7 +122,7 @@ def opt(default: Any = None, *, parse: Parser | None = parse_str, repr: bool = T
     return dataclasses.field(default=default, **kw)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamingConfig:
     """Client and server options.
 
