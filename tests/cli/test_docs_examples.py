@@ -27,39 +27,46 @@ def run_process(args, cwd, timeout=300, env=None) -> subprocess.CompletedProcess
     return res
 
 
-def run(args, cwd, timeout=300, env=None) -> str:
-    return run_process(args, cwd, timeout, env).stdout
+def run_here(path: Path | str, code: str | None = None, argv: list[str] | None = None) -> None:
+    """Run a script (``path``, or ``code`` under that file name) as ``__main__`` in this process, in a fresh
+    namespace (so it must import what it uses, as on its own); the demo below stays a fresh process."""
+    code = Path(path).read_text() if code is None else code
+    old_argv = sys.argv
+    sys.argv = [str(path), *(argv or [])]
+    try:
+        exec(compile(code, str(path), "exec"), {"__name__": "__main__", "__file__": str(path)})
+    finally:
+        sys.argv = old_argv
 
 
-def test_readme_blocks_run(tiny_source, tmp_path):
+def test_readme_blocks_run(tiny_source, tmp_path, monkeypatch, capsys):
     blocks = python_blocks()
     assert len(blocks) == 2
     src = tiny_source("llama", layers=4)
     port = free_port()
     first = (blocks[0].replace("path/to/llama", str(src)).replace("port=8765", f"port={port}")
              .replace("ws://localhost:8765", f"ws://localhost:{port}"))
-    (tmp_path / "first.py").write_text(first)
-    out = run([sys.executable, "first.py"], tmp_path)
-    assert "torch.Size([1, 4, 64])" in out
+    monkeypatch.chdir(tmp_path)
+    run_here(tmp_path / "first.py", first)
+    assert "torch.Size([1, 4, 64])" in capsys.readouterr().out
     # The second block talks to a running server over the chunks the first block wrote.
     with served(tmp_path / "chunks") as uri:
         port2 = int(uri.rsplit(":", 1)[1])
         # each block runs on its own: nothing is prepended (the block imports what it uses)
         second = blocks[1].replace("server_port=8765", f"server_port={port2}")
-        (tmp_path / "second.py").write_text(second)
-        out = run([sys.executable, "second.py"], tmp_path)
-    assert "tensor([[" in out
+        run_here(tmp_path / "second.py", second)
+    assert "tensor([[" in capsys.readouterr().out
 
 
-def test_llama_example(tiny_source):
-    out = run([sys.executable, str(ROOT / "examples" / "llama_example.py"), str(tiny_source("llama", layers=4))],
-              ROOT)
+def test_llama_example(tiny_source, capsys):
+    run_here(ROOT / "examples" / "llama_example.py", argv=[str(tiny_source("llama", layers=4))])
+    out = capsys.readouterr().out
     assert "last_hidden_state (1, 5, 64)" in out and "cache hit rate" in out
 
 
-def test_inference_example(tiny_source):
-    out = run([sys.executable, str(ROOT / "examples" / "inference_example.py"), str(tiny_source("bert", layers=4))],
-              ROOT)
+def test_inference_example(tiny_source, capsys):
+    run_here(ROOT / "examples" / "inference_example.py", argv=[str(tiny_source("bert", layers=4))])
+    out = capsys.readouterr().out
     assert "embeddings (2, 48)" in out and "pooler_output (2, 48)" in out
 
 
