@@ -175,3 +175,42 @@ def test_effective_cache_size_capped_at_streamed_units(llama):
         m.cache_size = 2
         info = m.get_cache_info()
         assert (info["requested_cache_size"], info["effective_cache_size"]) == (2, 2)
+
+
+def test_a_model_that_fits_keeps_its_weights_in_place(llama):
+    """With every block kept, the blocks' tensors stay in the modules after the first pass: later tokens never
+    ask the cache (no hop to the I/O thread), the output is transformers' own, uses still count as hits, and
+    shrinking the cache (or clearing it) puts the meta placeholders back before anything is dropped."""
+    chunks, ref = llama
+    src = FakeSource(chunks_dir=chunks)
+    with StreamingLlamaModel("llama", src, cache_size=4, speculation="off") as m:
+        with torch.no_grad():
+            want = ref.generate(input_ids=IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        assert m.get_cache_info()["pinned"]
+        asked, acquire = [], m.engine.cache.acquire
+
+        async def counting(name, **kw):
+            asked.append(name)
+            return await acquire(name, **kw)
+
+        m.engine.cache.acquire = counting
+        hits = m.get_cache_info()["hits"]
+        fetched = len(src.fetched())
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        assert asked == [] and len(src.fetched()) == fetched  # held units cost nothing to use
+        assert m.get_cache_info()["hits"] >= hits + 4 * 4  # 4 blocks x (prompt + 3 decode steps)
+        torch.testing.assert_close(m.forward(IDS).last_hidden_state, reference_hidden(ref), rtol=0, atol=1e-5)
+        m.cache_size = 1
+        assert not m.get_cache_info()["pinned"]
+        layer = m.hf_model.model.layers[0]
+        assert layer.mlp.up_proj.weight.is_meta  # between calls, a block holds nothing again
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        assert asked  # back to the cache
+        m.cache_size = 4
+        m.generate(input_ids=IDS, max_new_tokens=2, do_sample=False)
+        m.generate(input_ids=IDS, max_new_tokens=2, do_sample=False)
+        assert m.get_cache_info()["pinned"]
+        m.clear_cache()
+        assert not m.get_cache_info()["pinned"] and layer.mlp.up_proj.weight.is_meta
+        assert m.get_cache_info()["cached_components"] == []

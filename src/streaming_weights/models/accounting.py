@@ -41,6 +41,11 @@ class Accounting:
         self.lock = threading.RLock()  # one inference at a time; re-entrant for nested scopes
         self._frames: list[_Frame] = []
 
+    @property
+    def depth(self) -> int:
+        """Open scopes (1 inside the outermost only)."""
+        return len(self._frames)
+
     def enter(self, kind: str) -> None:
         """Open a counted inference scope (nested scopes belong to the outermost one). Never raises:
         it runs as a forward pre-hook, and the matching :meth:`exit` runs even when the forward fails."""

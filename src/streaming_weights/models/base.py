@@ -313,7 +313,7 @@ class StreamingBaseModel:
     @cache_size.setter
     def cache_size(self, value: int) -> None:
         self.ensure_loaded()
-        self.engine.call(self.engine.resize_cache, int(value))
+        self.engine.resize_cache(int(value))
 
     def _unit_names(self, indices: list[int]) -> list[str]:
         units = self.streamed_units
@@ -344,10 +344,12 @@ class StreamingBaseModel:
         """
         self._sync_guard("clear_cache")
         self.ensure_loaded()
+        self.engine.unpin()
         self.engine.run(self.engine.clear_caches())
 
     async def clear_cache_async(self) -> None:
         await self.ensure_loaded_async()
+        await asyncio.to_thread(self.engine.unpin)
         await self.engine.wrap(self.engine.clear_caches())
 
     def get_cache_info(self) -> dict[str, Any]:

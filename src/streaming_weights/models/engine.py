@@ -97,6 +97,8 @@ class StreamingEngine:
         self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
         self.monitor = config.monitor
+        self.pinned = False  # every streamed block's tensors stay in its module (see _pin_if_all_kept)
+        self.pinned_hits = 0  # uses of pinned units (cache hits that never reached the cache) before the last unpin
         self.accounting = Accounting(self._lifetime, config.monitor)
         self.lock = self.accounting.lock  # one inference at a time (the facade takes it around a call)
         self._root_handles: list[Any] = []
@@ -185,19 +187,27 @@ class StreamingEngine:
         if self.plan is not None and self.plan.source == "budget" and self.cache is not None:
             keep = min(plan.cache_size, self.plan.cache_size)
             if keep != self.cache.max_units:
-                self.call(self.cache.resize, keep, self.cache.max_bytes)
+                with self.lock:
+                    self._unpin()
+                    self.call(self.cache.resize, keep, self.cache.max_bytes)
         return plan
 
     def resize_cache(self, units: int) -> None:
         """Keep ``units`` streamed units (and, for a mixture of experts, ``units`` layers' worth of experts, as
-        the planner gives without a budget). Runs on the I/O loop."""
+        the planner gives without a budget)."""
+        with self.lock:
+            self._unpin()
+            self.call(self._resize, units)
+
+    def _resize(self, units: int) -> None:
         self.cache.resize(units, self.cache.max_bytes)
         if self.experts is not None and self.plan is not None:
             layer = self.plan.experts_per_layer * self.plan.expert_unit_bytes
             self.experts.cache.resize(len(self.experts.cache.sizes) if units else 0, units * layer)
 
     async def clear_caches(self) -> None:
-        """Drop every cached and prefetched unit and expert (resident parts stay)."""
+        """Drop every cached and prefetched unit and expert (resident parts stay). Call with the model unpinned
+        (:meth:`_unpin`, as the facade does)."""
         await self.cache.clear()
         if self.experts is not None:
             await self.experts.cache.clear()
@@ -283,7 +293,7 @@ class StreamingEngine:
     def _read_caches(self) -> Totals:
         caches = [self.cache.stats] + ([self.experts.cache.stats] if self.experts is not None else [])
         out = Totals(fetch_seconds=sum(c.fetch_seconds for c in caches), bytes_fetched=sum(c.bytes_fetched for c in caches),
-                     hits=sum(c.hits for c in caches), misses=sum(c.misses for c in caches),
+                     hits=sum(c.hits for c in caches) + self.pinned_uses(), misses=sum(c.misses for c in caches),
                      stall_seconds=self.cache.stats.stall_seconds)
         if self.experts is not None:
             out.stall_seconds += self.experts.stall_seconds  # wall time: concurrent expert fetches overlap
@@ -294,12 +304,61 @@ class StreamingEngine:
         self.accounting.enter(kind)
 
     def exit(self, tokens: int = 0) -> None:
-        """Close the innermost counted scope (:meth:`Accounting.exit`)."""
+        """Close the innermost counted scope (:meth:`Accounting.exit`); after the outermost, pin what is kept."""
+        outermost = self.accounting.depth == 1
         self.accounting.exit(tokens)
+        if outermost and not self.closed:
+            self._pin_if_all_kept()
+
+    # --------------------------------------------------------------------------- weights in memory
+    def _pin_if_all_kept(self) -> None:
+        """When the cache keeps every streamed block (the model fits its plan) and all have arrived, leave their
+        tensors in the modules: a held unit then costs nothing to use (no hop to the I/O thread, no assignment).
+        Undone by :meth:`_unpin` before anything may drop a unit (resize, clear, close)."""
+        if self.pinned or not self.bindings or not self.placement.on_host:
+            return
+        names = [b.name for b in self.bindings]
+
+        def held() -> dict[str, Any] | None:
+            c = self.cache
+            if c.max_units < len(names) or c.max_bytes is not None or not all(n in c.cached for n in names):
+                return None
+            return {n: c.cached[n].tensors for n in names}
+
+        try:
+            units = self.call(held)
+        except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to pin
+            return
+        if units is not None:
+            for b in self.bindings:
+                b.pin(units[b.name])
+            self.pinned = True
+
+    def pinned_uses(self) -> int:
+        """Uses of pinned units: cache hits that never had to reach the cache."""
+        return self.pinned_hits + sum(b.pinned_uses for b in self.bindings)
+
+    def unpin(self) -> None:
+        """Return pinned units to per-use fetching (before the cache may drop them), between inferences."""
+        with self.lock:
+            self._unpin()
+
+    def _unpin(self) -> None:
+        if self.pinned:
+            self.pinned = False
+            uses = sum(b.pinned_uses for b in self.bindings)
+            for b in self.bindings:
+                b.unpin()
+                b.pinned_uses = 0
+            self.pinned_hits += uses
 
     def cache_info(self) -> dict[str, Any]:
         """The cache's counters plus the requested and effective cache sizes."""
         info = self.call(self.cache.info)
+        if self.pinned_uses():  # held units used without asking the cache are hits all the same
+            info["hits"] += self.pinned_uses()
+            info["hit_rate"] = info["hits"] / (info["hits"] + info["misses"])
+        info["pinned"] = self.pinned
         n_streamed = len(self.plan.streamed) if self.plan is not None else len(self.manifest.streamed)
         info["requested_cache_size"] = self.cache.max_units
         # More than every streamed unit cannot be kept: the size that actually bounds the cache.
@@ -337,6 +396,7 @@ class StreamingEngine:
             return
         self.closed = True
         _OPEN.discard(self)
+        self._unpin()
         if not in_running_loop():
             try:
                 self.io.run(self._shutdown(), timeout)

@@ -66,10 +66,29 @@ class UnitBinding(ModuleHook):
         self._prefix = prefix
         self._depth = 0
         self._held = False
+        #: the unit's tensors stay in the module between calls (:meth:`pin`): a use costs nothing
+        self.pinned = False
+        self.pinned_uses = 0
         self._patch = add_hook(self.module, self)
+
+    def pin(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep ``tensors`` (the unit, kept by the cache for as long as it is pinned) in the module: later calls
+        neither fetch, nor assign, nor release. Only between calls."""
+        assert self._depth == 0, "pin between calls only"
+        assign_unit(self.module, tensors, self._prefix)
+        self.pinned = True
+
+    def unpin(self) -> None:
+        """Back to fetching per call: the meta placeholders return (the cache may drop the unit after this)."""
+        if self.pinned:
+            self.pinned = False
+            self._restore()
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._depth += 1
+        if self.pinned:
+            self.pinned_uses += self._depth == 1
+            return None
         if self._depth > 1:  # re-entrant call: tensors are already in place
             return None
         # torch runs always_call forward hooks even when a pre-hook raises, so _post cleans up both ways.
@@ -80,7 +99,7 @@ class UnitBinding(ModuleHook):
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._depth -= 1
-        if self._depth == 0:
+        if self._depth == 0 and not self.pinned:
             self._restore()
             if self._held:
                 self._held = False
