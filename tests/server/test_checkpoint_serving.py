@@ -281,3 +281,29 @@ def test_the_folders_are_untouched_and_nothing_near_a_model_was_written(store):
     smallest = min(tree_bytes(models / n) for n in (LLAMA, MIXTRAL, BERT))
     assert 0 < tree_bytes(index) < smallest / 4, (tree_bytes(index), smallest)
     assert {p.name for p in index.rglob("*") if p.is_file()} <= {"index.json", "manifest.json", "manifest.json.sig"}
+
+
+@pytest.mark.s3
+def test_streamed_and_served_from_s3(store, s3_server, s3_bucket, monkeypatch):
+    """The same folders uploaded as they are to the real S3 server: streamed from ``s3://`` by ranged reads, and
+    served by a weight server over that storage."""
+    models, _, before = store
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    backend = s3_server.backend(s3_bucket, "hub")
+
+    async def upload() -> None:
+        for name in (LLAMA, MIXTRAL, BERT):
+            for p in sorted((models / name).rglob("*")):
+                if p.is_file():
+                    await backend.save(f"{name}/{p.relative_to(models / name)}", p.read_bytes())
+        await backend.close()
+
+    asyncio.run(upload())
+    check_parity(f"s3://{s3_bucket}/hub", models)
+    with served(f"s3://{s3_bucket}/hub", token="") as uri:
+        assert asyncio.run(hosted(uri)) == sorted([LLAMA, MIXTRAL, BERT])
+        check_parity(uri, models)
+    stored = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert len(stored) > 10 and not [k for k in stored if "manifest" in k or "/units/" in k]  # nothing written there
+    assert digest_tree(models) == before

@@ -35,7 +35,10 @@ def _has_checkpoint(root: Path) -> bool:
 
 def adapt(backend: StorageBackend, *, index_root: str | os.PathLike[str] | None = None) -> StorageBackend | None:
     """The storage layout adapter (:mod:`streaming_weights.storage.layouts`): a :class:`CheckpointStorage`
-    over a filesystem backend holding at least one checkpoint folder, else ``None``."""
+    over a filesystem backend holding at least one checkpoint folder, or over an S3 backend (its listings say
+    which prefixes are checkpoints), else ``None``."""
+    if type(backend).__name__ == "S3Backend":  # listed lazily: checkpoint folders are found by the listings
+        return CheckpointStorage(backend, index_root=index_root)
     if type(backend) is not FilesystemBackend or not _has_checkpoint(backend.base_dir):
         return None
     return CheckpointStorage(backend, index_root=index_root)

@@ -39,9 +39,11 @@ def default_index_root() -> Path:
     return Path(cache_dir_from_env()) / "index"
 
 
-def index_dir_for(folder: Path, root: str | os.PathLike[str] | None = None) -> Path:
-    """The index directory of checkpoint ``folder`` under ``root`` (default :func:`default_index_root`)."""
-    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+def index_dir_for(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The index directory of checkpoint ``folder`` (a local path, resolved; or a storage location such as
+    ``s3://bucket/prefix``) under ``root`` (default :func:`default_index_root`)."""
+    where = str(folder) if str(folder).startswith("s3://") else str(Path(folder).resolve())
+    key = hashlib.sha256(where.encode()).hexdigest()[:24]
     return Path(root if root is not None else default_index_root()).expanduser() / key
 
 
@@ -85,7 +87,7 @@ def stat_print(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_index(where: Path, folder: Path, options: dict[str, Any],
+def read_index(where: Path, folder: str, options: dict[str, Any],
                prints: dict[str, list[Any]]) -> bytes | None:
     """The manifest bytes indexed in ``where`` for ``folder``, if that index was made with ``options`` from
     files whose fingerprints are ``prints``; ``None`` otherwise (no index, another folder, stale)."""
@@ -101,7 +103,7 @@ def read_index(where: Path, folder: Path, options: dict[str, Any],
     return data
 
 
-def write_index(where: Path, folder: Path, options: dict[str, Any], prints: dict[str, list[Any]],
+def write_index(where: Path, folder: str, options: dict[str, Any], prints: dict[str, list[Any]],
                 manifest: bytes) -> None:
     """Save a new index (any older signature is removed first: it signed another manifest).
 

@@ -14,7 +14,7 @@ from ..format.names import MANIFEST_FILE
 CONFIG_FILE = "config.json"
 #: files larger than this that are not safetensors (other weight formats) are not part of the served model
 _MAX_AUX_BYTES = 64 << 20
-_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
 
 
 def checkpoint_prefixes(keys: list[str]) -> list[str]:
@@ -50,11 +50,11 @@ def checkpoint_files(folder: Path) -> list[str]:
         if entry.is_file():
             if entry.name.endswith(".safetensors"):
                 out.append(entry.name)
-            elif not entry.name.endswith(_OTHER_WEIGHTS) and entry.stat().st_size <= _MAX_AUX_BYTES:
+            elif not entry.name.endswith(OTHER_WEIGHTS) and entry.stat().st_size <= _MAX_AUX_BYTES:
                 out.append(entry.name)
         elif entry.is_dir() and (Path(entry.path) / CONFIG_FILE).is_file():
             out.append(f"{entry.name}/{CONFIG_FILE}")
     return out
 
 
-__all__ = ["CONFIG_FILE", "checkpoint_files", "checkpoint_prefixes"]
+__all__ = ["CONFIG_FILE", "OTHER_WEIGHTS", "checkpoint_files", "checkpoint_prefixes"]

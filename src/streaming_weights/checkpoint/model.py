@@ -27,8 +27,8 @@ from ..format.manifest import UnitEntry
 from ..format.builder import ModelBuilder
 from ..format.names import MANIFEST_FILE, SIGNATURE_FILE
 from ..storage.memory import MemoryBackend
-from .index import fingerprint, index_dir_for, read_index, stat_print, write_index
-from .layout import checkpoint_files
+from .files import LocalFiles
+from .index import index_dir_for, read_index, write_index
 from .ranges import Piece, read_pieces, unit_pieces
 
 logger = logging.getLogger("streaming_weights.checkpoint")
@@ -54,9 +54,13 @@ class CheckpointModel:
     produced together, wait here for their own requests).
     """
 
-    def __init__(self, folder: str | Path, index_root: str | Path | None = None, *, memo_bytes: int = 64 << 20) -> None:
-        self.folder = Path(folder).resolve()
-        self.index_dir = index_dir_for(self.folder, index_root)
+    def __init__(self, folder: str | Path | Any, index_root: str | Path | None = None, *,
+                 memo_bytes: int = 64 << 20) -> None:
+        #: the folder's files (:class:`~.files.LocalFiles`, or :class:`~.files.StoredFiles` in a storage)
+        self.files = folder if hasattr(folder, "open_source") else LocalFiles(folder)
+        self.location: str = self.files.location
+        self.folder = Path(self.location)  # for messages (a local folder: its resolved path)
+        self.index_dir = index_dir_for(self.location, index_root)
         self.memo_bytes = memo_bytes
         self._lock = threading.RLock()
         self._manifest: bytes | None = None
@@ -75,17 +79,23 @@ class CheckpointModel:
             CheckpointError: the folder cannot be served as it is (the message says why and what to do).
         """
         with self._lock:
-            names = checkpoint_files(self.folder)
-            if self._manifest is not None and stat_print(self.folder, names) == self._stat:
+            names = self.files.names()
+            if self._manifest is not None and self.files.stats(names) == self._stat:
                 return self._manifest
             self._forget()
-            prints = fingerprint(self.folder, names)
-            data = read_index(self.index_dir, self.folder, OPTIONS, prints)
+            prints = self.files.prints(names)
+            data = read_index(self.index_dir, self.location, OPTIONS, prints)
             if data is None:
                 data = self._index(names, prints)
             self._manifest, self._parsed = data, Manifest.from_bytes(data)
             self._stat = {n: (p[0], p[1]) for n, p in prints.items()}
             return data
+
+    @property
+    def last_manifest(self) -> Manifest:
+        """The manifest :meth:`manifest_bytes` returned last (no check of the files)."""
+        assert self._parsed is not None, "manifest_bytes() first"
+        return self._parsed
 
     def manifest(self) -> Manifest:
         self.manifest_bytes()
@@ -120,7 +130,7 @@ class CheckpointModel:
     def _index(self, names: list[str], prints: dict[str, list[Any]]) -> bytes:
         plan, source = self._open()
         logger.info("indexing checkpoint %s: hashing %d units (%.1f MiB) once; the index is kept in %s",
-                    self.folder, len(plan.units), plan.total_bytes / 2**20, self.index_dir)
+                    self.location, len(plan.units), plan.total_bytes / 2**20, self.index_dir)
         try:
             data = asyncio.run(self._build(plan, source))
         except CheckpointError:
@@ -128,14 +138,14 @@ class CheckpointModel:
             raise
         except StreamingWeightsError as exc:  # a tensor the config does not describe, a file cut short...
             source.close()
-            raise CheckpointError(f"cannot serve {self.folder} as it is: {exc} (does config.json match the "
+            raise CheckpointError(f"cannot serve {self.location} as it is: {exc} (does config.json match the "
                                   "tensors? is a file truncated?)") from exc
-        if stat_print(self.folder, names) != {n: (p[0], p[1]) for n, p in prints.items()}:
-            raise CheckpointError(f"{self.folder} changed while it was being indexed; it is indexed again on the "
+        if self.files.stats(names) != {n: (p[0], p[1]) for n, p in prints.items()}:
+            raise CheckpointError(f"{self.location} changed while it was being indexed; it is indexed again on the "
                                   "next request")
-        write_index(self.index_dir, self.folder, OPTIONS, prints, data)
+        write_index(self.index_dir, self.location, OPTIONS, prints, data)
         self._plan, self._src = plan, source  # kept for the reads that follow
-        logger.info("indexed checkpoint %s", self.folder)
+        logger.info("indexed checkpoint %s", self.location)
         return data
 
     async def _build(self, plan: Any, source: Any) -> bytes:
@@ -143,7 +153,7 @@ class CheckpointModel:
         from ..chunker.produce import produce_group
 
         sink = _ManifestOnly()
-        builder = ModelBuilder(sink, "", name=default_model_name(str(self.folder)))
+        builder = ModelBuilder(sink, "", name=default_model_name(self.location))
         for group in plan.groups():
             role = "expert" if group[0] in plan.experts else None
             for unit, buf, digests in produce_group(plan, source, group):
@@ -153,7 +163,7 @@ class CheckpointModel:
             await builder.add_file(fname, data)
         await builder.finish(architecture=plan.architecture, model_type=plan.config.model_type,
                              config=plan.config.to_dict(), dtype=str(plan.dtype).removeprefix("torch."),
-                             tied=plan.tied, source=source_id(str(self.folder)))
+                             tied=plan.tied, source=source_id(self.location))
         return bytes(await sink.load(MANIFEST_FILE))
 
     def _open(self) -> tuple[Any, Any]:
@@ -162,14 +172,14 @@ class CheckpointModel:
 
         source = self._source()
         try:
-            plan = plan_model(source, None, str(self.folder), None, OPTIONS["shard_size"], OPTIONS["expert_units"])
+            plan = plan_model(source, None, self.location, None, OPTIONS["shard_size"], OPTIONS["expert_units"])
         except Exception as exc:  # noqa: BLE001 - transformers raises plain errors for a config it cannot build
             source.close()
             if isinstance(exc, CheckpointError):
                 raise
             why = str(exc) if isinstance(exc, StreamingWeightsError) else \
                 f"its config does not build a model ({type(exc).__name__}: {exc})"
-            raise CheckpointError(f"cannot serve {self.folder} as it is: {why}") from exc
+            raise CheckpointError(f"cannot serve {self.location} as it is: {why}") from exc
         return plan, source
 
     # ------------------------------------------------------------------------------------------ bytes
@@ -198,10 +208,10 @@ class CheckpointModel:
                 data = self._memo[entry.name]
                 return data if whole else data[start:stop]
             try:
-                data = read_pieces(pieces, start, stop - start)
+                data = read_pieces(pieces, start, stop - start, self.files.pread)
             except OSError as exc:
                 self._forget()
-                raise CheckpointError(f"cannot read {rel} from {self.folder}: {exc}") from exc
+                raise CheckpointError(f"cannot read {rel} from {self.location}: {exc}") from exc
             return self._checked(entry, data) if whole else data
 
     def _pieces(self, unit: str) -> list[Piece] | None:
@@ -219,9 +229,10 @@ class CheckpointModel:
     def _file(self, entry: Any) -> bytes:
         from ..chunker.readers import sentence_module_configs
 
-        path = self.folder / entry.name  # the files the chunker copies, read the same way
-        data = path.read_bytes() if path.is_file() else sentence_module_configs(self.folder).get(entry.name, b"")
-        return self._checked(entry, data)
+        data = self.files.read(entry.name)  # the files the chunker copies, read the same way
+        if data is None and isinstance(self.files, LocalFiles):
+            data = sentence_module_configs(self.files.folder).get(entry.name)
+        return self._checked(entry, data or b"")
 
     def _produce(self, unit: str) -> None:
         from ..chunker.produce import produce_group, unit_group
@@ -236,7 +247,7 @@ class CheckpointModel:
             raise
         except StreamingWeightsError as exc:
             self._forget()
-            raise CheckpointError(f"cannot read {unit!r} from {self.folder}: {exc}") from exc
+            raise CheckpointError(f"cannot read {unit!r} from {self.location}: {exc}") from exc
         while len(self._memo) > 1 and sum(map(len, self._memo.values())) > self.memo_bytes:
             oldest = next(iter(self._memo))
             if oldest == unit:
@@ -245,19 +256,19 @@ class CheckpointModel:
             del self._memo[oldest]
 
     def _source(self) -> Any:
-        from ..chunker.readers import open_source
-
         try:
-            return open_source(self.folder)
+            return self.files.open_source()
+        except CheckpointError:
+            raise
         except ChunkingError as exc:
-            raise CheckpointError(f"cannot serve {self.folder} as it is: {exc}") from exc
+            raise CheckpointError(f"cannot serve {self.location} as it is: {exc}") from exc
 
     def _checked(self, entry: Any, data: bytes) -> bytes:
         from ..format.hashing import blake3_hex
 
         if len(data) != entry.bytes or blake3_hex(data) != entry.blake3:
             self._forget()
-            raise CheckpointError(f"{self.folder}: {entry.path} no longer matches its index (a checkpoint file "
+            raise CheckpointError(f"{self.location}: {entry.path} no longer matches its index (a checkpoint file "
                                   "changed without a new size or mtime); it is indexed again: request the manifest again")
         return data
 

@@ -9,9 +9,8 @@ straight from the files, range by range, with nothing produced or held; the othe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 #: ``(offset in the unit, length, literal bytes or (file, offset in the file))``
 Piece = tuple[int, int, Union[bytes, tuple[Path, int]]]
@@ -38,34 +37,27 @@ def unit_pieces(plan: Any, source: Any, unit: str) -> list[Piece] | None:
     return pieces
 
 
-def read_pieces(pieces: list[Piece], start: int, length: int) -> bytes:
-    """Bytes ``[start, start + length)`` of the unit made of ``pieces`` (fewer at its end).
+def read_pieces(pieces: list[Piece], start: int, length: int, pread: Callable[[Any, int, int], bytes]) -> bytes:
+    """Bytes ``[start, start + length)`` of the unit made of ``pieces`` (fewer at its end); ``pread(file, offset,
+    length)`` reads a range of a checkpoint file.
 
     Raises:
-        OSError: a file cannot be read, or ends before a range it should hold (truncated).
+        OSError: a file ends before a range it should hold (truncated), or cannot be read.
     """
     out = bytearray()
     stop = start + length
-    fds: dict[Path, int] = {}
-    try:
-        for at, size, what in pieces:
-            lo, hi = max(start, at), min(stop, at + size)
-            if lo >= hi:
-                continue
-            if isinstance(what, bytes):
-                out += what[lo - at:hi - at]
-                continue
-            path, offset = what
-            fd = fds.get(path)
-            if fd is None:
-                fd = fds[path] = os.open(path, os.O_RDONLY)
-            got = os.pread(fd, hi - lo, offset + lo - at)
-            if len(got) != hi - lo:
-                raise OSError(f"{path} ends before byte {offset + hi - at} (truncated?)")
-            out += got
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for at, size, what in pieces:
+        lo, hi = max(start, at), min(stop, at + size)
+        if lo >= hi:
+            continue
+        if isinstance(what, bytes):
+            out += what[lo - at:hi - at]
+            continue
+        ref, offset = what
+        got = pread(ref, offset + lo - at, hi - lo)
+        if len(got) != hi - lo:
+            raise OSError(f"{ref} ends before byte {offset + hi - at} (truncated?)")
+        out += got
     return bytes(out)
 
 

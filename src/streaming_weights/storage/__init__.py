@@ -63,7 +63,7 @@ def open_storage(location: str | os.PathLike[str] | StorageBackend,
     location = os.fspath(location)
     if location.startswith("s3://"):
         bucket, _, prefix = location[5:].partition("/")
-        return (s3 or S3Options()).backend(bucket), prefix.strip("/")
+        return present((s3 or S3Options()).backend(bucket)), prefix.strip("/")
     return present(FilesystemBackend(location)), ""
 
 
