@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from streaming_weights import ModelChunker, StreamingBertModel, StreamingLlamaModel
 from streaming_weights.exceptions import NotFoundError
-from tests.cli.helpers import assert_one_line_error, surfing
+from tests.cli.helpers import assert_one_line_error, surfing_here
 from tests.support import models as tiny
 from tests.support.models import chunk
-from tests.support.servers import start_server_process
 from tests.support.streaming import served
 
 IDS = torch.tensor([[1, 5, 9, 23, 7, 3]])
@@ -91,39 +90,34 @@ def test_the_model_name_that_chunked_a_model_reaches_it_over_s3(store, s3_server
         assert torch.allclose(_logits("someorg/tiny-llama", uri), want, atol=1e-5)
 
 
-def test_cli_model_names_follow_the_readme(store, tmp_path):
+def test_cli_model_names_follow_the_readme(store, tmp_path, capfd):
     """``surfing chunk`` with default names, then ``--model`` by name, source path and ``org/name`` over a
-    running ``surfing serve``; the real MiniLM checkpoint (folder ``model``) is named all-MiniLM-L6-v2."""
+    running weight server; the real MiniLM checkpoint (folder ``model``) is named all-MiniLM-L6-v2. The
+    commands run in-process (their fresh-process runs are in tests/cli)."""
     chunks, _, _, _ = store
     minilm = tiny.packaged_minilm_dir()
-    res = surfing("chunk", minilm, "--output-dir", tmp_path / "minilm")
+    res = surfing_here(capfd, "chunk", minilm, "--output-dir", tmp_path / "minilm")
     assert res.returncode == 0 and "all-MiniLM-L6-v2" in res.stdout, res.stderr
     for args in (("--server", tmp_path / "minilm"),):
         for name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", str(minilm)):
-            out = surfing("embed", *args, "--model", name, "--text", "a sentence", "--normalize")
+            out = surfing_here(capfd, "embed", *args, "--model", name, "--text", "a sentence", "--normalize")
             assert out.returncode == 0, (name, out.stderr)
-    proc, port = start_server_process(chunks)
-    try:
-        res = surfing("embed", "--server", f"ws://127.0.0.1:{port}", "--model", "tiny", "--text", "x")
+            assert json.loads(out.stdout)["model"] == "all-MiniLM-L6-v2", name
+    with served(chunks, token="") as uri:
+        res = surfing_here(capfd, "embed", "--server", uri, "--model", "tiny", "--text", "x")
         assert_one_line_error(res, "does not host model 'tiny'", "tiny-llama")
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
-def test_cli_a_gguf_model_by_its_name_its_tagged_stem_and_its_file(smollm2_chunks):
+def test_cli_a_gguf_model_by_its_name_its_tagged_stem_and_its_file(smollm2_chunks, capfd):
     """The session's SmolLM2 was chunked from the packaged GGUF with the default name (SmolLM2-135M-Instruct,
     see conftest); over a running server it answers to the old tagged name and to the file it came from."""
     gguf = tiny.packaged_smollm2_gguf()
-    proc, port = start_server_process(smollm2_chunks)
-    try:
+    with served(smollm2_chunks, token="") as uri:
+        host_port = uri.removeprefix("ws://")
         for name in ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1", str(gguf), "HuggingFaceTB/SmolLM2-135M-Instruct"):
-            res = surfing("inspect", f"127.0.0.1:{port}", "--model", name, "--json")
+            res = surfing_here(capfd, "inspect", host_port, "--model", name, "--json")
             assert res.returncode == 0, (name, res.stderr)
             manifest = json.loads(res.stdout)
             assert manifest["name"] == "SmolLM2-135M-Instruct" and manifest["source"] == str(gguf), name
-        res = surfing("inspect", f"127.0.0.1:{port}", "--model", "SmolLM2-135M-Instruct.Q8_0")
+        res = surfing_here(capfd, "inspect", host_port, "--model", "SmolLM2-135M-Instruct.Q8_0")
         assert_one_line_error(res, "does not host model 'SmolLM2-135M-Instruct.Q8_0'")  # another quantization
-    finally:
-        proc.terminate()
-        proc.wait(30)
