@@ -201,6 +201,31 @@ def test_truncated_corrupted_overlapping_and_mismatched_folders_fail_alone(store
         StreamingLlamaModel(websocket_uri=str(bad["truncated"]), cache_size=0).ensure_loaded()
 
 
+def test_a_checkpoint_truncated_while_served_fails_alone(tmp_path):
+    """A file cut short under a running server: that model's reads fail with a clear error, the next listing
+    withdraws it, and the server keeps serving the other model."""
+    from streaming_weights.exceptions import StreamingWeightsError
+
+    good, victim = sharded_llama(tmp_path / "good"), sharded_llama(tmp_path / "victim")
+
+    async def run(uri: str) -> list[str]:
+        source = open_unit_source(uri)
+        try:
+            manifest = await source.get_manifest("victim")
+            last = sorted(victim.glob("*.safetensors"))[-1]
+            os.truncate(last, last.stat().st_size - 100)
+            with pytest.raises(StreamingWeightsError, match="truncated"):
+                await source.fetch_unit(manifest, manifest.streamed[-1].name)
+            return await source.list_models()
+        finally:
+            await source.close()
+
+    with served(tmp_path, token="") as uri:
+        assert asyncio.run(run(uri)) == ["good"]
+        with StreamingLlamaModel(model_name="good", websocket_uri=uri, cache_size=0) as m:
+            assert torch.equal(m.hf_model(input_ids=IDS).logits, reference(good)(IDS).logits)
+
+
 def _overlap(path: Path) -> None:
     """Make the second tensor of ``path``'s header start inside the first (same header length)."""
     raw = path.read_bytes()
