@@ -64,13 +64,14 @@ class LocalFiles:
 
 class StoredFiles:
     """The files under ``prefix`` of a storage (S3), read by range. A file's fingerprint is its size and header
-    hash (object stores keep no mtime a client can rely on); the cheap check before a read (sizes) is made at most
-    once per ``recheck`` seconds."""
+    hash (object stores keep no mtime a client can rely on); the cheap check before a read (listing and sizes) is
+    made at most once per ``recheck`` seconds."""
 
     def __init__(self, storage: Any, prefix: str, *, recheck: float = 2.0) -> None:
         self.storage, self.prefix, self.recheck = storage, prefix.strip("/"), recheck
         self.location = f"{storage.location}/{self.prefix}".rstrip("/")
         self._checked: tuple[float, list[str], dict[str, tuple[int, int]]] | None = None
+        self._listed: tuple[float, list[str]] | None = None
 
     def _run(self, coro: Any) -> Any:
         try:
@@ -82,6 +83,9 @@ class StoredFiles:
         return join_key(self.prefix, name)
 
     def names(self) -> list[str]:
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < self.recheck:
+            return self._listed[1]
         keys = self._run(self.storage.list(self.prefix + "/" if self.prefix else ""))
         out = []
         for key in keys:
@@ -91,7 +95,8 @@ class StoredFiles:
                 out.append(head)
             elif tail == CONFIG_FILE:
                 out.append(rel)
-        return sorted(out)
+        self._listed = (now, sorted(out))
+        return self._listed[1]
 
     def stats(self, names: list[str]) -> dict[str, tuple[int, int]]:
         now = time.monotonic()
