@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from streaming_weights import ModelChunker, StreamingLlamaModel
 from streaming_weights.exceptions import IntegrityError, ModelChangedError
-from tests.cli.helpers import surfing
+from tests.cli.helpers import surfing_here
 from tests.support import models as tiny
 from tests.support.models import chunk
 from tests.support.servers import start_server_process
@@ -89,30 +89,30 @@ def _old_then_new(where: str, rechunk, want: list[torch.Tensor]) -> None:
         assert isinstance(err.value.__cause__, Exception)  # the mismatch it explains
 
 
-def test_a_model_chunked_after_start_up_is_served_by_the_running_server(sources, tmp_path):
+def test_a_model_chunked_after_start_up_is_served_by_the_running_server(sources, tmp_path, capfd):
     old, new, want = sources
     chunk(old, tmp_path / "m", name="m")
     proc, port = start_server_process(tmp_path)
     try:
-        res = surfing("chunk", new, "--output-dir", tmp_path / "later", "--name", "later")  # while it serves
+        res = surfing_here(capfd, "chunk", new, "--output-dir", tmp_path / "later", "--name", "later")  # while it serves
         assert res.returncode == 0, res.stderr
         with StreamingLlamaModel("later", f"ws://127.0.0.1:{port}", cache_size=0) as later:
             assert torch.allclose(_logits(later), want[1], atol=1e-5)
         shutil.rmtree(tmp_path / "later")  # and a removed one is no longer served
-        res = surfing("embed", "--server", f"ws://127.0.0.1:{port}", "--model", "later", "--text", "x")
+        res = surfing_here(capfd, "embed", "--server", f"ws://127.0.0.1:{port}", "--model", "later", "--text", "x")
         assert res.returncode == 2 and "does not host model 'later'; it hosts ['m']" in res.stderr, res.stderr
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def test_a_model_re_chunked_under_a_running_server(sources, tmp_path):
+def test_a_model_re_chunked_under_a_running_server(sources, tmp_path, capfd):
     old, new, want = sources
     chunk(old, tmp_path / "m", name="m")
     proc, port = start_server_process(tmp_path)
 
     def rechunk() -> None:
-        res = surfing("chunk", new, "--output-dir", tmp_path / "m", "--name", "m", "--force")
+        res = surfing_here(capfd, "chunk", new, "--output-dir", tmp_path / "m", "--name", "m", "--force")
         assert res.returncode == 0, res.stderr
 
     try:

@@ -4,8 +4,6 @@ transformers loading the original source, cache smaller than the model, prefetch
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from streaming_weights import (
     StreamingBertModel,
     StreamingGPTModel,
     StreamingT5Model,
+    cli,
 )
 
 from tests.support.streaming import served
@@ -107,7 +106,7 @@ def test_any_architecture_through_base_class_qwen2(tiny_chunks):
     assert torch.equal(got, exp_gen)
 
 
-def test_minilm_real_embeddings_and_embed_cli(minilm_chunks):
+def test_minilm_real_embeddings_and_embed_cli(minilm_chunks, capsys):
     from tests.support.models import packaged_minilm_dir
 
     texts = ["Streaming weights layer by layer.", "A cat sat on the mat."]
@@ -123,11 +122,11 @@ def test_minilm_real_embeddings_and_embed_cli(minilm_chunks):
             out = m.forward(**m.tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
         close(out.last_hidden_state, exp.last_hidden_state)
         close(out.pooler_output, exp.pooler_output)
-        res = subprocess.run([sys.executable, "-m", "streaming_weights.cli", "embed", "--server", uri,
-                              "--model", "all-MiniLM-L6-v2", "--normalize", "--text", *texts],
-                             capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    got = torch.tensor(json.loads(res.stdout)["embeddings"])
+        capsys.readouterr()
+        rc = cli.main(["embed", "--server", uri, "--model", "all-MiniLM-L6-v2", "--normalize", "--text", *texts])
+        out, err = capsys.readouterr()
+    assert rc == 0, err
+    got = torch.tensor(json.loads(out)["embeddings"])
     # JSON round-trips float32 through Python floats exactly.
     close(got, exp_emb)
 

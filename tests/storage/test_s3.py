@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -248,19 +246,19 @@ def test_chunk_with_original_keywords(s3_server, s3_bucket, tiny_source):
 
 
 def test_cli_chunk_to_s3(s3_server, s3_bucket, tiny_source, monkeypatch, capsys):
+    from streaming_weights.cli import main as cli_main
+
     src = tiny_source("llama")
-    env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
-    cmd = [sys.executable, "-m", "streaming_weights.cli", "chunk", str(src), "--name", "llama",
-           "--s3-bucket", s3_bucket, "--s3-prefix", "cli/llama", "--s3-endpoint", s3_server.endpoint_url,
-           "--s3-access-key", s3_server.access_key, "--s3-secret-key", s3_server.secret_key]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert f"s3://{s3_bucket}/cli/llama" in proc.stdout
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert cli_main(["chunk", str(src), "--name", "llama", "--s3-bucket", s3_bucket, "--s3-prefix", "cli/llama",
+                     "--s3-endpoint", s3_server.endpoint_url, "--s3-access-key", s3_server.access_key,
+                     "--s3-secret-key", s3_server.secret_key]) == 0
+    out, err = capsys.readouterr()
+    assert f"s3://{s3_bucket}/cli/llama" in out, err
     streamed = run(read_all_units(s3_server.backend(s3_bucket, "cli/llama"), "", "llama"))
     assert_same_weights(streamed, src)
 
-    # read back with credentials + endpoint from the standard AWS variables (s3:// location), in-process
-    from streaming_weights.cli import main as cli_main
+    # read back with credentials + endpoint from the standard AWS variables (s3:// location)
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
