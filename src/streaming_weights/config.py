@@ -167,12 +167,17 @@ class StreamingConfig:
     manifest_sha256: str | None = opt(None, parse=parse_optional_str)  # pin one exact manifest.json (SHA-256 hex)
     #: where compute runs: "cpu", "cuda", "cuda:N" or "mps" (checked when a model is built: ``client.device``)
     device: str = opt("cpu", parse=parse_str)
+    #: quantized (int8 / int4) units in memory: "codes" (the compressed tier: cached as codes, expanded per use),
+    #: "dequantized" (converted on arrival), or "auto": codes under a memory budget on the CPU, else dequantized
+    quantized_in_memory: str = opt("auto", parse=parse_str)
 
     def __post_init__(self) -> None:
         checks = [("cache_size", self.cache_size is None or self.cache_size >= 0, ">= 0"), ("prefetch_count", self.prefetch_count >= 0, ">= 0"),
                   ("timeout_seconds", self.timeout_seconds > 0, "> 0"), ("max_retries", self.max_retries >= 0, ">= 0"),
                   ("server_port", 0 < self.server_port < 65536, "in 1..65535"),
-                  ("cache_size_mb", self.cache_size_mb is None or self.cache_size_mb >= 0, ">= 0")]
+                  ("cache_size_mb", self.cache_size_mb is None or self.cache_size_mb >= 0, ">= 0"),
+                  ("quantized_in_memory", self.quantized_in_memory in ("auto", "codes", "dequantized"),
+                   "'auto', 'codes' or 'dequantized'")]
         for name, ok, want in checks:
             if not ok:
                 raise ConfigurationError(f"{name} must be {want}, got {getattr(self, name)!r}")

@@ -202,6 +202,13 @@ class UnitCache:
             self.schedule_prefetch(name)
         return unit
 
+    def holding(self, names: list[str]) -> dict[str, dict] | None:
+        """``{name: tensors}`` if every unit of ``names`` is cached and the bounds keep all of them (nothing will
+        be evicted until :meth:`resize` / :meth:`clear`), else ``None``."""
+        if self.max_units < len(names) or self.max_bytes is not None or not all(n in self.cached for n in names):
+            return None
+        return {n: self.cached[n].tensors for n in names}
+
     def peek(self, name: str) -> FetchedUnit | None:
         """The unit ``name`` if it has arrived (prefetched or kept), without fetching or counting anything."""
         return self.prefetched.get(name) or self.cached.get(name)

@@ -80,6 +80,9 @@ class ConvertingSource(SourceWrapper):
             quantized tensors convert.
         keep_fp32: ``(manifest, compute dtype) -> tensor names`` converted to float32 whatever ``dtype`` is
             (asked once per manifest); ``None``: none.
+        keep_codes: the compressed tier: a *streamed* unit holding quantized tensors arrives as it is stored
+            (int8 / int4 codes and scales, what the cache then holds) and is converted per use by
+            :meth:`expand` into a buffer the caller owns; resident units still convert on arrival.
 
     Raises:
         ConfigurationError: an invalid ``dtype``.
@@ -88,8 +91,10 @@ class ConvertingSource(SourceWrapper):
     """
 
     def __init__(self, source: UnitSource, dtype: str | torch.dtype | None = None,
-                 keep_fp32: Callable[[Manifest, torch.dtype], Iterable[str]] | None = None) -> None:
+                 keep_fp32: Callable[[Manifest, torch.dtype], Iterable[str]] | None = None,
+                 keep_codes: bool = False) -> None:
         super().__init__(source)
+        self.keep_codes = keep_codes
         self.dtype = parse_compute_dtype(dtype)
         self._keep_fp32 = keep_fp32
         self._fp32: dict[tuple[str, str], frozenset[str]] = {}
@@ -115,6 +120,25 @@ class ConvertingSource(SourceWrapper):
             want = self.compute_dtype(manifest)
             self._fp32[key] = frozenset(self._keep_fp32(manifest, want)) if self._keep_fp32 else frozenset()
         return self._fp32[key]
+
+    def codes_kept(self, manifest: Manifest, unit: str) -> bool:
+        """Whether ``unit`` stays as its stored codes until :meth:`expand` (the compressed tier)."""
+        if not self.keep_codes:
+            return False
+        entry = manifest.unit(unit)
+        return entry.role != "resident" and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
+
+    def held_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
+        """Bytes ``entry`` occupies while cached: its codes in the compressed tier, else converted."""
+        return entry.bytes if self.codes_kept(manifest, entry.name) else max(entry.bytes, self.memory_bytes(entry, manifest))
+
+    def expand(self, manifest: Manifest, fetched: FetchedUnit, out: Any) -> dict[str, torch.Tensor]:
+        """The compute-dtype tensors of a unit kept as codes, written into ``out`` (at least
+        :meth:`memory_bytes` long, owned by the caller); ``fetched`` is left as it is (still codes)."""
+        plan = self._plan(manifest, fetched)
+        if plan is None:
+            return fetched.tensors
+        return _convert(dict(fetched.tensors), plan, out)
 
     def memory_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit
@@ -147,13 +171,16 @@ class ConvertingSource(SourceWrapper):
         """
         fetched = await self.source.fetch_unit(manifest, unit)
         plan = self._plan(manifest, fetched)
-        if plan is None:
+        if plan is None or self.codes_kept(manifest, unit):
             return fetched
         pool = self.source.buffer_pool
         out = pool.take(plan.size) if pool is not None else bytearray(plan.size)
         t0 = time.perf_counter()
         # torch ops release the GIL: converting in a worker thread lets the I/O loop keep receiving.
-        tensors = await asyncio.to_thread(_convert, fetched, plan, out)
+        # the stored views leave ``fetched`` here, so none outlives the conversion (see _convert)
+        stored, fetched.tensors = fetched.tensors, {}
+        tensors = await asyncio.to_thread(_convert, stored, plan, out)
+        del stored
         self.convert_seconds += time.perf_counter() - t0
         self.converted_units += 1
         self.converted_bytes += plan.size
@@ -205,14 +232,13 @@ class ConvertingSource(SourceWrapper):
         return max(u.bytes for u in streamed) + (max(self.memory_bytes(u, manifest) for u in streamed) if converts else 0)
 
 
-def _convert(fetched: FetchedUnit, plan: _Plan, out: Any) -> dict[str, torch.Tensor]:
-    """Write every tensor of ``fetched`` into ``out`` in its target dtype (dequantizing); views into ``out``.
+def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str, torch.Tensor]:
+    """Write every tensor of ``stored`` into ``out`` in its target dtype (dequantizing); views into ``out``.
 
-    Takes the stored views out of ``fetched`` itself, so none outlives this call: the executor keeps its
-    arguments a moment after the result is delivered, and a live view would keep the receive buffer from
-    going back to the pool.
+    On arrival the caller hands over the unit's own dict (emptied from the unit, so no stored view outlives
+    this call: the executor keeps its arguments a moment after the result is delivered, and a live view would
+    keep the receive buffer from going back to the pool); :meth:`ConvertingSource.expand` passes a copy.
     """
-    stored, fetched.tensors = fetched.tensors, {}
     result: dict[str, torch.Tensor] = {}
     for name, spec in plan.targets.items():
         dst = tensor_view(out, 0, name, spec)
@@ -223,7 +249,8 @@ def _convert(fetched: FetchedUnit, plan: _Plan, out: Any) -> dict[str, torch.Ten
         elif dst.numel():
             dst.copy_(stored[name])
         result[name] = dst
+    stored.clear()  # the stored views die here, whoever still holds the dict
     return result
 
 
-__all__ = ["ConvertingSource", "fp32_names", "parse_compute_dtype"]
+__all__ = ["ConvertingSource", "parse_compute_dtype"]

@@ -34,6 +34,7 @@ from ..memory import current_rss, resolve_budget
 from ..monitoring import Totals
 from .accounting import Accounting
 from .architecture import fp32_names_for
+from .codes import CodesTier
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
 from .patching import FunctionHook, add_hook
@@ -94,6 +95,7 @@ class StreamingEngine:
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
         self.experts: ExpertStreams | None = None  # mixture-of-experts models only
+        self.codes: CodesTier | None = None  # quantized units kept as codes (the compressed tier)
         self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
         self.monitor = config.monitor
@@ -115,8 +117,10 @@ class StreamingEngine:
         # The one place retries happen: every layer below makes one attempt per call.
         # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
         # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
+        codes = cfg.quantized_in_memory == "codes" or (
+            cfg.quantized_in_memory == "auto" and cfg.memory_budget is not None and self.placement.on_host)
         self.converter = ConvertingSource(open_unit_source(cfg.location, pool=self.pool, **kw), cfg.dtype,
-                                          keep_fp32=fp32_names_for)
+                                          keep_fp32=fp32_names_for, keep_codes=codes)
         return RetryingSource(self.converter, self.policy)
 
     # --------------------------------------------------------------------------------- the bridge
@@ -159,6 +163,9 @@ class StreamingEngine:
         # Tokenizer, skeleton and one-time runtime set-up are built by now: their cost is measured, not guessed
         # (an estimate: threads building other models at the same time are counted too).
         overhead = max(0, current_rss() - self._rss_at_start)
+        if any(self.converter.codes_kept(manifest, u.name) for u in manifest.units):
+            self.codes = CodesTier(self.converter, manifest)
+            overhead += self.codes.scratch_bytes  # the expansion buffers beside the codes the cache holds
         budget, where = resolve_budget(self.config.memory_budget)
         if budget is not None and where.startswith("auto"):
             budget += overhead  # "auto" was measured after that memory was spent: the budget covers it
@@ -214,7 +221,7 @@ class StreamingEngine:
 
     def _unit_memory(self, manifest: Manifest) -> Callable[[Any], int]:
         """Bytes a unit holds once received (and converted to the compute dtype, if it is)."""
-        return lambda entry: max(entry.bytes, self.converter.memory_bytes(entry, manifest))
+        return lambda entry: self.converter.held_bytes(entry, manifest)
 
     def bind(self, manifest: Manifest, root: torch.nn.Module) -> None:
         """Create the unit cache for ``manifest`` (sized by the plan) and hook every streamed unit of ``root``."""
@@ -269,8 +276,9 @@ class StreamingEngine:
         return tensors
 
     def _host_acquire(self, name: str, ordered: bool = True) -> FetchedUnit:
-        return self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled and ordered, observe=ordered),
+        unit = self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled and ordered, observe=ordered),
                         "a forward pass", "await model.forward_async(...)` / `await model.generate_async(...)")
+        return self.codes.expand(name, unit) if self.codes is not None else unit  # compressed tier: per use
 
     def _peek(self, name: str) -> FetchedUnit | None:
         """The host copy of ``name`` if it has arrived (prefetched or kept), without fetching it."""
@@ -279,6 +287,8 @@ class StreamingEngine:
     def release(self, name: str) -> None:
         self.cache._event("compute_end", name)
         self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
+        if self.codes is not None:
+            self.codes.release(name)
 
     # ------------------------------------------------------------------------------- the counters
     def _lifetime(self) -> Totals | None:
@@ -312,21 +322,12 @@ class StreamingEngine:
 
     # --------------------------------------------------------------------------- weights in memory
     def _pin_if_all_kept(self) -> None:
-        """When the cache keeps every streamed block (the model fits its plan) and all have arrived, leave their
-        tensors in the modules: a held unit then costs nothing to use (no hop to the I/O thread, no assignment).
-        Undone by :meth:`_unpin` before anything may drop a unit (resize, clear, close)."""
-        if self.pinned or not self.bindings or not self.placement.on_host:
+        """When the cache keeps every block and all have arrived, leave their tensors in the modules: a held unit
+        costs nothing to use. Undone by :meth:`_unpin` before anything may drop a unit (resize, clear, close)."""
+        if self.pinned or not self.bindings or not self.placement.on_host or self.codes is not None:
             return
-        names = [b.name for b in self.bindings]
-
-        def held() -> dict[str, Any] | None:
-            c = self.cache
-            if c.max_units < len(names) or c.max_bytes is not None or not all(n in c.cached for n in names):
-                return None
-            return {n: c.cached[n].tensors for n in names}
-
         try:
-            units = self.call(held)
+            units = self.call(self.cache.holding, [b.name for b in self.bindings])
         except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to pin
             return
         if units is not None:
