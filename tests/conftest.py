@@ -64,12 +64,30 @@ def llama_text_chunks(workdir, tiny_source) -> Path:
     return text_model(tiny_source("llama"), workdir / "llama-text", name="llama-text", vocab_size=320)
 
 
-@pytest.fixture(scope="session")
-def smollm2_chunks(workdir) -> Path:
-    """The packaged SmolLM2-135M-Instruct GGUF, chunked once per session (dequantizing takes ~10 s)."""
-    out = workdir / "smollm2"
-    chunk(tiny.packaged_smollm2_gguf(), out)  # the default name drops the GGUF's ".Q4_1": SmolLM2-135M-Instruct
+def shared_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)`` run once per test run, even with ``pytest -n`` (pytest-xdist): the workers of one run
+    share ``path`` under their common temporary directory, the first one builds it under a file lock and the
+    others wait for it. Without xdist: ``path`` is in this session's own temporary directory."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = base / name
+        make(out)
+        return out
+    from filelock import FileLock
+
+    out, done = base.parent / name, base.parent / f"{name}.done"
+    with FileLock(str(base.parent / f"{name}.lock")):
+        if not done.exists():
+            make(out)
+            done.touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_chunks(tmp_path_factory) -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, chunked once per test run (dequantizing takes ~10 s)."""
+    # the default name drops the GGUF's ".Q4_1": SmolLM2-135M-Instruct
+    return shared_once(tmp_path_factory, "smollm2", lambda out: chunk(tiny.packaged_smollm2_gguf(), out))
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +104,9 @@ def smollm2_reference():
 
 
 @pytest.fixture(scope="session")
-def minilm_chunks(workdir) -> Path:
-    out = workdir / "minilm"
-    chunk(tiny.packaged_minilm_dir(), out)  # its folder is "model": the default name is the card's all-MiniLM-L6-v2
-    return out
+def minilm_chunks(tmp_path_factory) -> Path:
+    # its folder is "model": the default name is the card's all-MiniLM-L6-v2
+    return shared_once(tmp_path_factory, "minilm", lambda out: chunk(tiny.packaged_minilm_dir(), out))
 
 
 # ------------------------------------------------------------------ real S3 (rclone) and Redis servers

@@ -161,6 +161,7 @@ def test_sharded_safetensors_source(tmp_path):
 
 
 # -- real checkpoints ------------------------------------------------------------------------------------
+@pytest.mark.xdist_group("smollm2_reference")  # one worker loads the reference (make test: -n 2)
 def test_smollm2_gguf_rebuilds_bit_exact(smollm2_chunks, smollm2_reference):
     m, sd = rebuild(smollm2_chunks)
     assert m.name == "SmolLM2-135M-Instruct" and m.architecture == "LlamaForCausalLM"

@@ -210,6 +210,7 @@ def test_unknown_model_lists_hosted_and_family_checked(llama, tiny_chunks):
         StreamingLlamaModel(None, str(bert_chunks))
 
 
+@pytest.mark.xdist_group("smollm2_reference")  # one worker loads the reference (make test: -n 2)
 def test_smollm2_real_greedy_text_identical(smollm2_chunks, smollm2_reference):
     ref, tok = smollm2_reference
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
