@@ -174,10 +174,22 @@ def test_family_class_mismatch_names_the_right_class(tiny_chunks):
         StreamingLlamaModel(None, str(bert))
 
 
-def test_every_library_error_is_a_streaming_weights_error():
-    for exc in (ManifestError, UnitFormatError, IntegrityError, NotFoundError, UnsupportedArchitectureError,
-                UnitUnavailableError, ConfigurationError):
-        assert issubclass(exc, StreamingWeightsError)
+def test_every_library_error_reaches_the_cli_as_one_line_with_status_2():
+    """What the one error tree is for: the CLI boundary turns an error of any class in
+    streaming_weights.exceptions into one line in the CLI's words with exit status 2; anything else is a bug
+    (status 1)."""
+    import inspect
+
+    from streaming_weights import exceptions
+    from streaming_weights.cli.errors import describe
+
+    classes = [c for _, c in inspect.getmembers(exceptions, inspect.isclass)
+               if c.__module__ == exceptions.__name__ and issubclass(c, BaseException)]
+    assert {ManifestError, UnitFormatError, IntegrityError, NotFoundError, UnsupportedArchitectureError,
+            UnitUnavailableError, ConfigurationError, StreamingWeightsError} <= set(classes)
+    for cls in classes:
+        assert describe(cls("cannot load\n  model_name='x'")) == ("cannot load --model 'x'", 2), cls
+    assert describe(RuntimeError("cannot load model_name='x'")) == ("RuntimeError: cannot load model_name='x'", 1)
 
 
 class _nullctx:
