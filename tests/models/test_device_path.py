@@ -58,7 +58,7 @@ def test_explicit_cpu_is_todays_path(llama):
     with StreamingLlamaModel("llama", FakeSource(chunks_dir=chunks), device="cpu", cache_size=1) as m:
         out = logits_of(m)
         info = m.get_cache_info()
-        pool = m.engine.source.buffer_pool
+        pool = m.engine.pool  # a ready-built source keeps its own buffers: the engine's pool is for those it builds
     torch.testing.assert_close(out, ref(input_ids=IDS).logits.detach(), rtol=0, atol=1e-5)
     part = info["plan"]["device"]
     assert part["device"] == "cpu" and part["mode"] == "host" and part["copies"] == 0
@@ -71,8 +71,8 @@ def test_ring_copies_next_unit_while_this_one_computes(llama):
     unit i is released; host buffers are pinned-style views and reused, never while a copy reads them."""
     chunks, ref = llama
     ops = FakeDeviceOps()
-    src = FakeSource(chunks_dir=chunks)
-    with StreamingLlamaModel("llama", src, device=ops, cache_size=LAYERS, prefetch_count=1) as m:
+    # a location the engine opens itself: its sources are built with the engine's (pinned-style) pool
+    with StreamingLlamaModel("llama", str(chunks), device=ops, cache_size=LAYERS, prefetch_count=1) as m:
         m.engine.placement.use_ring()  # as a small device is sized (see test_device_budget_rules)
         ops.log.clear()
         releases: list[str] = []
