@@ -83,11 +83,35 @@ def shared_once(tmp_path_factory, name: str, make) -> Path:
     return out
 
 
+def _surfing_chunk_smollm2(out: Path) -> None:
+    """``surfing chunk GGUF -o OUT -q`` in a fresh process, as a user runs it; its exit status and output are
+    kept beside ``out`` (see :func:`smollm2_chunk_run`)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "streaming_weights", "chunk", str(tiny.packaged_smollm2_gguf()),
+                           "-o", str(out), "-q"], capture_output=True, text=True, timeout=900, cwd=out.parent,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+    out.with_name(out.name + "-chunk-run.json").write_text(json.dumps(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def smollm2_chunks(tmp_path_factory) -> Path:
-    """The packaged SmolLM2-135M-Instruct GGUF, chunked once per test run (dequantizing takes ~10 s)."""
-    # the default name drops the GGUF's ".Q4_1": SmolLM2-135M-Instruct
-    return shared_once(tmp_path_factory, "smollm2", lambda out: chunk(tiny.packaged_smollm2_gguf(), out))
+    """The packaged SmolLM2-135M-Instruct GGUF, chunked once per test run by ``surfing chunk GGUF -q`` in a
+    fresh process (dequantizing takes ~10 s; that run's output is checked by test_first_run). The default
+    name drops the GGUF's ".Q4_1": SmolLM2-135M-Instruct."""
+    return shared_once(tmp_path_factory, "smollm2", _surfing_chunk_smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_chunk_run(smollm2_chunks) -> dict:
+    """``{"returncode", "stdout", "stderr"}`` of the ``surfing chunk GGUF -q`` run that made smollm2_chunks."""
+    import json
+
+    return json.loads(smollm2_chunks.with_name(smollm2_chunks.name + "-chunk-run.json").read_text())
 
 
 @pytest.fixture(scope="session")

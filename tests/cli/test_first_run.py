@@ -94,14 +94,14 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(tiny_source, tmp_path):
     assert 0 < len(logged.stderr.splitlines()) <= 5
 
 
-@pytest.mark.timeout(600)  # dequantizing the GGUF on a shared 2-core box
-def test_quiet_silences_every_bar_including_transformers(tmp_path):
-    from tests.support.models import packaged_smollm2_gguf
-
-    quiet = surfing("chunk", packaged_smollm2_gguf(), "-o", tmp_path / "b", "-q", cwd=tmp_path, timeout=600)
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr.strip() == ""  # neither the chunker's bar nor transformers' GGUF / loading bars
-    assert quiet.stdout == "" and (tmp_path / "b" / "manifest.json").is_file()  # issue 23: no summary either
+def test_quiet_silences_every_bar_including_transformers(smollm2_chunks, smollm2_chunk_run):
+    """``surfing chunk SmolLM2.gguf -o DIR -q`` in a fresh process: the run that made the session's SmolLM2
+    chunks (tests/conftest.py), so the GGUF is dequantized once per test run."""
+    assert smollm2_chunk_run["returncode"] == 0, smollm2_chunk_run["stderr"]
+    # neither the chunker's bar nor transformers' GGUF / loading bars
+    assert smollm2_chunk_run["stderr"].strip() == ""
+    # issue 23: no summary either
+    assert smollm2_chunk_run["stdout"] == "" and (smollm2_chunks / "manifest.json").is_file()
 
 
 # ------------------------------------------------------------------ 6: answer alone on stdout
