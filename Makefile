@@ -33,8 +33,11 @@ services:
 demo: setup
 	$(BIN)/surfing demo
 
+# Two workers (pytest-xdist): the suite waits on subprocesses and loopback servers as much as it computes.
+# loadgroup keeps each xdist_group on one worker (tests sharing a costly fixture); SmolLM2 and MiniLM are
+# chunked once per run for both workers (tests/conftest.py: shared_once).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

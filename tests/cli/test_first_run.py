@@ -86,8 +86,9 @@ def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------ 5: --quiet, non-TTY progress
-def test_progress_in_a_log_file_is_a_few_plain_lines(tiny_source, tmp_path):
-    logged = surfing("chunk", tiny_source("llama"), "-o", tmp_path / "a", cwd=tmp_path)  # stderr: a pipe, no TTY
+def test_progress_in_a_log_file_is_a_few_plain_lines(tiny_source, tmp_path, capfd):
+    # stderr is not a TTY (as in a log file); `surfing chunk` in a fresh process: test_cli_chunk_and_inspect
+    logged = surfing_here(capfd, "chunk", tiny_source("llama"), "-o", tmp_path / "a", cwd=tmp_path)
     assert logged.returncode == 0, logged.stderr
     assert "\r" not in logged.stderr
     assert re.search(r"^chunking: \d+/\d+ units", logged.stderr, flags=re.M)
