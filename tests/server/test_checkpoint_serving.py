@@ -299,13 +299,14 @@ def test_surfing_serve_and_sign_a_checkpoint_folder(store, tmp_path):
     assert digest_tree(models) == before
 
 
-def test_the_folders_are_untouched_and_nothing_near_a_model_was_written(store):
-    """Runs last in this module: every file is as it was, and the index holds manifests, not weights."""
-    models, index, before = store
-    assert digest_tree(models) == before
-    smallest = min(tree_bytes(models / n) for n in (LLAMA, MIXTRAL, BERT))
-    assert 0 < tree_bytes(index) < smallest / 4, (tree_bytes(index), smallest)
-    assert {p.name for p in index.rglob("*") if p.is_file()} <= {"index.json", "manifest.json", "manifest.json.sig"}
+def test_surfing_serve_on_one_broken_checkpoint_says_why_in_one_line(tmp_path):
+    from tests.cli.helpers import assert_one_line_error, surfing
+
+    folder = sharded_llama(tmp_path / "cut")
+    last = sorted(folder.glob("*.safetensors"))[-1]
+    os.truncate(last, last.stat().st_size - 100)
+    res = surfing("serve", folder, "--port", "0", "--index-dir", tmp_path / "index", timeout=120)
+    assert_one_line_error(res, "cannot serve", last.name, "truncated")
 
 
 @pytest.mark.s3
@@ -332,3 +333,14 @@ def test_streamed_and_served_from_s3(store, s3_server, s3_bucket, monkeypatch):
     stored = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert len(stored) > 10 and not [k for k in stored if "manifest" in k or "/units/" in k]  # nothing written there
     assert digest_tree(models) == before
+
+
+def test_the_folders_are_untouched_and_nothing_near_a_model_was_written(store):
+    """Runs last in this module: every file is as it was, and the index holds manifests, not weights."""
+    models, index, before = store
+    assert digest_tree(models) == before
+    smallest = min(tree_bytes(models / n) for n in (LLAMA, MIXTRAL, BERT))
+    folders = [d for d in index.iterdir() if d.is_dir()]
+    assert len(folders) >= 3 and all(0 < tree_bytes(d) < smallest / 4 for d in folders), \
+        ([tree_bytes(d) for d in folders], smallest)  # one index per folder served: manifests, no unit bytes
+    assert {p.name for p in index.rglob("*") if p.is_file()} <= {"index.json", "manifest.json", "manifest.json.sig"}

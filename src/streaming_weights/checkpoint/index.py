@@ -120,7 +120,8 @@ def write_index(where: Path, folder: str, options: dict[str, Any], prints: dict[
         save_atomic(where / MANIFEST_FILE, manifest)
         save_atomic(where / INDEX_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
     except OSError as exc:
-        raise CheckpointError(f"cannot write the checkpoint index in {where}: {exc}; pass another --index-dir") from exc
+        raise CheckpointError(f"cannot write the checkpoint index in {where}: {exc}; pass another --index-dir (or set "
+                              "$SURFING_CACHE_DIR)") from exc
 
 
 def save_atomic(path: Path, data: bytes | bytearray | memoryview) -> None:
