@@ -160,8 +160,12 @@ def test_the_index_is_reused_and_a_changed_file_is_indexed_again(store, tmp_path
     folder = sharded_llama(tmp_path / "copy" / LLAMA)
     first = CheckpointModel(folder, tmp_path / "idx").manifest_bytes()
     caplog.set_level(logging.INFO, logger="streaming_weights.checkpoint")
-    assert CheckpointModel(folder, tmp_path / "idx").manifest_bytes() == first  # another server sharing the index
+    shared = CheckpointModel(folder, tmp_path / "idx")  # another server sharing the index
+    assert shared.manifest_bytes() == first
     assert "indexing" not in caplog.text
+    for unit in json.loads(first)["units"]:  # read by range as the index says: no plan built, no tensor converted
+        assert hashlib.sha256(shared.read(unit["path"])).hexdigest() == unit["sha256"]
+    assert shared._plan is None
     weights = sorted(folder.glob("*.safetensors"))[1]
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched only
     model = CheckpointModel(folder, tmp_path / "idx")

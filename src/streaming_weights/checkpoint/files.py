@@ -53,7 +53,7 @@ class LocalFiles:
         return path.read_bytes() if path.is_file() else None
 
     def pread(self, ref: Any, offset: int, length: int) -> bytes:
-        with open(ref, "rb", buffering=0) as fh:
+        with open(self.folder / ref, "rb", buffering=0) as fh:  # a name in the folder (or an absolute path)
             return os.pread(fh.fileno(), length, offset)
 
     def open_source(self) -> Any:

@@ -3,7 +3,8 @@ fingerprint of the checkpoint files it was computed from, and the manifest's sig
 
 Layout of one folder's index directory (``<index root>/<sha256 of the folder's resolved path>[:24]/``)::
 
-    index.json          {"folder": path, "options": {...}, "fingerprint": {file: [size, mtime_ns, sha256]}}
+    index.json          {"folder": path, "options": {...}, "fingerprint": {file: [size, mtime_ns, sha256]},
+                         "ranges": {unit: the pieces of a unit read by range, or null}}
     manifest.json       the manifest served for the folder, byte for byte
     manifest.json.sig   a detached signature over manifest.json (``surfing sign FOLDER``), if any
 
@@ -88,9 +89,10 @@ def stat_print(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def read_index(where: Path, folder: str, options: dict[str, Any],
-               prints: dict[str, list[Any]]) -> bytes | None:
-    """The manifest bytes indexed in ``where`` for ``folder``, if that index was made with ``options`` from
-    files whose fingerprints are ``prints``; ``None`` otherwise (no index, another folder, stale)."""
+               prints: dict[str, list[Any]]) -> tuple[bytes, dict[str, Any]] | None:
+    """``(manifest bytes, ranges)`` indexed in ``where`` for ``folder``, if that index was made with ``options``
+    from files whose fingerprints are ``prints``; ``None`` otherwise (no index, another folder, stale).
+    ``ranges``: ``{unit: [[offset, length, header hex | [file, file offset]], ...] or None}`` as saved."""
     try:
         meta = json.loads((where / INDEX_FILE).read_text())
         data = (where / MANIFEST_FILE).read_bytes()
@@ -100,18 +102,20 @@ def read_index(where: Path, folder: str, options: dict[str, Any],
             or meta.get("options") != options or meta.get("fingerprint") != prints
             or meta.get("manifest_sha256") != hashlib.sha256(data).hexdigest()):
         return None
-    return data
+    ranges = meta.get("ranges")
+    return data, ranges if isinstance(ranges, dict) else {}
 
 
 def write_index(where: Path, folder: str, options: dict[str, Any], prints: dict[str, list[Any]],
-                manifest: bytes) -> None:
-    """Save a new index (any older signature is removed first: it signed another manifest).
+                manifest: bytes, ranges: dict[str, Any] | None = None) -> None:
+    """Save a new index (any older signature is removed first: it signed another manifest). ``ranges``: what
+    :func:`read_index` returns with it (the units read by range need no plan on a later start).
 
     Raises:
         CheckpointError: the index directory cannot be written (name another with ``--index-dir``).
     """
     meta = {"version": INDEX_VERSION, "folder": str(folder), "options": options, "fingerprint": prints,
-            "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+            "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "ranges": ranges or {}}
     try:
         where.mkdir(parents=True, exist_ok=True)
         old = where / MANIFEST_FILE

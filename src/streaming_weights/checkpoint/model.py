@@ -29,7 +29,7 @@ from ..format.names import MANIFEST_FILE, SIGNATURE_FILE
 from ..storage.memory import MemoryBackend
 from .files import LocalFiles
 from .index import index_dir_for, read_index, write_index
-from .ranges import Piece, read_pieces, unit_pieces
+from .ranges import Piece, from_json, read_pieces, to_json, unit_pieces
 
 logger = logging.getLogger("streaming_weights.checkpoint")
 
@@ -84,9 +84,12 @@ class CheckpointModel:
                 return self._manifest
             self._forget()
             prints = self.files.prints(names)
-            data = read_index(self.index_dir, self.location, OPTIONS, prints)
-            if data is None:
+            found = read_index(self.index_dir, self.location, OPTIONS, prints)
+            if found is None:
                 data = self._index(names, prints)
+            else:  # units read by range need no plan (nor torch) until one needs producing
+                data = found[0]
+                self._ranges.update({u: from_json(p) for u, p in found[1].items() if p is not None})
             self._manifest, self._parsed = data, Manifest.from_bytes(data)
             self._stat = {n: (p[0], p[1]) for n, p in prints.items()}
             return data
@@ -143,7 +146,8 @@ class CheckpointModel:
         if self.files.stats(names) != {n: (p[0], p[1]) for n, p in prints.items()}:
             raise CheckpointError(f"{self.location} changed while it was being indexed; it is indexed again on the "
                                   "next request")
-        write_index(self.index_dir, self.location, OPTIONS, prints, data)
+        ranges = {u: to_json(unit_pieces(plan, source, u)) for u in plan.units}
+        write_index(self.index_dir, self.location, OPTIONS, prints, data, ranges)
         self._plan, self._src = plan, source  # kept for the reads that follow
         logger.info("indexed checkpoint %s", self.location)
         return data

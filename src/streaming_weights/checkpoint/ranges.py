@@ -61,4 +61,21 @@ def read_pieces(pieces: list[Piece], start: int, length: int, pread: Callable[[A
     return bytes(out)
 
 
-__all__ = ["Piece", "read_pieces", "unit_pieces"]
+def to_json(pieces: list[Piece] | None) -> list[list[Any]] | None:
+    """``pieces`` as JSON (literal bytes as hex, a file by its name in the folder)."""
+    if pieces is None:
+        return None
+    return [[at, size, what.hex() if isinstance(what, bytes) else [Path(str(what[0])).name, what[1]]]
+            for at, size, what in pieces]
+
+
+def from_json(saved: Any) -> list[Piece] | None:
+    """:func:`to_json`'s pieces back (``None`` for a unit produced whole, or anything malformed)."""
+    try:
+        return [(int(at), int(size), bytes.fromhex(what) if isinstance(what, str) else (str(what[0]), int(what[1])))
+                for at, size, what in saved]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+__all__ = ["Piece", "from_json", "read_pieces", "to_json", "unit_pieces"]
