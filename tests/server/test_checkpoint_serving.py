@@ -29,6 +29,10 @@ from tests.support import moe
 from tests.support.models import SEED, chunk
 from tests.support.streaming import served
 
+# one worker runs the whole module, in order (make test: -n 2 --dist loadgroup): the tests share the checkpoints
+# and their index, and the last one checks what all of them left behind
+pytestmark = pytest.mark.xdist_group("checkpoint_serving")
+
 IDS = torch.tensor([[1, 5, 9, 23, 7, 3, 11, 4]])
 LLAMA, MIXTRAL, BERT, GPT2 = "tiny-llama", "tiny-mixtral", "tiny-bert", "tiny-gpt2"
 
