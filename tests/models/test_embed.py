@@ -83,10 +83,15 @@ def test_embed_normalize_and_errors(minilm_chunks, tiny_chunks):
         m.embed(["no tokenizer in these chunks"])
 
 
-def test_corpus_with_cache_size_1_fetches_the_streamed_layers_about_once(minilm_chunks):
-    """256 texts, cache of 1 unit: large blocks fetch every streamed layer ~once (small batches: once per batch)."""
+def test_corpus_with_cache_size_1_fetches_the_streamed_layers_about_once(tiny_source, tmp_path):
+    """256 texts, cache of 1 unit: large blocks fetch every streamed layer ~once (small batches: once per batch).
+    Fetches are counted, so the tiny BERT with a word-level tokenizer stands in for MiniLM (whose outputs the
+    tests above compare with transformers)."""
+    from tests.support.tokenizers import text_model
+
+    chunks = text_model(tiny_source("bert"), tmp_path, name="bert-text", vocab_size=300)
     texts = corpus(256, seed=5)
-    with StreamingBertModel(NAME, str(minilm_chunks), cache_size=1) as m:
+    with StreamingBertModel("bert-text", str(chunks), cache_size=1) as m:
         streamed = sum(u.bytes for u in m.manifest.streamed)
         blocked = m.embed(texts)
         passes = m.get_cache_info()["bytes_fetched"] / streamed
