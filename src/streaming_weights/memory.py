@@ -170,6 +170,12 @@ def current_rss() -> int:
     return status_bytes("VmRSS") or 0
 
 
+def current_anon() -> int:
+    """Anonymous memory this process holds now (``RssAnon``: heap, maps, tensors), without the file-backed
+    pages of imported libraries (shared and reclaimable); ``VmRSS`` where the kernel does not report it."""
+    return status_bytes("RssAnon") or current_rss()
+
+
 def resolve_budget(value: int | str | None) -> tuple[int | None, str]:
     """The budget in bytes (``None``: none given) and where it came from (for the plan)."""
     if value is None:

@@ -30,7 +30,7 @@ from ..client.retry import RetryingSource, RetryPolicy
 from ..config import StreamingConfig
 from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
-from ..memory import current_rss, resolve_budget
+from ..memory import current_anon as current_rss, resolve_budget  # the model's cost: anonymous memory
 from ..monitoring import Totals
 from .accounting import Accounting
 from .architecture import fp32_names_for
