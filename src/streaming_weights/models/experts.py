@@ -151,7 +151,8 @@ class ExpertBinding(ModuleHook):
         lut = torch.full((self.num_experts + 1,), len(ids), dtype=index.dtype, device=index.device)
         if ids:
             lut[torch.tensor(ids, device=index.device)] = torch.arange(len(ids), dtype=index.dtype, device=index.device)
-        remapped = lut[index.clamp(0, self.num_experts)]
+        outside = (index < 0) | (index > self.num_experts)
+        remapped = lut[torch.where(outside, self.num_experts, index)]  # anything not an expert stays a sentinel
         if where:
             kwargs[where] = remapped
         else:
