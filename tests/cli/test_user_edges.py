@@ -16,7 +16,7 @@ import torch
 from streaming_weights import StreamingBaseModel
 from streaming_weights.exceptions import ConfigurationError, ContextLengthError, ModelError
 
-from tests.cli.helpers import assert_one_line_error, surfing
+from tests.cli.helpers import assert_one_line_error, surfing, surfing_here
 from tests.support.tokenizers import text_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,9 +115,9 @@ def test_keygen_creates_the_key_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ embed on a decoder
-def test_embed_refuses_a_decoder_unless_asked(llama_text, gpt2_text):
-    for chunks, arch in ((llama_text, "LlamaForCausalLM"), (gpt2_text, "GPT2LMHeadModel")):
-        assert_one_line_error(surfing("embed", "--server", chunks, "--text", "hello"),
+def test_embed_refuses_a_decoder_unless_asked(llama_text, gpt2_text, capfd):
+    for chunks, arch in ((llama_text, "LlamaForCausalLM"), (gpt2_text, "GPT2LMHeadModel")):  # in-process
+        assert_one_line_error(surfing_here(capfd, "embed", "--server", chunks, "--text", "hello"),
                               "decoder-only language model", arch, "--allow-decoder")
     res = surfing("embed", "--server", llama_text, "--text", "hello", "the capital", "--allow-decoder")
     assert res.returncode == 0, res.stderr
@@ -131,9 +131,10 @@ def test_embed_refuses_a_decoder_unless_asked(llama_text, gpt2_text):
 
 
 # ------------------------------------------------------------------ -q and -v
-def test_quiet_prints_the_answer_alone_and_verbose_logs_the_plan(llama_text, tiny_source, tmp_path):
+def test_quiet_prints_the_answer_alone_and_verbose_logs_the_plan(llama_text, tiny_source, tmp_path, capfd):
+    # the -q runs are fresh processes (nothing at all on stderr); the others run in-process
     args = ["generate", "--server", llama_text, "--prompt", "what is the capital", "--max-new-tokens", "4"]
-    plain, quiet, verbose = surfing(*args), surfing(*args, "-q"), surfing(*args, "-v")
+    plain, quiet, verbose = surfing_here(capfd, *args), surfing(*args, "-q"), surfing_here(capfd, *args, "-v")
     assert plain.returncode == quiet.returncode == verbose.returncode == 0, (plain.stderr, quiet.stderr)
     assert re.search(r"\[4 tokens in [\d.]+ s", plain.stderr), plain.stderr
     assert quiet.stderr == "" and quiet.stdout == plain.stdout and quiet.stdout.strip()
@@ -142,7 +143,7 @@ def test_quiet_prints_the_answer_alone_and_verbose_logs_the_plan(llama_text, tin
     assert "memory plan" not in plain.stderr
 
     src = tiny_source("gpt2")
-    loud = surfing("chunk", src, "-o", tmp_path / "loud")
+    loud = surfing_here(capfd, "chunk", src, "-o", tmp_path / "loud")
     silent = surfing("chunk", src, "-o", tmp_path / "silent", "-q")
     assert loud.returncode == silent.returncode == 0, silent.stderr
     assert loud.stdout.startswith("chunked ") and silent.stdout == "" and silent.stderr == ""
@@ -150,7 +151,7 @@ def test_quiet_prints_the_answer_alone_and_verbose_logs_the_plan(llama_text, tin
 
 
 # ------------------------------------------------------------------ bench output, demo cache, make clean-cache
-def test_bench_by_default_never_writes_into_a_bench_folder(tmp_path):
+def test_bench_by_default_never_writes_into_a_bench_folder(tmp_path, capfd):
     committed = tmp_path / "bench" / "REPORT.md"  # a checkout's committed report, where the user stands
     committed.parent.mkdir()
     committed.write_text("the committed report\n")
@@ -158,16 +159,17 @@ def test_bench_by_default_never_writes_into_a_bench_folder(tmp_path):
     assert res.returncode == 0, res.stderr
     assert committed.read_text() == "the committed report\n"
     assert (tmp_path / "surfing-bench" / "REPORT.md").is_file() and "surfing-bench/REPORT.md" in res.stdout
-    explicit = surfing("bench", "--quick", "--cases", "gpu", "--output-dir", "bench", cwd=tmp_path, timeout=600)
+    explicit = surfing_here(capfd, "bench", "--quick", "--cases", "gpu", "--output-dir", "bench", cwd=tmp_path)
     assert explicit.returncode == 0 and committed.read_text() != "the committed report\n", explicit.stderr
 
 
-def test_demo_says_where_its_cache_is_and_make_clean_cache_removes_it(smollm2_chunks, tmp_path):
+def test_demo_says_where_its_cache_is_and_make_clean_cache_removes_it(smollm2_chunks, tmp_path, capfd, monkeypatch):
     cache = tmp_path / "cache"
     (cache / "chunks").mkdir(parents=True)
     (cache / "chunks" / "SmolLM2-135M-Instruct").symlink_to(smollm2_chunks)  # as if an earlier demo chunked it
     (cache / "bench").mkdir()
-    res = surfing("demo", "--max-new-tokens", "2", env={"SURFING_CACHE_DIR": str(cache)})
+    monkeypatch.setenv("SURFING_CACHE_DIR", str(cache))  # in-process: the demo's fresh process is test_docs_examples
+    res = surfing_here(capfd, "demo", "--max-new-tokens", "2")
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stderr.splitlines() if "cached SmolLM2-135M-Instruct chunks" in ln)
     assert str(cache / "chunks" / "SmolLM2-135M-Instruct") in line and "make clean-cache" in line, line
