@@ -119,3 +119,16 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_closed_model_says_so(chunks):
+    """Counters, generation and forward on a closed model raise ModelError naming it, not an internal error."""
+    from streaming_weights.exceptions import ModelError
+
+    m = StreamingLlamaModel("llama", str(chunks), cache_size=1)
+    m.forward(torch.tensor([[1, 2, 3]]))
+    m.close()
+    for call in (m.get_cache_info, m.get_inference_stats, lambda: m.forward(torch.tensor([[1, 2]])),
+                 lambda: m.generate(input_ids=torch.tensor([[1, 2]]), max_new_tokens=1)):
+        with pytest.raises(ModelError, match="closed"):
+            call()

@@ -355,12 +355,14 @@ class StreamingBaseModel:
     def get_cache_info(self) -> dict[str, Any]:
         """Cache counters and contents; ``requested_cache_size`` and ``effective_cache_size`` (the
         requested size capped at the number of streamed units)."""
+        self._ensure_open()
         self.ensure_loaded()
         return self.engine.cache_info()
 
     def get_inference_stats(self) -> dict[str, Any]:
         """Totals over every inference, including direct ``hf_model(...)`` calls: ``total_time`` is
         ``compute_seconds + stall_seconds``; ``drafted_tokens`` / ``accepted_tokens``: speculation's drafts."""
+        self._ensure_open()
         self.ensure_loaded()
         return {**self.engine.inference_stats(), **self._drafts.as_stats()}
 
