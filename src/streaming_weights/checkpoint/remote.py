@@ -11,9 +11,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..chunker.readers import TOKENIZER_FILES, Source, anon_buffer
+from ..chunker.readers import TOKENIZER_FILES, HeaderIndexedSource, anon_buffer
 from ..exceptions import CheckpointError
-from ..format.chunkfile import DTYPES, TensorSpec, parse_header
+from ..format.chunkfile import DTYPES, TensorSpec
 
 _INDEX = "model.safetensors.index.json"
 
@@ -30,8 +30,10 @@ def _config(files: Any) -> Any:
             raise CheckpointError(f"cannot read config.json in {files.location}: {exc}") from exc
 
 
-class StoredSafetensorsSource(Source):
+class StoredSafetensorsSource(HeaderIndexedSource):
     """The checkpoint ``files`` (a :class:`~.files.StoredFiles`) as a chunker source."""
+
+    error = CheckpointError
 
     def __init__(self, files: Any) -> None:
         self.files = files
@@ -40,17 +42,8 @@ class StoredSafetensorsSource(Source):
         self.architecture = (getattr(self.config, "architectures", None) or [None])[0]
         self._where: dict[str, tuple[str, int, TensorSpec]] = {}
         for name in self._weight_files():
-            size = files.stats([name])[name][0]
-            head = files.pread(name, 0, 8)
-            n = int.from_bytes(head, "little")
-            try:
-                specs, _, start = parse_header(head + files.pread(name, 8, n), size)
-            except Exception as exc:  # noqa: BLE001 - a malformed header: name the file
-                raise CheckpointError(f"{files.location}/{name}: {exc}") from exc
-            for key, spec in specs.items():
-                if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in two checkpoint files of {files.location}")
-                self._where[key] = (name, start, spec)
+            self._index_file(name, f"{files.location}/{name}", files.stats([name])[name][0],
+                             lambda offset, n, name=name: files.pread(name, offset, n))
 
     def _weight_files(self) -> list[str]:
         index = self.files.read(_INDEX)
@@ -60,16 +53,6 @@ class StoredSafetensorsSource(Source):
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"{self.files.location}/{_INDEX} is not a valid checkpoint index: {exc}") from exc
         return [n for n in self.files.names() if n.endswith(".safetensors")]
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def locate(self, key: str) -> tuple[str, int, TensorSpec]:
-        name, start, spec = self._where[key]
-        return name, start + spec.data_offsets[0], spec
-
-    def dtypes(self) -> dict[str, torch.dtype]:
-        return {k: DTYPES[s.dtype] for k, (_, _, s) in self._where.items()}
 
     def read_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -104,35 +104,38 @@ def _load_config(path: Path):
         raise ChunkingError(f"cannot read config.json in {path}: {exc}") from exc
 
 
-class SafetensorsSource(Source):
-    def __init__(self, path: Path, files: list[Path]) -> None:
-        self.path = path
-        self.config = _load_config(path)
-        self.architecture = (getattr(self.config, "architectures", None) or [None])[0]
-        self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise ChunkingError(f"{f} is not a safetensors file (too short)")
-                n = int.from_bytes(head, "little")
-                if n > 100 << 20:
-                    raise ChunkingError(f"{f}: safetensors header of {n} bytes is implausible")
-                header = head + fh.read(n)
-            size = f.stat().st_size
-            try:  # validates offsets against the file size without reading the data
-                specs, _, start = parse_header(header, size)
-            except Exception as exc:
-                raise ChunkingError(f"{f}: {exc}") from exc
-            for name, spec in specs.items():
-                if name in self._where:
-                    raise ChunkingError(f"tensor {name!r} appears in two checkpoint files")
-                self._where[name] = (f, start, spec)
+#: a safetensors header longer than this is refused before it is read (real ones are a few MiB at most)
+MAX_HEADER_BYTES = 100 << 20
+
+
+class HeaderIndexedSource(Source):
+    """A source whose tensors are located from its safetensors files' headers alone (no data is read to index
+    them): ``{tensor: (file, data start, spec)}``. Local files and files in a storage (``checkpoint.remote``)
+    index the same way; only how bytes are read differs. Errors are :attr:`error` (naming the file)."""
+
+    error: type[Exception] = ChunkingError
+
+    def _index_file(self, file: Any, label: str, size: int, read: Callable[[int, int], bytes]) -> None:
+        """Add the tensors of ``file`` (``size`` bytes; ``read(offset, n)`` returns its bytes) to the index."""
+        head = read(0, 8)
+        if len(head) < 8:
+            raise self.error(f"{label} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise self.error(f"{label}: safetensors header of {n} bytes is implausible")
+        try:  # validates offsets against the file size without reading the data
+            specs, _, start = parse_header(head + read(8, n), size)
+        except Exception as exc:  # noqa: BLE001 - a malformed header: name the file
+            raise self.error(f"{label}: {exc}") from exc
+        for key, spec in specs.items():
+            if key in self._where:
+                raise self.error(f"tensor {key!r} appears in two checkpoint files ({label} is the second)")
+            self._where[key] = (file, start, spec)
 
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def locate(self, key: str) -> tuple[Path, int, TensorSpec]:
+    def locate(self, key: str) -> tuple[Any, int, TensorSpec]:
         """(file, absolute offset of tensor ``key``'s first byte in it, its spec there): where a checkpoint served
         as it is reads the tensor's bytes by range."""
         f, start, spec = self._where[key]
@@ -140,6 +143,21 @@ class SafetensorsSource(Source):
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: DTYPES[s.dtype] for k, (_, _, s) in self._where.items()}
+
+
+class SafetensorsSource(HeaderIndexedSource):
+    def __init__(self, path: Path, files: list[Path]) -> None:
+        self.path = path
+        self.config = _load_config(path)
+        self.architecture = (getattr(self.config, "architectures", None) or [None])[0]
+        self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                def read(offset: int, n: int) -> bytes:
+                    fh.seek(offset)
+                    return fh.read(n)
+
+                self._index_file(f, str(f), f.stat().st_size, read)
 
     def read_tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:
