@@ -202,10 +202,14 @@ class UnitCache:
             self.schedule_prefetch(name)
         return unit
 
+    def can_keep(self, count: int) -> bool:
+        """Whether the bounds keep ``count`` units whatever their size (no eviction until :meth:`resize`)."""
+        return self.max_units >= count and self.max_bytes is None
+
     def holding(self, names: list[str]) -> dict[str, dict] | None:
         """``{name: tensors}`` if every unit of ``names`` is cached and the bounds keep all of them (nothing will
         be evicted until :meth:`resize` / :meth:`clear`), else ``None``."""
-        if self.max_units < len(names) or self.max_bytes is not None or not all(n in self.cached for n in names):
+        if not self.can_keep(len(names)) or not all(n in self.cached for n in names):
             return None
         return {n: self.cached[n].tensors for n in names}
 

@@ -98,11 +98,10 @@ class StreamingEngine:
         self.codes: CodesTier | None = None  # quantized units kept as codes (the compressed tier)
         self.edge_bindings: list[EdgeBinding] = []
         self.prefetch_enabled = True
-        self.monitor = config.monitor
         self.pinned = False  # every streamed block's tensors stay in its module (see _pin_if_all_kept)
         self.pinned_hits = 0  # uses of pinned units (cache hits that never reached the cache) before the last unpin
         self.accounting = Accounting(self._lifetime, config.monitor)
-        self.lock = self.accounting.lock  # one inference at a time (the facade takes it around a call)
+        self.lock = self.accounting.lock  # held by an inference; unpinning waits for it
         self._root_handles: list[Any] = []
         self.closed = False
         _track(self)  # closed at interpreter exit if the user did not (one atexit hook for all engines)
@@ -324,7 +323,8 @@ class StreamingEngine:
     def _pin_if_all_kept(self) -> None:
         """When the cache keeps every block and all have arrived, leave their tensors in the modules: a held unit
         costs nothing to use. Undone by :meth:`_unpin` before anything may drop a unit (resize, clear, close)."""
-        if self.pinned or not self.bindings or not self.placement.on_host or self.codes is not None:
+        if (self.pinned or not self.bindings or not self.placement.on_host or self.codes is not None
+                or not self.cache.can_keep(len(self.bindings))):
             return
         try:
             units = self.call(self.cache.holding, [b.name for b in self.bindings])

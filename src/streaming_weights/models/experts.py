@@ -133,7 +133,8 @@ class ExpertBinding(ModuleHook):
         where = next((k for k in _INDEX_ARGS if k in kwargs), None)
         index = kwargs[where] if where else args[1]
         ids = torch.unique(index[(index >= 0) & (index < self.num_experts)]).tolist()  # sorted
-        needed = list(dict.fromkeys(self.unit_of(e)[0] for e in ids))
+        spots = [(unit[0], e - unit[1]) for e in ids for unit in (self.unit_of(e),)]  # (unit, row in it)
+        needed = list(dict.fromkeys(name for name, _ in spots))
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._on_route is not None:
             self._on_route(self, hidden, ids)
@@ -141,10 +142,8 @@ class ExpertBinding(ModuleHook):
         self._held = needed
         device = hidden.device
         for key in self._placeholders:
-            rows = []
-            for e in ids:
-                name, start, _, _ = self.unit_of(e)
-                rows.append(fetched[name][f"{self.path}.{key}"][e - start:e - start + 1])
+            full = f"{self.path}.{key}"
+            rows = [fetched[name][full][row:row + 1] for name, row in spots]
             weight = rows[0] if len(rows) == 1 else torch.cat(rows) if rows else self._empty(key)
             module._parameters[key] = nn.Parameter(weight.to(device), requires_grad=False)
         # expert e -> its position among the selected ones; anything else (a sentinel) -> the new count

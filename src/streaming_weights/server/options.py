@@ -70,9 +70,11 @@ def group_legacy(limits: ServerLimits | None, tls: ServerTLS | None,
         TypeError: a keyword that is neither (named), or the same option given both ways.
     """
     flat_limits = {k: legacy.pop(k) for k in list(legacy) if k in _LIMITS}
-    flat_tls = {_TLS[k]: legacy.pop(k) for k in list(legacy) if k in _TLS and legacy[k] is not None}
-    for k in [k for k in legacy if k in _TLS]:
-        legacy.pop(k)
+    given = {k: legacy.pop(k) for k in list(legacy) if k in _TLS}
+    flat_tls: dict[str, Any] = {}
+    for k in _TLS:  # in _TLS's order: tls_cert / tls_key win over the original ssl_*_path spellings
+        if given.get(k) is not None:
+            flat_tls.setdefault(_TLS[k], given[k])
     use_ssl = bool(legacy.pop("use_ssl", False))
     if legacy:
         raise TypeError(f"WeightServer got unexpected keyword arguments {sorted(legacy)}")
