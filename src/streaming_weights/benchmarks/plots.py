@@ -194,6 +194,39 @@ class _Plotter:
         self.save(fig, "moe", "moe.png")
 
 
+    def scale(self) -> None:
+        """Time to result and seconds per decoded token per contender; the physical limit (bytes per token /
+        measured bandwidth) as a black tick on each s/token bar."""
+        c = self.ok("scale")
+        if c is None:
+            return
+        from .scale import LABELS
+
+        ms = c["metrics"]
+        names = [n for n in LABELS if f"{n}_time_to_result_s" in ms]
+        labels = [LABELS[n].replace(" (", "\n(").replace(", ", "\n", 1) for n in names]
+        fig, axes = self.plt.subplots(1, 2, figsize=(12, 4.6))
+        for ax, key, ylabel in ((axes[0], "time_to_result_s", "seconds, build model -> 6th token"),
+                                (axes[1], "s_per_token", "seconds per decoded token")):
+            vals = [ms[f"{n}_{key}"] for n in names]
+            med = [v["median"] for v in vals]
+            err = [[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]]
+            ax.bar(range(len(names)), med, yerr=err, capsize=3,
+                   color=["#808080" if n == "transformers" else "#9b59b6" if n == "accelerate" else "#2e8b57"
+                          for n in names])
+            self.annotate(ax, med)
+            ax.set_xticks(range(len(names)), labels, fontsize=6)
+            ax.set_ylabel(ylabel)
+        limits = [(i, ms[f"{n}_limit_s_per_token"]["median"]) for i, n in enumerate(names)
+                  if f"{n}_limit_s_per_token" in ms]
+        if limits:
+            axes[1].scatter([i for i, _ in limits], [v for _, v in limits], marker="_", s=600, color="k", zorder=3,
+                            label="physical limit: bytes/token / measured bandwidth")
+            axes[1].legend(fontsize=7)
+        fig.suptitle(f"TinyLlama-1.1B shape inside a 1.5 GB cap, one compute thread, bf16 ({self.mach})", fontsize=9)
+        self.save(fig, "scale", "scale.png")
+
+
 def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
     """Draw the figures for the cases that ran (failed ones are skipped); returns {case: [file names]}."""
     p = _Plotter(results, out)
@@ -241,4 +274,5 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
         p.bars("chunker", "chunker.png", [(f"{r['key']}_MBps", r["key"]) for r in chunker.get("sources", [])],
                "MB/s written", f"Chunker throughput ({p.mach})")
     p.moe()
+    p.scale()
     return p.made

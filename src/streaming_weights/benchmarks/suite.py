@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import api, budget, cache_policy, chunking, cold_start, embeddings, generation, gpu, memory, overlap, peers
-from . import moe, quant, transfer
+from . import moe, quant, scale, transfer
 from ..config import bench_cpus_from_env
 from .common import MiB, Progress, machine_description, run_child, unit_bound, weight_server_process
 from .fixtures import build_random_llama, chunk_source, export_hf_dir, grounded_prompt, load_manifest
@@ -24,10 +24,11 @@ CASE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "generation": generation.run, "cold_start": cold_start.run, "transfer": transfer.run, "overlap": overlap.run,
     "cache": cache_policy.run, "memory": memory.run, "budget": budget.run, "peers": peers.run, "quant": quant.run,
     "embeddings": embeddings.run, "api": api.run, "chunker": chunking.run, "gpu": gpu.run, "moe": moe.run,
+    "scale": scale.run,
 }
 CASES = tuple(CASE_FUNCS)
 #: Cases that build, chunk and serve a model of their own: run alone, the suite's model is not prepared.
-OWN_MODEL = frozenset({"moe"})
+OWN_MODEL = frozenset({"moe", "scale"})
 # Fresh-process measurements each case needs (with --quick they share one process).
 _NEEDS = {"memory": ["stream", "hf_memory"], "cold_start": ["stream", "download"],
           "peers": ["hf_memory", "accelerate", "stream"]}
