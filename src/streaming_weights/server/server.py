@@ -22,6 +22,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.http11 import Request as HTTPRequest
 from websockets.http11 import Response as HTTPResponse
 
@@ -39,6 +40,7 @@ from .hosting import Catalog, answer_current
 from .hosting import resolve_storage as _resolve_storage  # compatibility: it lived here
 from .metrics import ServerMetrics
 from .options import ServerLimits, ServerTLS, group_legacy
+from .sending import DirectWriter
 
 logger = logging.getLogger("streaming_weights.server")
 
@@ -55,6 +57,7 @@ class _Conn:
     inflight: dict[int, asyncio.Task] = field(default_factory=dict)
     secret: str | None = None  # its bearer token, to re-check the grant when the token file is reloaded
     grant: Grant = OPEN
+    writer: DirectWriter | None = None  # DATA frames (zero-copy on plain connections)
 
 
 class WeightServer:
@@ -266,7 +269,7 @@ class WeightServer:
     # ------------------------------------------------------------------------------------- serving
     async def _handle(self, ws: ServerConnection) -> None:
         secret, grant = self._auth.pop(ws, (None, OPEN))
-        conn = _Conn(ws, peer(ws), secret=secret, grant=grant)
+        conn = _Conn(ws, peer(ws), secret=secret, grant=grant, writer=DirectWriter(ws.transport))
         self._conns.add(conn)
         self.metrics.active_connections.inc()
         logger.info("connection from %s", conn.peer)
@@ -283,6 +286,7 @@ class WeightServer:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            conn.writer.close()
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
         plan = self.handler.plan(raw, conn.inflight, conn.grant)
@@ -312,10 +316,10 @@ class WeightServer:
             await conn.ws.send(data)
 
     async def _send_data(self, conn: _Conn, rid: int, offset: int, piece: bytes | memoryview) -> None:
-        """Send one DATA message as a single unmasked binary frame, written straight to the transport.
+        """Send one DATA message as a single unmasked binary frame, written straight to the socket.
 
-        Equivalent to ``ws.send(proto.encode_data(...))`` on the wire, without the three 1 MiB copies that
-        path makes (header concatenation, frame serialization into a buffer and out of it). websockets'
+        Equivalent to ``ws.send(proto.encode_data(...))`` on the wire, without its copies (header
+        concatenation, frame serialization, the transport's buffer: see :mod:`.sending`). websockets'
         ``send_context`` still checks the connection state and applies flow control (drain) afterwards.
         """
         head = proto.encode_header(proto.Kind.DATA, rid, offset)
@@ -323,12 +327,12 @@ class WeightServer:
             await self.pacer.take(len(head) + len(piece))
         async with conn.send_lock:
             ws = conn.ws
-            if ws.send_in_progress is not None:  # never the case here; keep websockets' invariants anyway
+            if ws.send_in_progress is not None or conn.writer is None:  # never the case here; keep websockets' invariants
                 await ws.send(head + piece)
                 return
             async with ws.send_context():
-                ws.transport.write(binary_frame_header(len(head) + len(piece)) + head)
-                ws.transport.write(piece)
+                await conn.writer.write((binary_frame_header(len(head) + len(piece)) + head, piece),
+                                        lambda: ws.protocol.state is State.OPEN)
 
     async def _send_error(self, conn: _Conn, rid: int, code: str, message: str) -> None:
         try:

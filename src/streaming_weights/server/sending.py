@@ -1,0 +1,102 @@
+"""Zero-copy DATA frames on a plain (``ws://``) connection: ``sendmsg`` straight from the cached blob.
+
+asyncio's selector transport (Python 3.11) copies whatever ``send`` does not take at once into its own
+buffer and sends it from there later, so with a reader slower than the server nearly every byte of a
+unit was copied once more on the server's core. :class:`DirectWriter` hands the frame header, the
+protocol header and a view of the blob to one ``sendmsg`` call instead, and waits for the socket to be
+writable (on a duplicate descriptor, so the transport's own registration is untouched) when the kernel
+takes nothing. Only the tail of a frame the kernel took in part goes through the transport (copied), so
+a frame is never interleaved with anything websockets writes (pongs, pings, the close frame): those
+writes go through the transport, and the transport sends its buffer in order, after that tail.
+
+TLS connections, and frames that would otherwise overtake bytes already queued in the transport, use
+``transport.write`` as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+Buffer = bytes | bytearray | memoryview
+
+
+class DirectWriter:
+    """Per-connection frame writer (see the module docstring); :meth:`close` when the connection ends."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self._sock: socket.socket | None = None
+        raw: Any = transport.get_extra_info("socket")
+        if raw is not None and transport.get_extra_info("ssl_object") is None and hasattr(raw, "dup"):
+            try:
+                self._sock = raw.dup()
+                self._sock.setblocking(False)
+            except OSError:
+                self._sock = None
+        #: bytes sent straight from the caller's buffers / copied into the transport (diagnostics)
+        self.direct_bytes = 0
+        self.copied_bytes = 0
+
+    @property
+    def direct(self) -> bool:
+        return self._sock is not None
+
+    async def write(self, parts: Sequence[Buffer], is_open: Any = lambda: True) -> None:
+        """Write one frame made of ``parts``, in order and whole, ahead of anything written after it.
+
+        Waits (no byte of the frame written yet) while the socket is full; ``is_open()`` is asked after
+        each wait, and a False answer drops the frame (the connection is closing: the caller's next send
+        finds out).
+        """
+        sent = 0
+        while self._sock is not None and not self.transport.is_closing() \
+                and not self.transport.get_write_buffer_size():
+            try:
+                sent = self._sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                if not is_open():
+                    return
+                continue
+            except OSError:
+                sent = 0  # the transport reports the failure on its own write below
+            break
+        self.direct_bytes += sent
+        for part in _after(parts, sent):
+            self.copied_bytes += len(part)
+            self.transport.write(part)
+
+    async def _writable(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd = self._sock.fileno()
+        loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            loop.remove_writer(fd)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+def _after(parts: Sequence[Buffer], n: int) -> list[memoryview]:
+    """What remains of ``parts`` once their first ``n`` bytes are sent."""
+    rest: list[memoryview] = []
+    for part in parts:
+        view = memoryview(part)
+        if n >= len(view):
+            n -= len(view)
+            continue
+        rest.append(view[n:])
+        n = 0
+    return rest
+
+
+__all__ = ["DirectWriter"]
