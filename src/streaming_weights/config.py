@@ -168,7 +168,9 @@ class StreamingConfig:
     #: where compute runs: "cpu", "cuda", "cuda:N" or "mps" (checked when a model is built: ``client.device``)
     device: str = opt("cpu", parse=parse_str)
     #: quantized (int8 / int4) units in memory: "codes" (the compressed tier: cached as codes, expanded per use),
-    #: "dequantized" (converted on arrival), or "auto": codes under a memory budget on the CPU, else dequantized
+    #: "dequantized" (converted on arrival), "auto": codes under a memory budget on the CPU, else dequantized, or
+    #: "kernel": codes, and the blocks' linear layers with int4 / int8-channel weights compute on them with torch's
+    #: weight-only kernels (bfloat16 activations: numerics change; CPU only, else as "codes"; models.qlinear)
     quantized_in_memory: str = opt("auto", parse=parse_str)
 
     def __post_init__(self) -> None:
@@ -176,8 +178,8 @@ class StreamingConfig:
                   ("timeout_seconds", self.timeout_seconds > 0, "> 0"), ("max_retries", self.max_retries >= 0, ">= 0"),
                   ("server_port", 0 < self.server_port < 65536, "in 1..65535"),
                   ("cache_size_mb", self.cache_size_mb is None or self.cache_size_mb >= 0, ">= 0"),
-                  ("quantized_in_memory", self.quantized_in_memory in ("auto", "codes", "dequantized"),
-                   "'auto', 'codes' or 'dequantized'")]
+                  ("quantized_in_memory", self.quantized_in_memory in ("auto", "codes", "dequantized", "kernel"),
+                   "'auto', 'codes', 'dequantized' or 'kernel'")]
         for name, ok, want in checks:
             if not ok:
                 raise ConfigurationError(f"{name} must be {want}, got {getattr(self, name)!r}")

@@ -115,9 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace a different model already in the output directory (clears it first)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--compress", action="store_true", help="store float16 (same as --dtype float16)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="store linear/embedding weights quantized: int8 (groups of 64, ~0.26x float32 bytes) or "
-                        "int4 (groups of 32, ~0.16x); lossy, see docs/format.md")
+    p.add_argument("--quantize", choices=["int8", "int4", "int8-channel"], default=None,
+                   help="store linear/embedding weights quantized: int8 (groups of 64, ~0.26x float32 bytes), "
+                        "int4 (groups of 32, ~0.16x) or int8-channel (one scale per row, what "
+                        "quantized_in_memory='kernel' computes on); lossy, see docs/format.md")
     p.add_argument("--experts", choices=("units", "layer"), default="units",
                    help="mixture-of-experts models: 'units' (default) stores each expert as its own unit, fetched "
                         "only when the router picks it; 'layer' keeps the experts in their layer's unit")

@@ -26,8 +26,9 @@ import torch
 from ..exceptions import ConfigurationError, UnitFormatError
 from ..format import Manifest, UnitEntry
 from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, plan_unit, tensor_view
-from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, read_quant_metadata
+from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, group_size, read_quant_metadata
 from .base import FetchedUnit, SourceWrapper, UnitSource
+from .qkernel import kernel_form, kernel_scheme, pack_into
 
 if TYPE_CHECKING:
     from .buffers import BufferPool
@@ -62,6 +63,7 @@ class _Plan:
     quant: dict[str, QuantSpec]
     targets: dict[str, TensorSpec]  # name -> spec in the compute buffer (offsets from 0)
     size: int
+    kernel: frozenset[str] = frozenset()  # quantized tensors written in kernel form (client.qkernel)
 
 
 def _target(dtype: str, want: torch.dtype, keep32: bool) -> str:
@@ -83,6 +85,10 @@ class ConvertingSource(SourceWrapper):
         keep_codes: the compressed tier: a *streamed* unit holding quantized tensors arrives as it is stored
             (int8 / int4 codes and scales, what the cache then holds) and is converted per use by
             :meth:`expand` into a buffer the caller owns; resident units still convert on arrival.
+        kernel: ``manifest -> tensor names`` torch's weight-only kernels compute with (``models.qlinear``: the
+            linear weights of streamed blocks; asked once per manifest): such a tensor, stored as codes a kernel
+            takes (:func:`~.qkernel.kernel_scheme`), arrives in kernel form (:func:`~.qkernel.pack_into`, about
+            the bytes of its codes) and its unit converts on arrival, never per use; ``None``: none.
 
     Raises:
         ConfigurationError: an invalid ``dtype``.
@@ -92,9 +98,11 @@ class ConvertingSource(SourceWrapper):
 
     def __init__(self, source: UnitSource, dtype: str | torch.dtype | None = None,
                  keep_fp32: Callable[[Manifest, torch.dtype], Iterable[str]] | None = None,
-                 keep_codes: bool = False) -> None:
+                 keep_codes: bool = False, kernel: Callable[[Manifest], Iterable[str]] | None = None) -> None:
         super().__init__(source)
         self.keep_codes = keep_codes
+        self._kernel = kernel
+        self._kernel_names: dict[tuple[str, str], frozenset[str]] = {}
         self.dtype = parse_compute_dtype(dtype)
         self._keep_fp32 = keep_fp32
         self._fp32: dict[tuple[str, str], frozenset[str]] = {}
@@ -121,9 +129,20 @@ class ConvertingSource(SourceWrapper):
             self._fp32[key] = frozenset(self._keep_fp32(manifest, want)) if self._keep_fp32 else frozenset()
         return self._fp32[key]
 
+    def kernel_names(self, manifest: Manifest, unit: str) -> frozenset[str]:
+        """The tensors of streamed block ``unit`` that arrive in kernel form (see ``kernel``)."""
+        entry = manifest.unit(unit)
+        if self._kernel is None or entry.role != "streamed":
+            return frozenset()
+        key = (manifest.name, str(id(manifest)))
+        if key not in self._kernel_names:
+            self._kernel_names[key] = frozenset(self._kernel(manifest)) - self.keep_fp32(manifest)
+        wanted = self._kernel_names[key]
+        return frozenset(n for n in entry.tensors if n in wanted and kernel_scheme(entry.tensors, n))
+
     def codes_kept(self, manifest: Manifest, unit: str) -> bool:
         """Whether ``unit`` stays as its stored codes until :meth:`expand` (the compressed tier)."""
-        if not self.keep_codes:
+        if not self.keep_codes or self.kernel_names(manifest, unit):
             return False
         entry = manifest.unit(unit)
         return entry.role != "resident" and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
@@ -144,10 +163,14 @@ class ConvertingSource(SourceWrapper):
         """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit
         passes through unconverted). For memory planning: computed from the manifest alone."""
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
+        kernel = self.kernel_names(manifest, entry.name)
         total, changed = 0, False
         for name, spec in entry.tensors.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)):
                 changed = True
+                continue
+            if name in kernel:
+                total += _kernel_bytes(entry.tensors, name)
                 continue
             shape = list(spec.shape)
             if name + SCALE_SUFFIX in entry.tensors:
@@ -207,12 +230,15 @@ class ConvertingSource(SourceWrapper):
         stored, metadata, _ = parse_header(fetched.buffer)
         quant = read_quant_metadata(metadata, stored)
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
+        kernel = self.kernel_names(manifest, fetched.name) & set(quant)
         entries: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, spec in stored.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)) and name.rsplit(".", 1)[0] in quant:
                 continue
             keep32 = name in fp32
-            if name in quant:
+            if name in kernel:
+                entries.update({name + s: form for s, form in kernel_form(quant[name]).items()})
+            elif name in quant:
                 entries[name] = ("F32" if keep32 else dtype_name(want), quant[name].shape)
             else:
                 entries[name] = (_target(spec.dtype, want, keep32), spec.shape)
@@ -220,7 +246,7 @@ class ConvertingSource(SourceWrapper):
             return None
         layout = plan_unit(entries)
         size = layout.total_bytes - layout.data_start
-        return _Plan(quant, dict(layout.tensors), size)
+        return _Plan(quant, dict(layout.tensors), size, kernel)
 
     def spare_bytes(self, manifest: Manifest) -> int:
         """Idle bytes the buffer pool should keep for reuse: one receive buffer plus one compute buffer of the
@@ -239,18 +265,27 @@ def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str
     this call: the executor keeps its arguments a moment after the result is delivered, and a live view would
     keep the receive buffer from going back to the pool); :meth:`ConvertingSource.expand` passes a copy.
     """
-    result: dict[str, torch.Tensor] = {}
-    for name, spec in plan.targets.items():
-        dst = tensor_view(out, 0, name, spec)
+    result: dict[str, torch.Tensor] = {name: tensor_view(out, 0, name, spec) for name, spec in plan.targets.items()}
+    companions = {name + s for name in plan.kernel for s in kernel_form(plan.quant[name]) if s}
+    for name, dst in result.items():
         q = plan.quant.get(name)
-        if q is not None:
-            parts = {s: stored[name + s] for s in q.stored()}
+        parts = {s: stored[name + s] for s in q.stored()} if q is not None else {}
+        if name in plan.kernel:
+            pack_into({s: result[name + s] for s in kernel_form(q)}, parts, q)
+        elif q is not None:
             decode_into(dst, parts, q)
-        elif dst.numel():
+        elif name not in companions and dst.numel():  # (companions are written with their weight)
             dst.copy_(stored[name])
-        result[name] = dst
     stored.clear()  # the stored views die here, whoever still holds the dict
     return result
+
+
+def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
+    """Bytes of stored weight ``name`` in kernel form (from the manifest's tensor specs alone)."""
+    scheme = kernel_scheme(tensors, name)
+    out, inp = tensors[name].shape[0], tensors[name].shape[1] * (2 if scheme == "int4" else 1)
+    spec = QuantSpec(scheme, group_size(scheme, inp), (out, inp), "F32")
+    return sum(math.prod(shape) * itemsize(dt) for dt, shape in kernel_form(spec).values())
 
 
 __all__ = ["ConvertingSource", "parse_compute_dtype"]

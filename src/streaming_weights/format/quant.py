@@ -1,9 +1,11 @@
 """Weight-only quantization of unit tensors: the encoding (chunk time) and the vectorized decoding (on arrival).
 
-Two schemes, both group-wise along the last (input) dimension of a 2-D weight ``W[out, in]``:
+Three schemes, all group-wise along the last (input) dimension of a 2-D weight ``W[out, in]``:
 
 * ``int8``: symmetric, groups of 64, one float16 scale per group: ``w = q * scale``, ``q`` in [-127, 127]
   (int8, stored ``[out, in]``).
+* ``int8-channel``: ``int8`` with one group per row (group size = ``in``): one float16 scale per output
+  channel, the layout torch's ``_weight_int8pack_mm`` computes on directly (``quantized_in_memory="kernel"``).
 * ``int4``: asymmetric, groups of 32, float16 scale and offset per group (as GGUF's Q4_1 and FlexGen):
   ``w = q * scale + offset``, ``q`` in [0, 15], two per byte (element ``2j`` in the low nibble of byte
   ``j``, ``2j+1`` in the high nibble; stored uint8 ``[out, in / 2]``).
@@ -37,12 +39,16 @@ FORMAT_NAME = "streaming-weights-quant"
 FORMAT_VERSION = 1
 SCALE_SUFFIX = ".qscale"
 OFFSET_SUFFIX = ".qoffset"
-SCHEMES = ("int8", "int4")
-#: group size of each scheme (fixed: the error bounds in docs/format.md are measured with these)
+SCHEMES = ("int8", "int4", "int8-channel")
+#: group size of each scheme (fixed: the error bounds in docs/format.md are measured with these);
+#: ``int8-channel`` has none: its one group is the whole row (:func:`group_size`)
 GROUP_SIZE = {"int8": 64, "int4": 32}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
+def group_size(scheme: str, in_features: int) -> int:
+    """The group size ``scheme`` uses on rows of ``in_features`` values."""
+    return GROUP_SIZE.get(scheme, in_features)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class QuantSpec:
         """``{suffix: (dtype, shape)}`` of the stored tensors ("" is the codes tensor itself)."""
         out, inp = self.shape
         side = ("F16", (out, self.groups))
-        if self.scheme == "int8":
+        if self.scheme != "int4":
             return {"": ("I8", (out, inp)), SCALE_SUFFIX: side}
         return {"": ("U8", (out, inp // 2)), SCALE_SUFFIX: side, OFFSET_SUFFIX: side}
 
@@ -82,8 +88,10 @@ def quant_spec(scheme: str, shape: tuple[int, ...], dtype: str) -> QuantSpec | N
     """
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization {scheme!r}; expected one of {list(SCHEMES)}")
-    group = GROUP_SIZE[scheme]
-    if len(shape) != 2 or dtype not in _FLOAT_DTYPES or shape[0] == 0 or shape[1] == 0 or shape[1] % group:
+    if len(shape) != 2 or dtype not in _FLOAT_DTYPES or shape[0] == 0 or shape[1] == 0:
+        return None
+    group = group_size(scheme, int(shape[1]))
+    if shape[1] % group:
         return None
     return QuantSpec(scheme, group, (int(shape[0]), int(shape[1])), dtype)
 
@@ -107,10 +115,10 @@ def _parse_spec(name: str, obj: Any) -> QuantSpec:
     scheme, group, shape, dtype = obj["scheme"], obj["group_size"], obj["shape"], obj["dtype"]
     if scheme not in SCHEMES:
         raise _fail(f"{name!r}: unknown scheme {scheme!r} (expected one of {list(SCHEMES)})")
-    if type(group) is not int or group != GROUP_SIZE[scheme]:
-        raise _fail(f"{name!r}: {scheme} uses groups of {GROUP_SIZE[scheme]}, got {group!r}")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
         raise _fail(f"{name!r}: shape must be [out, in] of positive ints, got {shape!r}")
+    if type(group) is not int or group != group_size(scheme, shape[1]):
+        raise _fail(f"{name!r}: {scheme} uses groups of {group_size(scheme, shape[1])}, got {group!r}")
     if shape[1] % group:
         raise _fail(f"{name!r}: input dimension {shape[1]} is not a multiple of the group size {group}")
     if dtype not in _FLOAT_DTYPES:
@@ -170,7 +178,7 @@ def encode(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
     out, inp = spec.shape
     w = weight.detach().to(torch.float32).reshape(out, spec.groups, spec.group_size)
-    if spec.scheme == "int8":
+    if spec.scheme != "int4":
         scale = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
         _check_finite(scale)
         s = scale.to(torch.float32).unsqueeze(-1)
@@ -205,7 +213,7 @@ def decode_into(out: torch.Tensor, stored: Mapping[str, torch.Tensor], spec: Qua
     rows, _ = spec.shape
     o3 = out.view(rows, spec.groups, spec.group_size)
     scale = stored[SCALE_SUFFIX].to(out.dtype).unsqueeze(-1)
-    if spec.scheme == "int8":
+    if spec.scheme != "int4":
         # cast, then scale in place: ~5x faster than one mixed-dtype torch.mul(q, scale, out=...), which
         # takes torch's non-vectorized type-promotion path (measured on a 67 MB unit, one thread)
         out.copy_(stored[""])
@@ -247,6 +255,7 @@ def max_abs_error(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "GROUP_SIZE", "METADATA_KEY", "OFFSET_SUFFIX", "SCALE_SUFFIX", "SCHEMES",
-    "QuantSpec", "QuantizationError", "decode_into", "dequantize", "encode", "max_abs_error", "metadata_entry",
+    "QuantSpec", "QuantizationError", "decode_into", "dequantize", "encode", "group_size", "max_abs_error",
+    "metadata_entry",
     "quant_spec", "read_quant_metadata",
 ]

@@ -38,6 +38,9 @@ class CodesTier:
         """What the plan must count besides the codes: the spare expansion buffers."""
         return self.pool.max_bytes
 
+    def bind(self, root: Any) -> None:
+        """Nothing to attach to the model ``root`` (a :class:`~.qlinear.KernelTier` patches its linear layers)."""
+
     def expand(self, name: str, unit: FetchedUnit) -> FetchedUnit:
         """``unit`` itself, or a view of it in the compute dtype (for the forward about to run)."""
         if not self.converter.codes_kept(self.manifest, name):

@@ -34,7 +34,7 @@ from ..memory import current_anon as current_rss, resolve_budget  # the model's 
 from ..monitoring import Totals
 from .accounting import Accounting
 from .architecture import fp32_names_for
-from .codes import CodesTier
+from .qlinear import CodesTier, in_memory_form, make_tier
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
 from .patching import FunctionHook, add_hook
@@ -116,10 +116,10 @@ class StreamingEngine:
         # The one place retries happen: every layer below makes one attempt per call.
         # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
         # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
-        codes = cfg.quantized_in_memory == "codes" or (
-            cfg.quantized_in_memory == "auto" and cfg.memory_budget is not None and self.placement.on_host)
+        # quantized units: kept as codes? computed on by kernels? (and why "kernel" dequantizes per use, if so)
+        codes, kernel, self.kernel_fallback = in_memory_form(cfg, self.placement.on_host)
         self.converter = ConvertingSource(open_unit_source(cfg.location, pool=self.pool, **kw), cfg.dtype,
-                                          keep_fp32=fp32_names_for, keep_codes=codes)
+                                          keep_fp32=fp32_names_for, keep_codes=codes, kernel=kernel)
         return RetryingSource(self.converter, self.policy)
 
     # --------------------------------------------------------------------------------- the bridge
@@ -162,9 +162,8 @@ class StreamingEngine:
         # Tokenizer, skeleton and one-time runtime set-up are built by now: their cost is measured, not guessed
         # (an estimate: threads building other models at the same time are counted too).
         overhead = max(0, current_rss() - self._rss_at_start)
-        if any(self.converter.codes_kept(manifest, u.name) for u in manifest.units):
-            self.codes = CodesTier(self.converter, manifest)
-            overhead += self.codes.scratch_bytes  # the expansion buffers beside the codes the cache holds
+        self.codes = make_tier(self.converter, manifest)  # the compressed tier (codes or kernel form), if any
+        overhead += self.codes.scratch_bytes if self.codes is not None else 0  # its expansion buffers
         budget, where = resolve_budget(self.config.memory_budget)
         if budget is not None and where.startswith("auto"):
             budget += overhead  # "auto" was measured after that memory was spent: the budget covers it
@@ -243,6 +242,7 @@ class StreamingEngine:
             prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.pool)
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
+        self.codes is not None and self.codes.bind(root)  # kernel form: its linear layers compute on codes
         self.experts = ExpertStreams.bind(manifest, root, plan, self._fetch, self.run, self.call, cfg.trace,
                                           peek=self._peek if cfg.expert_prefetch else None)
         self.edge_bindings = edges
