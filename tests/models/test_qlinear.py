@@ -1,0 +1,190 @@
+"""quantized_in_memory="kernel": blocks' linear layers compute on their codes with torch's weight-only kernels.
+
+The kernels change numerics (bfloat16 activations, scales and zeros), so nothing here is compared exactly:
+one layer against the dequantized weights within the bound bfloat16 rounding implies; a model against
+transformers running the dequantized weights in float32, within what transformers' own bfloat16 compute
+deviates from it; greedy tokens on a LLaMA whose logits are not near ties.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from streaming_weights import StreamingBaseModel, StreamingConfig
+from streaming_weights.client import qkernel
+from streaming_weights.exceptions import QuantizationError
+from streaming_weights.format.chunkfile import TensorSpec
+from streaming_weights.format.quant import SCALE_SUFFIX, decode_into, dequantize, encode, quant_spec, read_quant_metadata
+from streaming_weights.format.quant import metadata_entry
+from streaming_weights.models import qlinear
+from streaming_weights.testing import FakeSource
+from tests.support.models import chunk
+
+pytestmark = pytest.mark.skipif(qkernel.unavailable() is not None, reason=f"{qkernel.unavailable()}")
+IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 7], [8, 3, 99, 14, 250, 61, 30]])
+KERNEL_SCHEMES = ("int4", "int8-channel")
+U = 2.0 ** -8  # bfloat16's relative rounding error (unit roundoff 2**-9) with a factor 2 of headroom
+
+
+def kernel_parts(stored: dict, spec) -> dict:
+    dts = {"U8": torch.uint8, "I8": torch.int8, "BF16": torch.bfloat16}
+    dst = {s: torch.empty(shape, dtype=dts[dt]) for s, (dt, shape) in qkernel.kernel_form(spec).items()}
+    qkernel.pack_into(dst, stored, spec)
+    return dst
+
+
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
+@pytest.mark.parametrize("rows", [96, 128])  # 96: not a whole block of torch's layout (its converter packs it)
+def test_one_layer_is_the_dequantized_weights_up_to_bfloat16_rounding(scheme, rows):
+    gen = torch.Generator().manual_seed(7)
+    w, bias = torch.randn(rows, 256, generator=gen), torch.randn(rows, generator=gen)
+    spec = quant_spec(scheme, tuple(w.shape), "F32")
+    stored = encode(w, spec)
+    parts = kernel_parts(stored, spec)
+    wd = dequantize(stored, spec)
+    for x in (torch.randn(3, 5, 256, generator=gen), torch.randn(1, 256, generator=gen), torch.randn(0, 256)):
+        y = qkernel.linear(x, parts, bias)
+        xb = x.to(torch.bfloat16).float()  # the kernel's input
+        ref = torch.nn.functional.linear(xb, wd, bias)
+        assert y.shape == ref.shape and y.dtype == x.dtype
+        # kernel rounding: its output and its scales (and int4 zeros = offset + 8 scale) are bfloat16; the
+        # weight error is then at most U * (|offset| + 16 |scale|) per group (int4), U * |w| (int8-channel)
+        if scheme == "int4":
+            s, o = stored[SCALE_SUFFIX].float(), stored[".qoffset"].float()
+            werr = (U * (o.abs() + 16 * s)).repeat_interleave(spec.group_size, dim=1)
+        else:
+            werr = U * wd.abs()
+        bound = U * (ref - bias).abs() + xb.abs() @ werr.t() + U * xb.abs() @ wd.abs().t() * 2.0 ** -8
+        assert bool(((y - ref).abs() <= bound + 1e-6).all()), float(((y - ref).abs() - bound).max())
+
+
+def test_the_int4_repacking_is_torchs_layout():
+    codes = torch.randint(0, 256, (192, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(192, 128).to(torch.int32)
+    out = torch.empty_like(codes)
+    qkernel._repack_int4(out, codes)
+    assert torch.equal(out, torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, 1))
+
+
+def test_which_codes_a_kernel_takes():
+    def specs(scheme, shape):
+        spec = quant_spec(scheme, shape, "F32")
+        return {"w" + s: TensorSpec(dt, sh, (0, 0)) for s, (dt, sh) in spec.stored().items()}
+
+    assert qkernel.kernel_scheme(specs("int4", (8, 64)), "w") == "int4"
+    assert qkernel.kernel_scheme(specs("int8-channel", (8, 256)), "w") == "int8-channel"
+    assert qkernel.kernel_scheme(specs("int8", (8, 256)), "w") is None  # groups of 64: no kernel
+    assert qkernel.kernel_scheme(specs("int8", (8, 64)), "w") == "int8-channel"  # one group per row
+    assert qkernel.kernel_scheme({"w": TensorSpec("F32", (8, 64), (0, 0))}, "w") is None
+
+
+def test_int8_channel_is_one_scale_per_row_and_strictly_validated():
+    w = torch.randn(6, 100)
+    spec = quant_spec("int8-channel", (6, 100), "F32")
+    assert spec.group_size == 100 and spec.stored() == {"": ("I8", (6, 100)), SCALE_SUFFIX: ("F16", (6, 1))}
+    stored = encode(w, spec)
+    scale = w.abs().amax(1, keepdim=True) / 127
+    assert torch.equal(stored[SCALE_SUFFIX], scale.half())
+    out = torch.empty(6, 100)
+    assert (decode_into(out, stored, spec) - w).abs().max() <= stored[SCALE_SUFFIX].float().max() / 2 + 1e-6
+    tensors = {"w": TensorSpec("I8", (6, 100), (0, 600)), "w.qscale": TensorSpec("F16", (6, 1), (600, 612))}
+    meta = metadata_entry({"w": spec})
+    assert read_quant_metadata(meta, tensors)["w"] == spec
+    bad = metadata_entry({"w": spec})["quantization"].replace('"group_size":100', '"group_size":64')
+    with pytest.raises(QuantizationError, match="int8-channel uses groups of 100, got 64"):
+        read_quant_metadata({"quantization": bad}, tensors)
+    with pytest.raises(QuantizationError, match="needs I8"):
+        read_quant_metadata(meta, tensors | {"w": TensorSpec("U8", (6, 50), (0, 300))})
+
+
+# ------------------------------------------------------------------------------------------ the model
+def peaky_llama(path):
+    """A random-init LLaMA (fixed seed) with large weights, so its greedy choices are not near ties."""
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return peaky_llama(tmp_path_factory.mktemp("qlinear") / "src")
+
+
+@pytest.fixture(scope="module", params=KERNEL_SCHEMES + ("int8",))
+def quantized(request, source, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"qlinear-{request.param}") / "llama"
+    chunk(source, out, name="llama", quantize=request.param)
+    return request.param, out
+
+
+def reference(source, scheme):
+    """transformers' LLaMA with the weights the chunks dequantize to."""
+    model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            spec = quant_spec(scheme, tuple(m.weight.shape), "F32") if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) else None
+            if spec is not None:
+                m.weight.copy_(dequantize(encode(m.weight, spec), spec))
+    return model
+
+
+def run(chunks, mode="kernel", **kw):
+    with StreamingBaseModel("llama", FakeSource(chunks_dir=chunks), quantized_in_memory=mode, speculation="off",
+                            **kw) as m:
+        with torch.no_grad():
+            logits = m.hf_model(input_ids=IDS).logits
+        tokens = m.generate(input_ids=IDS[:1], max_new_tokens=8, do_sample=False)
+        held = [t.dtype for u in m.engine.call(lambda: dict(m.engine.cache.cached)).values() for t in u.tensors.values()]
+        return logits, tokens, m.engine, m.get_cache_info()["plan"], held
+
+
+@pytest.mark.slow
+def test_the_model_computes_on_codes_within_bfloat16s_error(quantized, source):
+    scheme, chunks = quantized
+    ref = reference(source, scheme)
+    with torch.no_grad():
+        want = ref(input_ids=IDS).logits
+        bf16 = ref.to(torch.bfloat16)(input_ids=IDS).logits.float()
+        bf16_tokens = ref.generate(input_ids=IDS[:1], max_new_tokens=8, do_sample=False)
+        want_tokens = ref.float().generate(input_ids=IDS[:1], max_new_tokens=8, do_sample=False)
+    # this model's greedy choices survive bfloat16 compute throughout (no near ties): a kernel that rounds less
+    # (the logits check below) must keep them too
+    assert torch.equal(bf16_tokens, want_tokens)
+    logits, tokens, engine, plan, held = run(chunks, cache_size=2)
+    assert engine.kernel_fallback is None
+    if scheme in KERNEL_SCHEMES:  # every projection of the 3 blocks (7 each) computes with a kernel
+        assert isinstance(engine.codes, qlinear.KernelTier) and engine.codes.layers == 21
+        assert engine.codes.kernel_calls >= 21
+    else:  # groups of 64 on inputs of 128 and 256: no kernel takes them; the compressed tier, per use
+        assert type(engine.codes) is qlinear.CodesTier and engine.codes.expansions >= 3
+    assert (logits - want).abs().max() <= (bf16 - want).abs().max()  # the kernel rounds less than bf16 compute
+    assert torch.equal(tokens, want_tokens)
+    if scheme in KERNEL_SCHEMES:
+        assert held and set(held) <= {torch.uint8, torch.int8, torch.bfloat16, torch.float32}
+        assert torch.uint8 in held or torch.int8 in held  # the cache holds codes, in kernel form
+        _, _, _, dequantized, _ = run(chunks, "dequantized", cache_size=2)
+        assert plan["unit_bytes"] < dequantized["unit_bytes"] / 2  # the plan counts codes
+
+
+@pytest.mark.slow
+def test_without_the_kernels_it_is_the_compressed_tier_exactly(quantized, monkeypatch):
+    scheme, chunks = quantized
+    monkeypatch.setattr(qkernel, "unavailable", lambda: "no kernels in this test")
+    logits, tokens, engine, _, _ = run(chunks, cache_size=2)
+    assert engine.kernel_fallback == "no kernels in this test: dequantizing per use instead"
+    want_logits, want_tokens, codes_engine, _, _ = run(chunks, "codes", cache_size=2)
+    assert type(engine.codes) is type(codes_engine.codes) and torch.equal(logits, want_logits)
+    assert torch.equal(tokens, want_tokens)
+
+
+def test_off_the_cpu_the_kernels_are_not_used():
+    codes, kernel, why = qlinear.in_memory_form(StreamingConfig(quantized_in_memory="kernel"), on_host=False)
+    assert codes and kernel is None and "device" in why
+    codes, kernel, why = qlinear.in_memory_form(StreamingConfig(quantized_in_memory="kernel"), on_host=True)
+    assert codes and kernel is qlinear.linear_weight_names and why is None
+    assert qlinear.in_memory_form(StreamingConfig(quantized_in_memory="codes"), on_host=True) == (True, None, None)
