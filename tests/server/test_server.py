@@ -280,6 +280,23 @@ async def test_large_blob_streamed_in_ranges_not_cached(mem_model):
         assert server.cache.bytes <= 1 << 20 and big.path not in server.cache
 
 
+async def test_large_blob_of_a_local_directory_is_sent_from_its_file(tmp_path):
+    manifest = build_model(FilesystemBackend(tmp_path), "m", {"resident": 1000, "model.layers.0": 3 << 20})
+    big = manifest.unit("model.layers.0")
+    stored = tmp_path / big.path
+    async with WeightServer(tmp_path, port=0, cache_size_mb=1, chunk_bytes=256 << 10) as server:
+        async with await ws_client(server) as ws:
+            head, data = await request(ws, 1, proto.Op.GET_UNIT, "m", big.name)
+            assert head.size == big.bytes and data == stored.read_bytes()
+            writers = [c.writer for c in server._conns]
+            assert writers and writers[0].direct_bytes >= big.bytes  # sendfile / sendmsg, not the transport
+            with open(stored, "r+b") as f:
+                f.truncate(big.bytes - 100)
+            head, data = await request(ws, 2, proto.Op.GET_UNIT, "m", big.name)
+            assert isinstance(head, proto.Error) and "shorter than the manifest" in head.message
+        assert big.path not in server.cache
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigurationError):
         WeightServer()

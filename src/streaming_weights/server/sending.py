@@ -16,8 +16,9 @@ TLS connections, and frames that would otherwise overtake bytes already queued i
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 Buffer = bytes | bytearray | memoryview
@@ -44,14 +45,55 @@ class DirectWriter:
     def direct(self) -> bool:
         return self._sock is not None
 
-    async def write(self, parts: Sequence[Buffer], is_open: Any = lambda: True) -> None:
+    async def write(self, parts: Sequence[Buffer], is_open: Callable[[], bool] = lambda: True) -> None:
         """Write one frame made of ``parts``, in order and whole, ahead of anything written after it.
 
         Waits (no byte of the frame written yet) while the socket is full; ``is_open()`` is asked after
         each wait, and a False answer drops the frame (the connection is closing: the caller's next send
         finds out).
         """
-        sent = 0
+        sent = await self._start(parts, is_open)
+        if sent is not None:
+            self._queue(_after(parts, sent))
+
+    async def write_file(self, head: Buffer, fd: int, offset: int, count: int,
+                         is_open: Callable[[], bool] = lambda: True) -> None:
+        """Write one frame: ``head``, then ``count`` bytes of file ``fd`` from ``offset`` with ``sendfile``
+        (the kernel sends page-cache pages; no copy on this side). What the socket does not take is read
+        with ``pread`` and queued in the transport. Raises EOFError (after aborting the connection, whose
+        frame cannot be completed) when the file is shorter than ``offset + count``."""
+        sent = await self._start((head,), is_open)
+        if sent is None:
+            return
+        done = 0
+        if sent == len(head):
+            done = self._sendfile(fd, offset, count)
+        else:
+            self._queue(_after((head,), sent))
+        if done < count:
+            rest = os.pread(fd, count - done, offset + done)
+            if len(rest) != count - done:
+                self.transport.abort()
+                raise EOFError(f"file ended {count - done - len(rest)} bytes before the frame did")
+            self._queue((rest,))
+
+    def _sendfile(self, fd: int, offset: int, count: int) -> int:
+        assert self._sock is not None
+        done = 0
+        while done < count:
+            try:
+                n = os.sendfile(self._sock.fileno(), fd, offset + done, count - done)
+            except OSError:  # full (EAGAIN), or failed: the transport writes the rest, or reports the failure
+                break
+            if not n:
+                break
+            done += n
+        self.direct_bytes += done
+        return done
+
+    async def _start(self, parts: Sequence[Buffer], is_open: Callable[[], bool]) -> int | None:
+        """``sendmsg`` as much of ``parts`` as the socket takes once it takes anything; the byte count
+        (0: everything must go through the transport), or None when ``is_open()`` said no after a wait."""
         while self._sock is not None and not self.transport.is_closing() \
                 and not self.transport.get_write_buffer_size():
             try:
@@ -59,13 +101,16 @@ class DirectWriter:
             except (BlockingIOError, InterruptedError):
                 await self._writable()
                 if not is_open():
-                    return
+                    return None
                 continue
             except OSError:
-                sent = 0  # the transport reports the failure on its own write below
-            break
-        self.direct_bytes += sent
-        for part in _after(parts, sent):
+                return 0  # the transport reports the failure on its own write
+            self.direct_bytes += sent
+            return sent
+        return 0
+
+    def _queue(self, parts: Sequence[Buffer]) -> None:
+        for part in parts:
             self.copied_bytes += len(part)
             self.transport.write(part)
 

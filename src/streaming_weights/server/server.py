@@ -2,9 +2,9 @@
 
 This module is the asyncio pump: websockets runs the connections, :class:`~.handler.RequestHandler`
 decides what each message gets (sans-I/O), and this code executes that plan. The server never
-deserializes tensors: the handler validates each request against the hosted manifests; the pump reads
-the blob from storage (through a byte-bounded LRU for blobs that fit it, or in ``chunk_bytes`` ranged
-reads for larger ones) and sends it as raw DATA messages. Every send is awaited, one message at a time
+deserializes tensors: the handler validates each request against the hosted manifests; the pump has
+:class:`~.blobs.BlobSender` send the blob as raw DATA messages (from a byte-bounded LRU for blobs that
+fit it; larger ones with ``sendfile`` from a local directory or in ``chunk_bytes`` ranged reads). Every send is awaited, one message at a time
 per connection, so a client that stops reading stalls only its own requests and the server holds at
 most about one chunk per in-flight request plus ``write_limit`` for it.
 """
@@ -22,15 +22,12 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.http11 import Request as HTTPRequest
 from websockets.http11 import Response as HTTPResponse
 
 from .. import protocol as proto
 from ..config import token_from_env
-from ..exceptions import ConfigurationError, KeyNotFoundError, NotFoundError, RemoteError, StorageError
-from ..format.manifest import BlobEntry
-from ..protocol.frames import binary_frame_header
+from ..exceptions import ConfigurationError
 from ..storage import StorageBackend
 from .access import OPEN, AccessList, Grant
 from .cache import ByteLRU
@@ -38,6 +35,7 @@ from .endpoint import authorize, bearer, bind_error, bracket, http_response, is_
 from .handler import Answer, Cancel, Hosted, Reject, RequestHandler, error_reply
 from .hosting import Catalog, answer_current
 from .hosting import resolve_storage as _resolve_storage  # compatibility: it lived here
+from .blobs import BlobSender
 from .metrics import ServerMetrics
 from .options import ServerLimits, ServerTLS, group_legacy
 from .sending import DirectWriter
@@ -124,6 +122,7 @@ class WeightServer:
         self.catalog = Catalog(self.storage, self.prefix, rescan_interval=lim.rescan_interval, cache=self.cache)
         self.models: dict[str, Hosted] = self.catalog.models
         self.handler = RequestHandler(self.models, max_inflight=self.max_inflight)
+        self.blobs = BlobSender(self)
         self._server: Server | None = None
         self._conns: set[_Conn] = set()
         # handshake -> connection handler: who authenticated, kept only while the connection object lives
@@ -315,25 +314,6 @@ class WeightServer:
         async with conn.send_lock:
             await conn.ws.send(data)
 
-    async def _send_data(self, conn: _Conn, rid: int, offset: int, piece: bytes | memoryview) -> None:
-        """Send one DATA message as a single unmasked binary frame, written straight to the socket.
-
-        Equivalent to ``ws.send(proto.encode_data(...))`` on the wire, without its copies (header
-        concatenation, frame serialization, the transport's buffer: see :mod:`.sending`). websockets'
-        ``send_context`` still checks the connection state and applies flow control (drain) afterwards.
-        """
-        head = proto.encode_header(proto.Kind.DATA, rid, offset)
-        if self.pacer is not None:
-            await self.pacer.take(len(head) + len(piece))
-        async with conn.send_lock:
-            ws = conn.ws
-            if ws.send_in_progress is not None or conn.writer is None:  # never the case here; keep websockets' invariants
-                await ws.send(head + piece)
-                return
-            async with ws.send_context():
-                await conn.writer.write((binary_frame_header(len(head) + len(piece)) + head, piece),
-                                        lambda: ws.protocol.state is State.OPEN)
-
     async def _send_error(self, conn: _Conn, rid: int, code: str, message: str) -> None:
         try:
             await self._send(conn, proto.encode(proto.Error(rid, code, message)))
@@ -378,56 +358,8 @@ class WeightServer:
         if plan.body is not None:
             await self._send(conn, proto.encode(proto.Result(plan.request_id, plan.body)))
         elif plan.data is not None:
-            await self._send_bytes(conn, plan.request_id, plan.data)
+            await self.blobs.send_bytes(conn, plan.request_id, plan.data)
         else:
             assert plan.entry is not None
-            await self._send_blob(conn, plan.request_id, plan.model, plan.entry, plan.key)
+            await self.blobs.send_blob(conn, plan.request_id, plan.model, plan.entry, plan.key)
         return "ok"
-
-    async def _send_bytes(self, conn: _Conn, rid: int, data: bytes) -> None:
-        await self._send(conn, proto.encode(proto.Result(rid, {"size": len(data)})))
-        view = memoryview(data)
-        for off in range(0, len(data), self.chunk_bytes):
-            piece = view[off : off + self.chunk_bytes]
-            await self._send_data(conn, rid, off, piece)
-            self.metrics.bytes_sent.inc(len(piece))
-
-    async def _read(self, model: str, entry: BlobEntry, key: str, start: int, length: int) -> bytes:
-        try:
-            data = await self.storage.read_range(key, start, length)
-        except KeyNotFoundError:
-            raise NotFoundError(f"{entry.path} of model {model!r} is listed in the manifest but missing from storage") from None
-        except StorageError as exc:
-            raise RemoteError(f"storage error reading {entry.path}: {exc}", code="internal") from exc
-        self.metrics.storage_reads.labels(model, entry.path).inc()
-        self.metrics.storage_read_bytes.labels(model, entry.path).inc(len(data))
-        if len(data) != length:
-            raise RemoteError(f"{entry.path} in storage is shorter than the manifest's {entry.bytes} bytes (truncated?)", code="internal")
-        return data
-
-    async def _send_blob(self, conn: _Conn, rid: int, model: str, entry: BlobEntry, key: str) -> None:
-        if self.cache.cacheable(entry.bytes):
-            data, hit = await self.cache.get_or_load(key, lambda: self._read(model, entry, key, 0, entry.bytes))
-            (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
-            self.metrics.cache_bytes.set(self.cache.bytes)
-            await self._send_bytes(conn, rid, data)
-            return
-        # Too big for the cache: stream it in ranged reads; read-ahead of one chunk overlaps storage
-        # latency with the send while holding at most two chunks for this request.
-        size, step = entry.bytes, self.chunk_bytes
-        first = await self._read(model, entry, key, 0, min(step, size)) if size else b""
-        await self._send(conn, proto.encode(proto.Result(rid, {"size": size})))
-        off, piece = 0, first
-        while off < size:
-            nxt = off + len(piece)
-            ahead = asyncio.ensure_future(self._read(model, entry, key, nxt, min(step, size - nxt))) if nxt < size else None
-            try:
-                await self._send_data(conn, rid, off, piece)
-                self.metrics.bytes_sent.inc(len(piece))
-                piece = await ahead if ahead is not None else b""
-            except BaseException:
-                if ahead is not None:
-                    ahead.cancel()
-                raise
-            off = nxt
-

@@ -1,0 +1,148 @@
+"""Read a local file into a caller's buffer at disk speed, without leaving it in the page cache.
+
+:func:`read_file_into` reads with ``O_DIRECT`` where it can: the buffer's address and the file offset
+aligned to :data:`ALIGN` (unit buffers are page-aligned anonymous maps) and a filesystem that accepts it
+(tmpfs refuses ``O_DIRECT`` with EINVAL). The disk then writes straight into the buffer: no copy out of
+the page cache, and nothing added to it, so a client under a memory cap (where page cache counts) keeps
+its room. The unaligned tail, and everything on filesystems or buffers that do not allow ``O_DIRECT``,
+is read through the page cache and dropped from it afterwards (``POSIX_FADV_DONTNEED``).
+
+Reads are :data:`PIECE` bytes each, up to :data:`DEPTH` of them in flight on a small thread pool, so the
+device sees a queue rather than one request at a time (measured here with 4 in flight: 1.6-1.7 GB/s
+where one 4 MiB read at a time gave 1.3-1.4). ``on_piece`` sees every piece in file order as soon as it
+and all before it have landed: the caller hashes while later pieces are still being read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+#: Alignment ``O_DIRECT`` needs of buffer address, offset and length (a page; covers 4 KiB sectors).
+ALIGN = 4096
+#: Bytes per read request.
+PIECE = 8 << 20
+#: Read requests in flight at once.
+DEPTH = 4
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(DEPTH, thread_name_prefix="surfing-read")
+        return _pool
+
+
+def address(view: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int = 0, *,
+                   on_piece: Callable[[memoryview], object] | None = None, direct: bool = True) -> int:
+    """Fill ``view`` (a writable byte view) with the file's bytes from ``offset``; returns how many landed
+    (fewer than ``len(view)`` only at the end of the file). ``direct=False`` never uses ``O_DIRECT``.
+
+    Raises:
+        OSError: the file cannot be opened or read (FileNotFoundError when it does not exist).
+    """
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        want = max(0, min(len(view), os.fstat(fd).st_size - offset))
+        got = 0
+        body = want // ALIGN * ALIGN
+        if direct and body and offset % ALIGN == 0 and address(view) % ALIGN == 0:
+            got = _read_direct(path, view[:body], offset, on_piece)
+        if got < want:
+            start = offset + got
+            got += _read_pieces(fd, view[got:want], start, on_piece)
+            # Drop what that read (and readahead past it) cached; only whole pages go, so from the page
+            # holding ``start`` to the end of the file.
+            os.posix_fadvise(fd, start // ALIGN * ALIGN, 0, os.POSIX_FADV_DONTNEED)
+        return got
+    finally:
+        os.close(fd)
+
+
+def _read_direct(path: str | os.PathLike[str], view: memoryview, offset: int,
+                 on_piece: Callable[[memoryview], object] | None) -> int:
+    """Bytes read with ``O_DIRECT`` (0 where the filesystem refuses it: the caller reads them otherwise)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return 0
+    try:
+        fd = os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # tmpfs and friends
+            return 0
+        raise
+    progress = [0]
+    try:
+        return _read_pieces(fd, view, offset, on_piece, progress)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and not progress[0]:  # opened, yet no direct reads after all
+            return 0
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_pieces(fd: int, view: memoryview, offset: int, on_piece: Callable[[memoryview], object] | None,
+                 progress: list[int] | None = None) -> int:
+    """Read ``view`` from ``fd`` at ``offset`` in :data:`PIECE` s, :data:`DEPTH` in flight; hand each
+    finished piece to ``on_piece`` in order. Returns the bytes of the complete prefix (also kept in
+    ``progress[0]``, for a caller that gets an exception instead)."""
+    progress = progress if progress is not None else [0]
+    starts = iter(range(0, len(view), PIECE))
+    inflight: deque[tuple[int, Future[int]]] = deque()
+    pool = _executor() if len(view) > PIECE else None
+    got = 0
+    try:
+        while True:
+            while len(inflight) < DEPTH:
+                start = next(starts, None)
+                if start is None:
+                    break
+                part = view[start : start + PIECE]
+                if pool is None:
+                    done: Future[int] = Future()
+                    done.set_result(_read_full(fd, part, offset + start))
+                    inflight.append((start, done))
+                else:
+                    inflight.append((start, pool.submit(_read_full, fd, part, offset + start)))
+            if not inflight:
+                return got
+            start, fut = inflight.popleft()
+            n = fut.result()
+            if on_piece is not None and n:
+                on_piece(view[start : start + n])
+            got += n
+            progress[0] = got
+            if n < min(PIECE, len(view) - start):  # end of file (it shrank): later pieces are not contiguous
+                return got
+    finally:
+        for _, fut in inflight:  # on an error, wait for the reads still writing into ``view``
+            fut.cancel() or fut.exception()
+
+
+def _read_full(fd: int, view: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+__all__ = ["ALIGN", "DEPTH", "PIECE", "address", "read_file_into"]
