@@ -48,6 +48,7 @@ def test_scale_case_runs_at_quick_size_and_reports_every_contender(tmp_path):
     ctx = SimpleNamespace(quick=True, tmp=tmp_path, say=lambda msg: None, client_cpus=[cpus[0]],
                           server_cpus=[cpus[-1]], cap_kind=None, cap_reason="test: uncapped")
     case = scale.run(ctx)
+    assert not [n for n in case["notes"] if "FAILED" in n]  # every contender finished (its error otherwise)
     m, r = case["metrics"], case["ratios"]
     names = [n for n in scale.LABELS if scale.kernel_supported() or not n.endswith("_kernel")]
     for name in names:
