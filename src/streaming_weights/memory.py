@@ -7,8 +7,9 @@ less what that cgroup already uses, or the system's ``MemAvailable``, whichever 
 are both read, found through ``/proc/self/cgroup`` and the mount table; hosts can mix the two.
 Page cache is charged to the cgroup too, which is why usage, not the process's RSS, is subtracted.
 
-The budget is measured once the tokenizer and the model's skeleton exist (their cost is then known and
-counted in the plan's ``overhead_bytes``). A safety margin (:data:`AUTO_MARGIN_BYTES` plus
+The budget is measured once the model's code is imported and its skeleton exists (the skeleton's cost is then
+known and counted in the plan's ``overhead_bytes``; imported code is the process's, not the model's; a tokenizer
+is counted when text first needs it). A safety margin (:data:`AUTO_MARGIN_BYTES` plus
 :data:`AUTO_MARGIN_FRACTION`) is kept back for what no estimate sees: allocator slack, thread stacks
 and per-thread arenas of the I/O and verification threads, the estimates of activations being
 estimates — so a budget of "all that is left" does not end in the OOM killer.

@@ -82,7 +82,7 @@ class StreamingBaseModel:
 
     # ------------------------------------------------------------------------------------ loading
     def ensure_loaded(self) -> None:
-        """Fetch the manifest, build the model, load resident parts and the tokenizer (once; idempotent).
+        """Fetch the manifest, build the model, load resident parts (once; idempotent; the tokenizer: on first use).
 
         Raises:
             SyncCallInEventLoopError: called inside a running event loop before loading; use
@@ -127,7 +127,9 @@ class StreamingBaseModel:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's tokenizer, or ``None`` when the chunks carry none (loads the model first if needed)."""
+        """The model's tokenizer, or ``None`` when the chunks carry none (loads the model first if needed). Built on
+        first access (callers that only pass token ids never build it); under a memory budget the kept units make
+        room for it then."""
         return self._part().tokenizer
 
     @property

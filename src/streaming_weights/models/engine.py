@@ -91,7 +91,7 @@ class StreamingEngine:
             raise
         self.manifest: Manifest | None = None
         self.plan: Plan | None = None
-        self._rss_at_start = current_rss()  # what this model adds besides weights is measured from here
+        self.overhead_from = current_rss()  # this model's cost is measured from here (the loader skips its code)
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
         self.experts: ExpertStreams | None = None  # mixture-of-experts models only
@@ -107,12 +107,10 @@ class StreamingEngine:
         _track(self)  # closed at interpreter exit if the user did not (one atexit hook for all engines)
 
     def _open_source(self, cfg: StreamingConfig) -> UnitSource:
-        kw: dict[str, Any] = {"token": cfg.token, "timeout_seconds": cfg.timeout_seconds,
-                              "ssl_context": cfg.ssl_context}
+        kw: dict[str, Any] = {"token": cfg.token, "timeout_seconds": cfg.timeout_seconds, "s3": cfg.s3,
+                              "ssl_context": cfg.ssl_context, "trusted_keys": cfg.trusted_keys, "manifest_sha256": cfg.manifest_sha256}
         if getattr(cfg, "ca_cert", None):
             kw["ca_cert"] = cfg.ca_cert
-        kw.update(trusted_keys=cfg.trusted_keys, manifest_sha256=cfg.manifest_sha256,  # signed manifests (J)
-                  s3=cfg.s3)
         # The one place retries happen: every layer below makes one attempt per call.
         # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
         # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
@@ -159,9 +157,8 @@ class StreamingEngine:
         Raises:
             ConfigurationError: the budget is not a size, or below the model's minimum (named).
         """
-        # Tokenizer, skeleton and one-time runtime set-up are built by now: their cost is measured, not guessed
-        # (an estimate: threads building other models at the same time are counted too).
-        overhead = max(0, current_rss() - self._rss_at_start)
+        # The skeleton and one-time set-up are built: their cost is measured (threads building others count too)
+        overhead = max(0, current_rss() - self.overhead_from)
         self.codes = make_tier(self.converter, manifest)  # the compressed tier (codes or kernel form), if any
         overhead += self.codes.scratch_bytes if self.codes is not None else 0  # its expansion buffers
         budget, where = resolve_budget(self.config.memory_budget)
@@ -179,6 +176,13 @@ class StreamingEngine:
             ConfigurationError: that request does not fit the budget even with no unit kept.
         """
         return plan_memory(self.manifest, self.config, seq_len=seq_len, batch=batch, **self._plan_args)
+
+    def add_overhead(self, extra: int) -> None:
+        """Count ``extra`` more bytes besides weights (a tokenizer built late): kept units shrink to fit, or raise."""
+        args = {**self._plan_args, "overhead_bytes": max(0, self._plan_args["overhead_bytes"] + extra),
+                "stream_shards": self.plan.shards_streamed}  # the edges are bound: kept rows stay kept
+        self.plan, self._plan_args = plan_memory(self.manifest, self.config, **args), args
+        self.fit_request(self.plan.seq_len, self.plan.batch)
 
     def fit_request(self, seq_len: int, batch: int = 1) -> Plan:
         """Make room for a request's KV cache and activations: under a budget, shrink (or regrow up to the
@@ -256,9 +260,8 @@ class StreamingEngine:
         Only the outermost call counts: the facade's own calls and transformers' nested calls (a
         ``*ForCausalLM`` calling its base model, ``generate`` calling forward) are inside one scope.
         """
-        modules = {id(root): root}
         base = getattr(root, "base_model", root)
-        modules.setdefault(id(base), base)
+        modules = {id(root): root, id(base): base}
         scope = FunctionHook(pre=lambda *_: self.enter("forward"), post=lambda *_: self.exit())
         self._root_handles += [add_hook(module, scope) for module in modules.values()]
 
@@ -388,11 +391,8 @@ class StreamingEngine:
         await self.source.close()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Drop cached units, close connections and stop the I/O thread (idempotent).
-
-        Inside a running event loop this does not wait for a graceful close (that would stall the loop):
-        connections are dropped with the I/O loop.
-        """
+        """Drop cached units, close connections and stop the I/O thread (idempotent). Inside a running event loop
+        it does not wait for a graceful close (that would stall the loop): connections drop with the I/O loop."""
         if self.closed:
             return
         self.closed = True

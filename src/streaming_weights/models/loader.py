@@ -1,5 +1,9 @@
 """Build a streaming model from its manifest: transformers' class on ``meta``, resident parts, ties, tokenizer.
 
+What the model costs besides its weights is measured from after its code is imported (transformers' modeling
+module of the architecture: ~110 MiB of anonymous memory for Llama, the process's once, not the model's); the
+tokenizer is built on first use (:mod:`.tokenizer`).
+
 Resident units go through the same assign path as streamed ones (:func:`.hooks.assign_unit`); the
 model is only handed out once no parameter outside the streamed blocks is still ``meta``, so nothing
 ever computes with uninitialized weights.
@@ -7,34 +11,37 @@ ever computes with uninitialized weights.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..exceptions import ModelError, UnsupportedArchitectureError
 from ..format import Manifest
-from ..memory import pin_mmap_threshold, release_free_heap
+from ..memory import current_anon, pin_mmap_threshold, release_free_heap
 from .architecture import build_config, build_meta_model, resolve_architecture, streamed_module_names
 from .engine import StreamingEngine
 from .edges import assemble, kept_and_streamed, names_of
 from .hooks import assign_tensor, assign_unit
-
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                             "spiece.model", "sentencepiece.bpe.model"})
+from .patching import FunctionHook, add_hook
+from .tokenizer import LazyTokenizer, copy_files
 
 
 @dataclass
 class LoadedModel:
     manifest: Manifest
     hf_model: torch.nn.Module
-    tokenizer: Any
+    lazy_tokenizer: LazyTokenizer | None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (built on first access) or ``None`` when the chunks carry none."""
+        return None if self.lazy_tokenizer is None else self.lazy_tokenizer.get()
 
 
 def load_model(engine: StreamingEngine, model_name: str | None, families: frozenset[str], cls_name: str) -> LoadedModel:
-    """Fetch the manifest, build the model, load resident parts, bind the streamed ones, load the tokenizer.
+    """Fetch the manifest, build the model, load resident parts, bind the streamed ones; the tokenizer's files
+    are copied to disk and built on first use.
 
     Raises:
         NotFoundError: the source does not host ``model_name``.
@@ -45,15 +52,34 @@ def load_model(engine: StreamingEngine, model_name: str | None, families: frozen
                           "await model.ensure_loaded_async()` or `async with model")
     check_family(manifest, families, cls_name)
     pin_mmap_threshold()  # before any weight or activation: keeps the heap from holding freed batches
-    # The tokenizer first: parsing tokenizer.json peaks at several times what the tokenizer keeps, and
-    # that transient is best spent while no weights are held (the heap it leaves is trimmed right away).
-    tokenizer, generation_config = load_tokenizer(engine, manifest)
+    before = current_anon()
+    resolve_architecture(manifest.architecture)  # imports the modeling code (and GenerationConfig's)
     release_free_heap()
+    engine.overhead_from += max(0, current_anon() - before)  # code is the process's, not this model's
+    tokenizer_dir, generation_config = copy_files(
+        lambda name: engine.run(engine.source.fetch_file(manifest, name)), [f.name for f in manifest.files])
+    # owns the directory from here (removed once built, or with this object if loading fails below)
+    tokenizer = None if tokenizer_dir is None else LazyTokenizer(tokenizer_dir, manifest.name, engine.add_overhead)
     model = build_model(engine, manifest)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        add_hook(head, FunctionHook(pre=_fresh_half_input))
     if generation_config is not None:
         model.generation_config = generation_config
     engine.bind(manifest, model)
     return LoadedModel(manifest, model, tokenizer)
+
+
+def _fresh_half_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """torch (2.13, CPU) multiplies a half-precision input whose size-1 dims keep a slice's strides (the last
+    position of the hidden states, as ``generate`` passes it to the lm_head) by first copying the whole weight:
+    320 MiB and ~8x the time per decoded token for a 262k-token bfloat16 lm_head. The same values in a fresh
+    tensor give bit-identical logits without the copy (float32 takes another kernel then: left as it is)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 3:
+        return None
+    fresh = x.clone(memory_format=torch.contiguous_format)
+    return None if fresh.stride() == x.stride() else ((fresh, *args[1:]), kwargs)
 
 
 def check_family(manifest: Manifest, families: frozenset[str], cls_name: str) -> None:
@@ -103,27 +129,3 @@ def tie_weights(model: torch.nn.Module, m: Manifest) -> None:
         owner_path, _, attr = alias.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
         owner._parameters[attr] = model.get_parameter(target)
-
-
-def load_tokenizer(engine: StreamingEngine, manifest: Manifest) -> tuple[Any, Any]:
-    """The model's tokenizer and generation config (each ``None`` if the chunks carry none)."""
-    names = {f.name for f in manifest.files}
-    gen = "generation_config.json" in names
-    if not (names & TOKENIZER_FILES) and not gen:
-        return None, None
-    config = None
-    with tempfile.TemporaryDirectory(prefix="surfing-tok-") as tmp:
-        for f in manifest.files:
-            Path(tmp, f.name).write_bytes(engine.run(engine.source.fetch_file(manifest, f.name)))
-        if gen:
-            from transformers import GenerationConfig
-
-            config = GenerationConfig.from_pretrained(tmp)
-        if not names & TOKENIZER_FILES:
-            return None, config
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True), config
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"cannot build the tokenizer of {manifest.name!r}: {exc}") from exc

@@ -9,8 +9,9 @@ Everything the client holds for a model is counted (``bound_bytes``):
 * headroom for the forward pass: the KV cache (grows with sequence length and batch), hidden states and
   MLP intermediates, attention scores, the logits of the positions that need them, and
   :data:`RUNTIME_BYTES` of torch's first-call buffers,
-* the measured overhead of the model besides its weights: tokenizer, ``meta`` skeleton, one-time set-up
-  (``overhead_bytes``, taken by the engine right before planning).
+* the measured overhead of the model besides its weights: ``meta`` skeleton, one-time set-up (``overhead_bytes``,
+  anonymous memory taken by the engine right before planning, from after the model's code was imported), and the
+  tokenizer once text first needs it (then the kept units shrink to make room: ``StreamingEngine.add_overhead``).
 
 The budget is filled in this order: the unit computing (the minimum: below it the model cannot run, a
 :class:`ConfigurationError` names it), then the prefetch window (up to ``prefetch_count``), then as many
@@ -104,7 +105,7 @@ class Plan:
     resident_bytes: int
     unit_bytes: int  # the largest streamed unit
     headroom_bytes: int
-    overhead_bytes: int  # measured: tokenizer, skeleton, one-time set-up
+    overhead_bytes: int  # measured: skeleton, one-time set-up, the tokenizer once built
     seq_len: int
     batch: int
     source: str  # "budget", "cache_size" (explicit) or "default"
@@ -186,11 +187,13 @@ def _experts(manifest: Manifest, config: StreamingConfig, size: Callable[[UnitEn
 
 def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | None = None, budget_from: str = "none",
                 seq_len: int | None = None, batch: int = 1, overhead_bytes: int = 0,
-                unit_bytes_of: Callable[[UnitEntry], int] | None = None) -> Plan:
+                unit_bytes_of: Callable[[UnitEntry], int] | None = None, stream_shards: bool | None = None) -> Plan:
     """The plan for ``manifest`` under ``budget`` bytes (``None``: ``config.cache_size`` or the default).
 
     ``overhead_bytes``: what the model holds besides weights and the forward (measured by the engine);
-    ``unit_bytes_of``: a unit's bytes once received (default: its stored size; larger when converted).
+    ``unit_bytes_of``: a unit's bytes once received (default: its stored size; larger when converted);
+    ``stream_shards``: keep (``False``) or stream (``True``) the row shards as a bound model already does
+    (``None``: keep them when that fits).
     Raises:
         ConfigurationError: ``budget`` is below the minimum (named in the message).
     """
@@ -222,8 +225,8 @@ def plan_memory(manifest: Manifest, config: StreamingConfig, *, budget: int | No
         k = DEFAULT_CACHE_SIZE if config.cache_size is None else config.cache_size
         return plan(k, config.prefetch_count, stream_shards=False, expert_cache=k * per_layer * expert_unit,
                     source="default" if config.cache_size is None else "cache_size")
-    least = plan(0, 0, stream_shards=False, source="budget")
-    if budget < least.bound_bytes and shards:  # the shards do not fit beside one unit: stream them
+    least = plan(0, 0, stream_shards=bool(stream_shards), source="budget")
+    if budget < least.bound_bytes and shards and stream_shards is None:  # they do not fit beside one unit: stream
         least = plan(0, 0, stream_shards=True, source="budget")
     minimum = least.bound_bytes
     if budget < minimum:
