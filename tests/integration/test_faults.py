@@ -124,7 +124,8 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 # ----------------------------------------------------------------------------------------- tests
 def test_server_killed_inside_a_unit_and_restarted_client_recovers_identically(big, server, proxy):
-    with model(proxy) as m:
+    # retries back off over ~20 s: the restarted process imports torch first (seconds on a loaded box)
+    with model(proxy, max_retries=8) as m:
         restarted = threading.Event()
 
         def kill_and_restart() -> None:

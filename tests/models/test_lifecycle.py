@@ -106,7 +106,9 @@ def test_dropping_an_unclosed_model_never_blocks(chunks):
     t0 = time.monotonic()
     del m
     gc.collect()
-    assert ref() is None and time.monotonic() - t0 < 2.0  # __del__ only starts the close...
+    # __del__ only starts the close (a blocking one would wait out the 10 s close timeout; gc itself takes
+    # seconds on a loaded box)...
+    assert ref() is None and time.monotonic() - t0 < 8.0
     assert wait_until(lambda: src.requests[-1].op == "close")
     release.set()
     assert wait_until(lambda: src.closed)  # ...which finishes on the I/O thread

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import Batcher, GenRequest
 from .embeddings import Embedder
 from .errors import ApiError, from_exception, invalid, shutting_down
-from .lifecycle import DrainReport, Lifecycle, probe_weights
+from .lifecycle import IDLE_WAIT_SECONDS, DrainReport, Lifecycle, probe_weights
 from .metrics import ApiMetrics
 from .prompts import PromptEncoder
 from .responses import Shape, collect, stream, usage
@@ -92,8 +92,8 @@ class _Service:
 
     async def stop(self) -> None:
         await self.drain()
-        if self.batcher is not None:  # wait for the model to be idle, unless told to hurry (a second Ctrl-C)
-            await self.batcher.stop(wait=0 if self.lifecycle.hurried else 10)
+        if self.batcher is not None:  # a moment for the model to go idle, none if told to hurry (a second Ctrl-C)
+            await self.batcher.stop(wait=0 if self.lifecycle.hurried else IDLE_WAIT_SECONDS)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:

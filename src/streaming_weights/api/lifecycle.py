@@ -17,6 +17,9 @@ from typing import Any, Awaitable, Callable
 PROBE_SECONDS = 5.0
 #: After cancelling, how long the cancelled requests get to write their error responses.
 FLUSH_SECONDS = 5.0
+#: After the drain, how long a batch still computing gets to reach its next token and stop; one stuck on a fetch
+#: that never arrives is abandoned then: closing the model cancels its fetches (the rows were answered already).
+IDLE_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
