@@ -188,3 +188,20 @@ def test_off_the_cpu_the_kernels_are_not_used():
     codes, kernel, why = qlinear.in_memory_form(StreamingConfig(quantized_in_memory="kernel"), on_host=True)
     assert codes and kernel is qlinear.linear_weight_names and why is None
     assert qlinear.in_memory_form(StreamingConfig(quantized_in_memory="codes"), on_host=True) == (True, None, None)
+
+
+@pytest.mark.slow
+def test_row_sharded_quantized_embeddings_convert_on_arrival(tiny_source, tmp_path):
+    # shards reach their modules without a per-use expansion (assembled whole, or gathered): never kept as codes
+    out = tmp_path / "llama"
+    chunk(tiny_source("llama", layers=2), out, name="llama", quantize="int8-channel", shard_size="8KB")
+    want, want_tokens, *_ = run(out, "dequantized", cache_size=0)
+    for mode in ("codes", "kernel"):
+        logits, tokens, engine, _, _ = run(out, mode, cache_size=0)
+        assert any(u.role == "shard" for u in engine.manifest.units)
+        assert not any(engine.converter.codes_kept(engine.manifest, u.name) for u in engine.manifest.units
+                       if u.role == "shard")
+        if mode == "codes":  # exactly the dequantized path
+            assert torch.equal(logits, want) and torch.equal(tokens, want_tokens)
+        else:  # it runs (the blocks' numerics are checked above); the assembled embedding is floating
+            assert engine.codes.layers == 14 and logits.isfinite().all()

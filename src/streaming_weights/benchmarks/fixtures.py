@@ -45,11 +45,16 @@ def export_hf_dir(chunks_dir: Path, out: Path) -> Path:
 
     from ..models.architecture import build_config
 
+    import torch
+
     m = load_manifest(chunks_dir)
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {}
-    for u in m.units:
-        state.update(load_file(str(Path(chunks_dir) / u.path)))
+    shards: dict[str, list[Any]] = {}
+    for u in sorted(m.units, key=lambda u: u.rows or (0, 0)):  # a tensor's row shards in row order
+        for name, t in load_file(str(Path(chunks_dir) / u.path)).items():
+            (shards.setdefault(name, []).append(t) if u.role == "shard" else state.__setitem__(name, t))
+    state.update({name: torch.cat(parts) for name, parts in shards.items()})
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     del state
     cfg = build_config(m.model_type, m.config)

@@ -141,11 +141,12 @@ class ConvertingSource(SourceWrapper):
         return frozenset(n for n in entry.tensors if n in wanted and kernel_scheme(entry.tensors, n))
 
     def codes_kept(self, manifest: Manifest, unit: str) -> bool:
-        """Whether ``unit`` stays as its stored codes until :meth:`expand` (the compressed tier)."""
+        """Whether ``unit`` stays as its stored codes until :meth:`expand` (the compressed tier): streamed blocks
+        only (row shards and experts reach their modules without a per-use expansion: converted on arrival)."""
         if not self.keep_codes or self.kernel_names(manifest, unit):
             return False
         entry = manifest.unit(unit)
-        return entry.role != "resident" and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
+        return entry.role == "streamed" and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
 
     def held_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry`` occupies while cached: its codes in the compressed tier, else converted."""
