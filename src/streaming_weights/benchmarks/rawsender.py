@@ -25,11 +25,12 @@ def serve(path: str, port: int) -> None:
                     conn.sendall(view[off : off + (1 << 20)])
 
 
-def receive_once(port: int, size: int) -> float:
-    """Ask the sender for its file once and ``recv_into`` a preallocated buffer; returns the seconds."""
+def receive_once(port: int, size: int, buf: bytearray | None = None) -> float:
+    """Ask the sender for its file once and ``recv_into`` a preallocated buffer (``buf``, or a new one
+    made before the clock starts); returns the seconds."""
     import time
 
-    buf = bytearray(size)
+    buf = bytearray(size) if buf is None else buf
     view = memoryview(buf)
     with socket.create_connection(("127.0.0.1", port)) as s:
         t = time.perf_counter()

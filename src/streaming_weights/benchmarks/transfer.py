@@ -107,13 +107,14 @@ def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None],
             process(module_command("rawsender", str(unit_file), str(raw_port)), raw_port, cpus=server_cpus) as raw, \
             process(module_command("hexjson", str(unit_file), str(hex_port)), hex_port, cpus=server_cpus) as hexs:
         hex_uri = f"ws://127.0.0.1:{hex_port}"
-        rawsender.receive_once(raw_port, size)  # warm every path once (server cache, page cache, imports)
+        raw_buf = bytearray(size)  # reused, like the unit buffer of the end-to-end fetch
+        rawsender.receive_once(raw_port, size, raw_buf)  # warm every path once (server cache, page cache, imports)
         asyncio.run(transport_once(uri))
         asyncio.run(transport_once(file_uri))
         asyncio.run(hexjson.fetch_once(hex_uri))
         for i in range(repeats):
             say(f"transfer: round {i + 1}/{repeats}")
-            r.sender("raw_tcp", raw.pid, lambda: rawsender.receive_once(raw_port, size))
+            r.sender("raw_tcp", raw.pid, lambda: rawsender.receive_once(raw_port, size, raw_buf))
             r.websocket(uri, server.pid, "net", "e2e")
             r.websocket(file_uri, file_server.pid, None, "e2e_from_file")
             r.sender("hex_json", hexs.pid, lambda: asyncio.run(hexjson.fetch_once(hex_uri)))
