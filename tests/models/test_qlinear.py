@@ -44,7 +44,8 @@ def test_one_layer_is_the_dequantized_weights_up_to_bfloat16_rounding(scheme, ro
     stored = encode(w, spec)
     parts = kernel_parts(stored, spec)
     wd = dequantize(stored, spec)
-    for x in (torch.randn(3, 5, 256, generator=gen), torch.randn(1, 256, generator=gen), torch.randn(0, 256)):
+    many = torch.randn(2, qkernel.INT8_KERNEL_MAX_ROWS, 256, generator=gen)  # int8-channel: dequantized, dense
+    for x in (torch.randn(3, 5, 256, generator=gen), torch.randn(1, 256, generator=gen), torch.randn(0, 256), many):
         y = qkernel.linear(x, parts, bias)
         xb = x.to(torch.bfloat16).float()  # the kernel's input
         ref = torch.nn.functional.linear(xb, wd, bias)
