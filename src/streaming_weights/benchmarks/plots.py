@@ -200,11 +200,12 @@ class _Plotter:
         c = self.ok("scale")
         if c is None:
             return
-        from .scale import LABELS
-
+        short = {"transformers": "transformers\nin memory\n(uncapped)", "server": "ours\nserver", "local": "ours\nlocal dir",
+                 "int8_codes": "ours int8\ncodes", "int4_codes": "ours int4\ncodes", "int8_kernel": "ours int8\nkernel",
+                 "int4_kernel": "ours int4\nkernel", "accelerate": "accelerate\ndisk offload"}
         ms = c["metrics"]
-        names = [n for n in LABELS if f"{n}_time_to_result_s" in ms]
-        labels = [LABELS[n].replace(" (", "\n(").replace(", ", "\n", 1) for n in names]
+        names = [n for n in short if f"{n}_time_to_result_s" in ms]
+        labels = [short[n] for n in names]
         fig, axes = self.plt.subplots(1, 2, figsize=(12, 4.6))
         for ax, key, ylabel in ((axes[0], "time_to_result_s", "seconds, build model -> 6th token"),
                                 (axes[1], "s_per_token", "seconds per decoded token")):
@@ -215,7 +216,7 @@ class _Plotter:
                    color=["#808080" if n == "transformers" else "#9b59b6" if n == "accelerate" else "#2e8b57"
                           for n in names])
             self.annotate(ax, med)
-            ax.set_xticks(range(len(names)), labels, fontsize=6)
+            ax.set_xticks(range(len(names)), labels, fontsize=7)
             ax.set_ylabel(ylabel)
         limits = [(i, ms[f"{n}_limit_s_per_token"]["median"]) for i, n in enumerate(names)
                   if f"{n}_limit_s_per_token" in ms]
