@@ -206,3 +206,15 @@ def test_row_sharded_quantized_embeddings_convert_on_arrival(tiny_source, tmp_pa
             assert torch.equal(logits, want) and torch.equal(tokens, want_tokens)
         else:  # it runs (the blocks' numerics are checked above); the assembled embedding is floating
             assert engine.codes.layers == 14 and logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_the_patched_layers_are_restored_by_unbind(quantized):
+    scheme, chunks = quantized
+    if scheme not in KERNEL_SCHEMES:
+        pytest.skip("group-wise int8 on these shapes: no layer computes with a kernel")
+    with StreamingBaseModel("llama", FakeSource(chunks_dir=chunks), quantized_in_memory="kernel", cache_size=2) as m:
+        linears = [mod for mod in m.hf_model.model.layers.modules() if type(mod) is torch.nn.Linear]
+        assert len(linears) == m.engine.codes.layers and all("forward" in mod.__dict__ for mod in linears)
+        m.engine.codes.unbind()
+        assert m.engine.codes.layers == 0 and not any("forward" in mod.__dict__ for mod in linears)
