@@ -94,6 +94,8 @@ def model_runs(ctx: Any, names: dict[str, str], uri: str, ids: Any,
     metrics: dict[str, Any] = {"bf16_perplexity": summarize([bf16], "ppl")}
     ratios: dict[str, Any] = {}
     prompt, tokens = ids[:, :16], ctx.gen_tokens
+    dense = [_per_token(ctx.manifest.name, ctx.uri, prompt, tokens, "dequantized")[0] for _ in range(ctx.repeats)]
+    metrics["bf16_dense_s_per_token"] = summarize(dense, "s")
     for scheme, name in names.items():
         key = scheme.replace("-", "_")
         ctx.say(f"quant: {scheme} kernel perplexity and seconds per token")
@@ -113,11 +115,14 @@ def model_runs(ctx: Any, names: dict[str, str], uri: str, ids: Any,
             {"goal": "<= 1.01"} if scheme.startswith("int8") else {})
         ratios[f"{key}_kernel_speedup_over_dequant_per_use"] = summarize(
             [c / k for c, k in zip(times["codes"], times["kernel"])], "x")
+        ratios[f"{key}_kernel_speedup_over_bf16_dense"] = summarize(
+            [d / k for d, k in zip(dense, times["kernel"])], "x")
     what = (" Kernel path: perplexity of the same text with quantized_in_memory='kernel' and bfloat16 compute "
             "(bf16 = the float32 chunks computed in bfloat16); seconds per generated token = one generate of "
             f"{tokens} tokens after a {prompt.shape[1]}-token prompt, every block kept in the cache, bfloat16 "
             "compute, quantized_in_memory='kernel' vs 'codes' (dequantize per use), alternated "
-            f"{ctx.repeats}x, one torch thread pinned to the client core.")
+            f"{ctx.repeats}x, one torch thread pinned to the client core; bf16 dense = the float32 chunks computed "
+            "in bfloat16, every block kept (pinned in its module), timed the same way before them.")
     return metrics, ratios, what
 
 

@@ -28,10 +28,11 @@ from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec
 
 #: the activations' dtype in the kernels (their only fast path on this CPU, see the module docstring)
 KERNEL_DTYPE = torch.bfloat16
-#: above this many rows (a prefill), int8-channel dequantizes its codes for the one call (a transient bfloat16
-#: weight) and runs the dense matmul: on the issue's projection, one thread, ``_weight_int8pack_mm`` takes
-#: ~0.6 ms per row, dequantize + dense 11-16 ms for 8 to 64 rows (crossover ~20 rows). int4's packed layout
-#: is the platform's: it always runs its kernel (33.7 ms vs 48.8 ms dequantizing per use at 64 rows).
+#: above this many rows (a prefill), int8-channel dequantizes its codes to a transient bfloat16 weight for the
+#: one call and runs the dense matmul: on the issue's projection, one thread, ``_weight_int8pack_mm`` takes
+#: ~0.6 ms per row, dequantize + dense 8-16 ms for 8 to 64 rows (crossover ~20 rows). Slightly less exact than
+#: the kernel (its weights rounded to bfloat16: SmolLM2 perplexity 25.11 vs 25.05 all-kernel). int4's packed
+#: layout is the platform's: it always runs its kernel (33.7 ms vs 48.8 ms dequantizing per use at 64 rows).
 INT8_KERNEL_MAX_ROWS = 20
 #: the int4 kernel's companion: ``[in / group, out, 2]`` (scale, zero) in :data:`KERNEL_DTYPE`
 ZEROS_SUFFIX = ".qzeros"
@@ -133,9 +134,8 @@ def linear(x: torch.Tensor, parts: Mapping[str, torch.Tensor], bias: torch.Tenso
         y = flat.new_empty((0, out_features))
     elif zeros is not None:
         y = torch._weight_int4pack_mm_for_cpu(flat, weight, in_features // zeros.shape[0], zeros)
-    elif flat.shape[0] > INT8_KERNEL_MAX_ROWS:
-        dense = weight.to(KERNEL_DTYPE).mul_(parts[SCALE_SUFFIX].unsqueeze(1))
-        y = torch.nn.functional.linear(flat, dense)
+    elif flat.shape[0] > INT8_KERNEL_MAX_ROWS:  # what dequantize-per-use computes in bfloat16
+        y = torch.nn.functional.linear(flat, weight.to(KERNEL_DTYPE).mul_(parts[SCALE_SUFFIX].unsqueeze(1)))
     else:
         y = torch._weight_int8pack_mm(flat, weight, parts[SCALE_SUFFIX])
     y = y.view(*x.shape[:-1], out_features).to(x.dtype)
