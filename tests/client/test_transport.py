@@ -11,6 +11,7 @@ from streaming_weights.config import StreamingConfig
 import torch
 
 from streaming_weights import protocol as proto
+from streaming_weights.client.buffers import BufferPool
 from streaming_weights.client.retry import RetryingSource, RetryPolicy
 from streaming_weights.client import StorageSource, open_unit_source
 from streaming_weights.client.transport import WebSocketSource
@@ -79,6 +80,21 @@ async def test_decoded_tensors_are_views_into_the_receive_buffer(mem_model):
         assert len(unit.buffer) == manifest.unit("model.layers.3").bytes
         for t in unit.tensors.values():
             assert lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi
+
+
+async def test_a_received_buffer_can_be_given_back_at_once(mem_model):
+    """Nothing of the request outlives it: the pool takes the buffer back in the same step, and the next
+    fetch reuses it (a refused buffer made the next fetch fault a fresh one in)."""
+    storage, manifest = mem_model
+    entry = manifest.unit("model.layers.2")
+    pool = BufferPool(1 << 30)
+    async with WeightServer(storage, port=0) as server, WebSocketSource(server.uri, pool=pool) as source:
+        buf = source.new_buffer(entry.bytes)
+        await source._request(proto.Op.GET_UNIT, "m", entry.name, buffer=buf, expected_size=entry.bytes)
+        assert pool.give(buf)
+        del buf
+        unit = await source.fetch_unit(manifest, entry.name)
+        assert pool.reused == 1 and pool.allocated == 1 and unit.nbytes == entry.bytes
 
 
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):

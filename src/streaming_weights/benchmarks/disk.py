@@ -2,7 +2,7 @@
 
 ours = :meth:`StorageSource.fetch_unit` (``O_DIRECT`` reads, several in flight, into a reused unit
 buffer; BLAKE3 of every byte while later pieces are read; zero-copy decode), the engine's steady state.
-page-cache read = the same file read through the page cache (``O_DIRECT`` off), then hashed: the path
+page-cache read = the same file ``readinto`` the buffer through the page cache, then hashed: the path
 before issue 26. dd = ``dd if=FILE of=/dev/null bs=4M iflag=direct``, its own reported time. The page
 cache is emptied of the file (``posix_fadvise(DONTNEED)``) before every read, the contenders take turns
 in each round, and the ratios are paired per round. ``left_in_page_cache`` is what ``fincore`` finds
@@ -52,14 +52,18 @@ async def _fetch(src: Any, manifest: Any) -> float:
 
 
 def page_cache_read(path: Path, buf: Any) -> float:
-    """Seconds to read ``path`` through the page cache into ``buf`` and hash it (the path before O_DIRECT)."""
+    """Seconds to ``readinto`` ``buf`` through the page cache, then hash it: the path before issue 26."""
     import blake3
 
-    from ..storage.fileread import read_file_into
-
     t = time.perf_counter()
-    n = read_file_into(path, memoryview(buf), direct=False)
-    blake3.blake3(memoryview(buf)[:n]).hexdigest()
+    view, got = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    blake3.blake3(view[:got]).hexdigest()
     return time.perf_counter() - t
 
 

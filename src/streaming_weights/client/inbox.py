@@ -65,8 +65,12 @@ class Pending:
             self.future.set_exception(exc)
 
     def finish(self) -> None:
+        # The result is None, not ``self``: until the awaiting task next suspends, asyncio's wake-up
+        # handle keeps the future alive, and a result pointing here would keep the unit buffer alive
+        # with it (a buffer given back to the pool in that step was refused, and the next fetch
+        # faulted a fresh one in).
         if self.future is not None and not self.future.done():
-            self.future.set_result(self)
+            self.future.set_result(None)
 
 
 class Phase(enum.Enum):

@@ -356,7 +356,8 @@ class WebSocketSource(UnitSource):
                     p.hasher, p.hash_pool = blake3.blake3(), self._hash_pool
                 conn.send(proto.encode(proto.Request(p.request_id, op, model, name)))
                 conn.pending[p.request_id] = p  # replies are parsed in later callbacks: registering after send is safe
-                return await p.future  # type: ignore[misc]
+                await p.future  # type: ignore[misc]
+                return p
         except TimeoutError:
             self._abandon(conn, p, started)
             got = f"{p.received} of {p.size if p.size is not None else '?'} bytes" if p else "not connected"
@@ -368,8 +369,8 @@ class WebSocketSource(UnitSource):
             raise
         finally:
             if p is not None:
-                # The future's result is ``p`` itself: break that cycle now, or every unit buffer would
-                # live until the cyclic GC runs (measured: RSS grew by a unit per fetch until a gen-2 collection).
+                # ``p`` refers to its future: break that link now, or every unit buffer could live until the
+                # cyclic GC runs (measured: RSS grew by a unit per fetch until a gen-2 collection).
                 p.view, p.future = None, None
 
     def _abandon(self, conn: _Connection | None, p: Pending | None, started: float | None) -> None:
