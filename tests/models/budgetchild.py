@@ -3,7 +3,7 @@
     python -m tests.models.budgetchild CHUNKS OPTIONS_JSON MODELING
 
 It imports what the baseline holds first (torch, transformers' generation code and ``modeling_MODELING``: the
-process's code, which the plan does not count), then builds the model and generates twice from token ids (with
+process's code, which the plan does not count), then builds the model and generates 16 tokens twice from 8 token ids (with
 ``"text": true`` in the options, first from a prompt too). Prints one JSON line: the load-time plan, the peak
 (VmHWM over the baseline), the file-backed pages first touched meanwhile (library code), anonymous memory now,
 the fetches of the first and the second pass, and the kept units.
@@ -41,9 +41,10 @@ def main() -> None:
     plan = model.get_cache_info()["plan"]
     if text:
         model.generate_text("what is the capital of france", max_new_tokens=8, do_sample=False)
-    model.generate(ids, max_new_tokens=16, do_sample=False)
+    new = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)  # 16 tokens each, whatever they are
+    model.generate(ids, **new)
     first = model.get_cache_info()["fetches"]
-    model.generate(ids, max_new_tokens=16, do_sample=False)
+    model.generate(ids, **new)
     print(json.dumps({
         "plan": plan, "final_plan": model.engine.plan.as_dict(), "peak": status("VmHWM") - base,
         "file_growth": status("RssFile") - files, "anon": status("RssAnon") - anon,
