@@ -100,3 +100,11 @@ def test_a_budget_makes_room_for_it(llama_text_chunks):
         assert engine.plan == before
         tokens = m.generate(input_ids=IDS, max_new_tokens=3, do_sample=False)
         assert tokens.shape == (1, IDS.shape[1] + 3)
+
+
+def test_a_streaming_draft_of_the_same_vocabulary_builds_no_tokenizer(llama_text_chunks, builds):
+    with StreamingBaseModel(None, llama_text_chunks) as m, StreamingBaseModel(None, llama_text_chunks) as draft:
+        want = m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False, speculation="off")
+        got = m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False, assistant_model=draft)
+        assert torch.equal(got, want)
+        assert builds == [] and not draft._loaded.lazy_tokenizer.built

@@ -116,10 +116,11 @@ def prepare_generate(hf_model: Any, args: tuple, kwargs: dict, speculation: str 
     assistant = kwargs.get("assistant_model")
     if assistant is not None:
         kwargs["assistant_model"] = unwrap_assistant(assistant)
-        other_tok = getattr(assistant, "tokenizer", None)
-        if (other_tok is not None and "assistant_tokenizer" not in kwargs
-                and kwargs["assistant_model"].config.vocab_size != hf_model.config.vocab_size):
-            # A draft with another vocabulary: transformers translates tokens when given both tokenizers.
+        if ("assistant_tokenizer" not in kwargs
+                and kwargs["assistant_model"].config.vocab_size != hf_model.config.vocab_size
+                and (other_tok := getattr(assistant, "tokenizer", None)) is not None):
+            # A draft with another vocabulary: transformers translates tokens when given both tokenizers (a
+            # streaming draft's is built only then).
             kwargs["assistant_tokenizer"] = other_tok
     draft = _within_context(hf_model, args, kwargs, lookup_draft_length(hf_model, args, kwargs, setting))
     if draft is not None:
