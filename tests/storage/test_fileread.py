@@ -131,10 +131,10 @@ def test_o_direct_opened_but_refused_at_read_time_falls_back_without_handing_byt
             direct_fds.add(fd)
         return fd
 
-    def refusing(fd, view, offset):
+    def refusing(fd, view, offset, cached_fd=None):
         if fd in direct_fds:
             raise OSError(22, "Invalid argument")
-        return real(fd, view, offset)
+        return real(fd, view, offset, cached_fd)
 
     monkeypatch.setattr(fileread.os, "open", tracking_open)
     monkeypatch.setattr(fileread, "_read_full", refusing)
@@ -152,3 +152,23 @@ def test_filesystem_backend_read_into_uses_it_and_maps_errors(tmp_path):
     assert bytes(buf) == data and h.hexdigest() == blake3.blake3(data).hexdigest()
     with pytest.raises(KeyNotFoundError):
         asyncio.run(fs.read_into("missing.bin", buf))
+
+
+def test_a_file_the_page_cache_holds_is_copied_from_there_and_stays(tmp_path):
+    path = tmp_path / "u.bin"
+    data = write(path, 3 << 20)
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not fileread.resident(fd, 0, len(data))
+        os.pread(fd, len(data), 0)  # someone reads it through the cache
+        assert fileread.resident(fd, 0, len(data)) and fileread.resident(fd, 12345, 100)
+    finally:
+        os.close(fd)
+    buf = unit_buffer(len(data))
+    assert fileread.read_file_into(path, memoryview(buf)) == len(data)
+    assert bytes(buf) == data
+    assert cached(path) == len(data)  # not dropped: it was there before, and other readers rely on it
+    view = memoryview(bytearray(len(data) + 1))[1:]  # unaligned: the page-cache path
+    assert fileread.read_file_into(path, view) == len(data) and bytes(view) == data
+    assert cached(path) == len(data)
