@@ -108,3 +108,14 @@ def test_a_streaming_draft_of_the_same_vocabulary_builds_no_tokenizer(llama_text
         got = m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False, assistant_model=draft)
         assert torch.equal(got, want)
         assert builds == [] and not draft._loaded.lazy_tokenizer.built
+
+
+def test_still_built_after_the_model_is_closed(llama_text_chunks):
+    m = StreamingBaseModel(None, llama_text_chunks, memory_budget="2GB")
+    m.close()
+
+    def refuse(extra):
+        raise AssertionError("a closed model has no cache to make room in")
+
+    m.engine.add_overhead = refuse
+    assert m.tokenizer("hello world")["input_ids"]  # from the copied files

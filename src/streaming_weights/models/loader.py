@@ -59,7 +59,8 @@ def load_model(engine: StreamingEngine, model_name: str | None, families: frozen
     tokenizer_dir, generation_config = copy_files(
         lambda name: engine.run(engine.source.fetch_file(manifest, name)), [f.name for f in manifest.files])
     # owns the directory from here (removed once built, or with this object if loading fails below)
-    tokenizer = None if tokenizer_dir is None else LazyTokenizer(tokenizer_dir, manifest.name, engine.add_overhead)
+    count = lambda n: None if engine.closed else engine.add_overhead(n)  # noqa: E731 - a closed model holds nothing
+    tokenizer = None if tokenizer_dir is None else LazyTokenizer(tokenizer_dir, manifest.name, count)
     model = build_model(engine, manifest)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
