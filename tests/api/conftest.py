@@ -153,3 +153,19 @@ def surfing_api(*args: str) -> Iterator[ApiProcess]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def surfing_api_here(*args: str) -> Iterator[ApiProcess]:
+    """``surfing api ARGS`` in this process: the command's own parsing and set-up (``cli.api.api_parts``), served
+    by :class:`~streaming_weights.api.ApiServer` in a thread; for checks of what the flags do, where a fresh
+    process is not the point (:func:`surfing_api` keeps those). Yields the same shape as :func:`surfing_api`
+    (``proc`` is ``None``)."""
+    from streaming_weights.api import ApiServer, create_app
+    from streaming_weights.cli import build_parser
+    from streaming_weights.cli.api import api_parts
+
+    model, tokens, settings = api_parts(build_parser().parse_args(["api", *map(str, args)]))
+    with model, ApiServer(create_app(model, tokens=tokens, settings=settings), port=0) as server:
+        yield ApiProcess(None, server.port)  # type: ignore[arg-type]
+

@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai", reason="needs the openai client (the `dev
 
 import httpx  # noqa: E402
 
-from tests.api.conftest import llama_with, surfing_api  # noqa: E402
+from tests.api.conftest import llama_with, surfing_api, surfing_api_here  # noqa: E402
 from tests.support.servers import start_server_process  # noqa: E402
 
 CONTEXT = 1024  # tiny-long: room for far more than the 256-token default
@@ -81,7 +81,7 @@ def test_the_openai_client_sees_the_context_400_and_the_server_keeps_serving(lon
 
 @pytest.mark.parametrize("flag, want", [((), GEN_MAX_NEW), (("--default-max-tokens", "5"), 5)])
 def test_the_default_follows_the_generation_config_unless_the_flag_says(weights, flag, want):
-    with surfing_api("--server", weights, "--model", "tiny-gen", *flag) as api:
+    with surfing_api_here("--server", weights, "--model", "tiny-gen", *flag) as api:
         out = _chat(api, "tiny-gen")
         explicit = _chat(api, "tiny-gen", max_tokens=12)  # an explicit max_tokens is never capped by the default
     assert (out.usage.completion_tokens, out.choices[0].finish_reason) == (want, "length")

@@ -1,6 +1,7 @@
 """Issue 23, items 3 and 6: the edges a new user hit that surfaced as internal errors or surprises, each run
-as the user ran it (``surfing`` in a fresh process) on tiny fixed-seed models with a word-level tokenizer,
-and the same rule checked through the library."""
+as the user ran it (``surfing ARGS``: in a fresh process where the process is the point — ``-q``, an embed, a
+bench, keygen — else in-process through the same ``cli.main``) on tiny fixed-seed models with a word-level
+tokenizer, and the same rule checked through the library."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def gpt2_text(tiny_source, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ empty prompt
-def test_an_empty_prompt_is_a_clear_error_unless_the_tokenizer_has_a_bos(llama_text, gpt2_text):
-    assert_one_line_error(surfing("generate", "--server", llama_text, "--prompt", "", "--max-new-tokens", "3"),
+def test_an_empty_prompt_is_a_clear_error_unless_the_tokenizer_has_a_bos(llama_text, gpt2_text, capfd):
+    assert_one_line_error(surfing_here(capfd, "generate", "--server", llama_text, "--prompt", "", "--max-new-tokens", "3"),
                           "the prompt is empty", "encodes to no tokens", "give some text")
     with StreamingBaseModel(None, str(llama_text), 2) as model:
         with pytest.raises(ConfigurationError, match="the prompt is empty"):
@@ -49,16 +50,16 @@ def test_an_empty_prompt_is_a_clear_error_unless_the_tokenizer_has_a_bos(llama_t
             model.generate(input_ids=torch.tensor([[0, 0], [9, 15]]), attention_mask=torch.tensor([[0, 0], [1, 1]]),
                            max_new_tokens=2)
     # a tokenizer that adds BOS: "" is the BOS token alone, and that is generated from
-    res = surfing("generate", "--server", gpt2_text, "--prompt", "", "--max-new-tokens", "3")
+    res = surfing_here(capfd, "generate", "--server", gpt2_text, "--prompt", "", "--max-new-tokens", "3")
     assert res.returncode == 0 and res.stdout.strip(), res.stderr
     with StreamingBaseModel(None, str(gpt2_text), 2) as model:
         assert model.generate_text([""], max_new_tokens=3)[0] == res.stdout.rstrip("\n")
 
 
 # ------------------------------------------------------------------ context length before the memory plan
-def test_max_new_tokens_past_the_context_says_so_before_planning_memory(llama_text, gpt2_text):
+def test_max_new_tokens_past_the_context_says_so_before_planning_memory(llama_text, gpt2_text, capfd):
     line = assert_one_line_error(
-        surfing("generate", "--server", llama_text, "--prompt", "hello there", "--max-new-tokens", "100000",
+        surfing_here(capfd, "generate", "--server", llama_text, "--prompt", "hello there", "--max-new-tokens", "100000",
                 "--memory", "300MB"),
         "exceeds the model's context (max_position_embeddings 256)", "--max-new-tokens")
     assert "budget" not in line and "memory" not in line, line

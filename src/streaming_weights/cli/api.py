@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from .options import add_common, add_trust_args, open_model, positive_int, read_token_file
 
@@ -30,15 +31,21 @@ def _stopped_line(report) -> str:
     return f"{how}: {d.in_flight} request{'s' if d.in_flight != 1 else ''} in flight, " + ", ".join(parts)
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+def api_parts(args: argparse.Namespace) -> tuple[Any, list[str] | None, Any]:
+    """What ``surfing api ARGS`` serves: ``(model, accepted tokens, ApiSettings)``; the model is opened last."""
     from ..api import ApiSettings
-    from ..api.serve import serve_api
 
     tokens = [read_token_file(args.api_token_file)] if args.api_token_file else None
     settings = ApiSettings(window=args.batch_window_ms / 1000, max_batch=args.max_batch, max_queue=args.max_queue,
                            speculation=args.speculation, default_max_tokens=args.default_max_tokens,
                            shutdown_grace=args.shutdown_grace)
-    model = open_model(args)
+    return open_model(args), tokens, settings
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from ..api.serve import serve_api
+
+    model, tokens, settings = api_parts(args)
     auth = "bearer token auth" if tokens else "NO auth"
 
     def ready(server) -> None:
