@@ -19,7 +19,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from tests.api.conftest import api_server, surfing_api, weight_server  # noqa: E402
-from tests.cli.helpers import assert_one_line_error, surfing  # noqa: E402
+from tests.cli.helpers import assert_one_line_error, surfing_here  # noqa: E402
 from tests.support.models import chunk, packaged_minilm_dir  # noqa: E402
 from tests.support.servers import start_server_process  # noqa: E402
 
@@ -122,11 +122,11 @@ def test_cls_and_max_pooling_follow_the_pooling_config(variants, name, pooling, 
     assert not torch.allclose(got, reference(variants / f"{name}-src", TEXTS, "mean", normalize), atol=1e-3)
 
 
-def test_a_pipeline_with_a_module_the_server_cannot_apply_is_refused_at_start(workdir):
+def test_a_pipeline_with_a_module_the_server_cannot_apply_is_refused_at_start(workdir, capfd):
     src = variant(workdir / "api-minilm-dense", "minilm-dense", None, ["Transformer", "Pooling", "Dense"])
     (src / "2_Dense").mkdir()
     (src / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 256}))
     out = workdir / "api-minilm-dense" / "chunks"
     chunk(src, out, name="minilm-dense")
-    res = surfing("api", "--server", out, "--port", "0")
+    res = surfing_here(capfd, "api", "--server", out, "--port", "0")
     assert_one_line_error(res, "sentence_transformers.models.Dense", "cannot apply")
