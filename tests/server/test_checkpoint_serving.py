@@ -279,17 +279,18 @@ def test_a_checkpoint_beside_its_chunked_copy_is_served_once_from_the_copy(tmp_p
             assert torch.equal(m.hf_model(input_ids=IDS).logits, reference(src)(IDS).logits)
 
 
-def test_surfing_serve_and_sign_a_checkpoint_folder(store, tmp_path):
-    """The real command: ``surfing serve DIR --index-dir`` in its own process; ``surfing sign FOLDER --index-dir``."""
+def test_surfing_serve_and_sign_a_checkpoint_folder(store, tmp_path, capfd):
+    """The real command: ``surfing serve DIR --index-dir`` in its own process; ``surfing keygen`` and ``surfing sign
+    FOLDER --index-dir`` through the same ``cli.main`` in this one."""
     from streaming_weights.exceptions import SignatureError
-    from tests.cli.helpers import surfing
+    from tests.cli.helpers import surfing_here
     from tests.support.servers import start_server_process
 
     models, _, before = store
     index = tmp_path / "index"
-    res = surfing("keygen", "--out", tmp_path / "key")
+    res = surfing_here(capfd, "keygen", "--out", tmp_path / "key")
     assert res.returncode == 0, res.stderr
-    res = surfing("sign", models / LLAMA, "--key", tmp_path / "key", "--index-dir", index)
+    res = surfing_here(capfd, "sign", models / LLAMA, "--key", tmp_path / "key", "--index-dir", index)
     assert res.returncode == 0 and str(index) in res.stdout, (res.stdout, res.stderr)
     proc, port = start_server_process(models, "--index-dir", str(index))
     try:
@@ -307,13 +308,13 @@ def test_surfing_serve_and_sign_a_checkpoint_folder(store, tmp_path):
     assert digest_tree(models) == before
 
 
-def test_surfing_serve_on_one_broken_checkpoint_says_why_in_one_line(tmp_path):
-    from tests.cli.helpers import assert_one_line_error, surfing
+def test_surfing_serve_on_one_broken_checkpoint_says_why_in_one_line(tmp_path, capfd):
+    from tests.cli.helpers import assert_one_line_error, surfing_here
 
     folder = sharded_llama(tmp_path / "cut")
     last = sorted(folder.glob("*.safetensors"))[-1]
     os.truncate(last, last.stat().st_size - 100)
-    res = surfing("serve", folder, "--port", "0", "--index-dir", tmp_path / "index", timeout=120)
+    res = surfing_here(capfd, "serve", folder, "--port", "0", "--index-dir", tmp_path / "index")
     assert_one_line_error(res, "cannot serve", last.name, "truncated")
 
 
