@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 
 import pytest
@@ -95,6 +96,24 @@ async def test_a_received_buffer_can_be_given_back_at_once(mem_model):
         del buf
         unit = await source.fetch_unit(manifest, entry.name)
         assert pool.reused == 1 and pool.allocated == 1 and unit.nbytes == entry.bytes
+
+
+async def test_on_one_cpu_units_are_hashed_inline_and_still_verified(mem_model):
+    storage, manifest = mem_model
+    good, bad = manifest.unit("model.layers.5"), manifest.unit("model.layers.6")
+    data = bytearray(storage.objects[bad.path])
+    data[len(data) // 2] ^= 1
+    storage.objects[bad.path] = bytes(data)
+    before = os.sched_getaffinity(0)
+    async with WeightServer(storage, port=0, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
+        os.sched_setaffinity(0, {min(before)})  # this thread (the event loop's) may use one CPU only
+        try:
+            unit = await source.fetch_unit(manifest, good.name)
+            with pytest.raises(IntegrityError, match="does not match its manifest hash"):
+                await source.fetch_unit(manifest, bad.name)
+        finally:
+            os.sched_setaffinity(0, before)
+        assert unit.nbytes == good.bytes and not source._hash_pool._threads  # no worker thread was needed
 
 
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):

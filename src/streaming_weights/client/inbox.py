@@ -45,19 +45,22 @@ class Pending:
     size: int | None = None
     received: int = 0
     body: dict[str, Any] = field(default_factory=dict)
-    # Incremental BLAKE3 over the received prefix, fed to a worker thread while bytes keep arriving,
-    # so verification overlaps the transfer instead of following it.
+    # Incremental BLAKE3 over the received prefix while bytes keep arriving, so verification overlaps the
+    # transfer instead of following it: on a worker thread (``hash_pool``), or inline when it is None.
     hasher: Any = None
     hashed: int = 0
     hash_future: concurrent.futures.Future | None = None
     hash_pool: concurrent.futures.Executor | None = None
 
     def feed_hash(self, final: bool) -> None:
-        if self.hasher is None or self.buffer is None or self.hash_pool is None:
+        if self.hasher is None or self.buffer is None:
             return
         if self.received - self.hashed >= _HASH_BATCH or (final and self.received > self.hashed):
             piece = memoryview(self.buffer)[self.hashed : self.received]
-            self.hash_future = self.hash_pool.submit(self.hasher.update, piece)
+            if self.hash_pool is None:
+                self.hasher.update(piece)  # here, right after the bytes landed (see WebSocketSource)
+            else:
+                self.hash_future = self.hash_pool.submit(self.hasher.update, piece)
             self.hashed = self.received
 
     def fail(self, exc: BaseException) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import ssl
 import time
 from typing import Any, Callable
@@ -156,8 +157,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _feed(self, data: bytes) -> None:
         """Bytes that arrived with the handshake response go through the same path as later ones."""
-        events = self.reader.feed(data)
-        for ev in events:
+        for ev in self.reader.feed(data):
             self._pump([ev])
 
     # ------------------------------------------------------------------------------ handshake
@@ -352,8 +352,10 @@ class WebSocketSource(UnitSource):
                 conn = await self._connection()
                 p = Pending(self._new_id(conn.pending), op, asyncio.get_running_loop().create_future(),
                             expected_size=expected_size, buffer=buffer)
-                if hash_incremental and buffer is not None:
-                    p.hasher, p.hash_pool = blake3.blake3(), self._hash_pool
+                if hash_incremental and buffer is not None:  # on the worker thread, which uses another CPU meanwhile;
+                    # inline with one CPU (pinned, 128 MiB: 2.35 GB/s, 376 CPU ms/GB vs 2.14, 435 on the thread)
+                    p.hasher = blake3.blake3()
+                    p.hash_pool = self._hash_pool if len(os.sched_getaffinity(0)) > 1 else None
                 conn.send(proto.encode(proto.Request(p.request_id, op, model, name)))
                 conn.pending[p.request_id] = p  # replies are parsed in later callbacks: registering after send is safe
                 await p.future  # type: ignore[misc]
@@ -420,7 +422,7 @@ class WebSocketSource(UnitSource):
         # Hashed while it arrived: wait for the last piece, compare, then parse the header (no re-hash).
         if p.hashed != entry.bytes:
             raise ProtocolError(f"{unit}: {p.hashed} of {entry.bytes} bytes were verified")
-        if p.hash_future is not None:
+        if p.hash_future is not None:  # None: hashed inline, done
             await asyncio.wrap_future(p.hash_future)
         check_blake3(entry, p.hasher.hexdigest(), self.uri)
         tensors = decode_verified(entry, buf, self.uri)
