@@ -5,8 +5,8 @@ buffer; BLAKE3 of every byte while later pieces are read; zero-copy decode), the
 page-cache read = the same file ``readinto`` the buffer through the page cache, then hashed: the path
 before issue 26. dd = ``dd if=FILE of=/dev/null bs=4M iflag=direct``, its own reported time. The page
 cache is emptied of the file (``posix_fadvise(DONTNEED)``) before every read, the contenders take turns
-in each round, and the ratios are paired per round. ``left_in_page_cache`` is what ``fincore`` finds
-cached of the file right after our read (a capped client's page cache counts against its cap).
+in each round, and the ratios are paired per round. ``left_in_page_cache_bytes`` is what ``fincore``
+finds cached of the file right after each read (a capped client's page cache counts against its cap).
 
 ``python -m streaming_weights.benchmarks.transfer --disk [--mb 256] [--repeats 5]`` runs it.
 """
@@ -67,8 +67,9 @@ def page_cache_read(path: Path, buf: Any) -> float:
     return time.perf_counter() - t
 
 
-def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tuple[int, dict[str, list[float]], list]:
-    """(unit bytes, {contender: [GB/s per round]}, [bytes left in the page cache after each of our reads])."""
+def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tuple[int, dict[str, list[float]], dict]:
+    """(unit bytes, {contender: [GB/s per round]}, {contender: [bytes of the file left in the page cache
+    after each of its reads]})."""
     from ..client.buffers import BufferPool, unit_buffer
     from ..client.storage_source import StorageSource
     from ..storage import FilesystemBackend
@@ -78,6 +79,7 @@ def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tup
     path, size = model_dir / m.unit("big").path, m.unit("big").bytes
     seconds: dict[str, list[float]] = {"dd_direct": [], "ours": [], "page_cache_read": []}
     left: list[int | None] = []
+    left_by_old: list[int | None] = []
     spare = unit_buffer(size)
     for off in range(0, size, 4096):  # fault it in once, like a reused unit buffer
         spare[off] = 1
@@ -96,13 +98,14 @@ def measure(tmp: Path, mb: int, repeats: int, say: Callable[[str], None]) -> tup
             left.append(cached_bytes(path))
             evict([path])
             seconds["page_cache_read"].append(page_cache_read(path, spare))
+            left_by_old.append(cached_bytes(path))
         await src.close()
 
     asyncio.run(rounds())
-    return size, {k: [size / s / 1e9 for s in v] for k, v in seconds.items()}, left
+    return size, {k: [size / s / 1e9 for s in v] for k, v in seconds.items()}, {"ours": left, "page_cache_read": left_by_old}
 
 
-def report(size: int, gbps: dict[str, list[float]], left: list) -> dict[str, Any]:
+def report(size: int, gbps: dict[str, list[float]], left: dict) -> dict[str, Any]:
     paired = lambda k: [a / b for a, b in zip(gbps[k], gbps["dd_direct"])]  # noqa: E731
     return {
         "unit_bytes": size,

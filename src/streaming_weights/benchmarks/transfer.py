@@ -169,8 +169,8 @@ def run(ctx: Any) -> dict[str, Any]:
                      f"the receiver (this process) to CPU {ctx.client_cpus[0]}; {repeats} interleaved rounds after "
                      "one warm-up round. raw TCP = a sender process sendall()s the same bytes, the receiver "
                      "recv_into()s a preallocated buffer. end-to-end = WebSocketSource.fetch_unit (network + BLAKE3 "
-                     "verify, overlapped with the receive + zero-copy decode) into a reused receive buffer, as the "
-                     "engine does in steady state, from a weight server holding the unit in its memory cache "
+                     "verify of each MiB as it lands, inline on the one CPU the receiver may use + zero-copy "
+                     "decode) into a reused receive buffer, as the engine does in steady state, from a weight server holding the unit in its memory cache "
                      "(frames sendmsg()ed from it); from file = a weight server whose cache is too small, streaming "
                      "the unit from its chunk directory with sendfile(); network only = the cached request into a "
                      "new buffer. hex-in-JSON = the original project's wire format (unit as hex in one JSON text "
@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{x:.2f}" for x in v["values"]) + ")")
     for name, sides in out.get("cpu_ms_per_GB", {}).items():
         print(f"CPU ms per GB, {name:20} " + ", ".join(f"{side} {v['median']:.0f}" for side, v in sides.items()))
-    if "left_in_page_cache_bytes" in out:
-        print(f"left in the page cache after our reads: {out['left_in_page_cache_bytes']} bytes")
+    for name, left in out.get("left_in_page_cache_bytes", {}).items():
+        print(f"bytes of the file left in the page cache after each read, {name}: {left}")
     print(f"receiver pinned to CPU {client}, senders to {server}; load average {os.getloadavg()}")
     return 0
 
