@@ -180,10 +180,21 @@ def run(ctx: Any) -> dict[str, Any]:
                      "network only can exceed 1. cpu_ms_per_GB: CPU time of the receiving process and of the "
                      "sending one per GB, the per-byte work (load on a shared box changes it less than the wall "
                      "time). disk: " + disk.__doc__.split("\n\n")[1].replace("\n", " ")),
-        **figures(size, gbps, rounds),
+        **_with_disk(figures(size, gbps, rounds), disk_result),
         "disk": disk_result,
         "unit_bytes": size,
     }
+
+
+def _with_disk(fig: dict[str, Any], disk_result: dict[str, Any]) -> dict[str, Any]:
+    """The transfer figures with the disk's and the CPU's in the metrics and ratios tables (the report
+    shows those two)."""
+    for name, sides in fig["cpu_ms_per_GB"].items():
+        for side, v in sides.items():
+            fig["metrics"][f"{name}_{side}_cpu_ms_per_GB"] = v
+    fig["metrics"] |= {f"disk_{k}_GBps": v for k, v in disk_result["metrics"].items()}
+    fig["ratios"] |= {f"disk_{k}": v for k, v in disk_result["ratios"].items()}
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
