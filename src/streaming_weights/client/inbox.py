@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,11 @@ MAX_UNSIZED_BLOB = LIMITS.max_manifest_bytes
 #: client CPU per 128 MiB fetch (pinned, loaded box, two rounds) 67/81 ms with 1 MiB pieces, 84/86 ms with
 #: 4 MiB, 86/82 ms with 16 MiB (issue 26).
 _HASH_BATCH = 1 << 20
+
+
+def usable_cpus() -> int:
+    """CPUs the calling thread may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -227,4 +233,4 @@ class Inbox:
         p.finish()
 
 
-__all__ = ["MAX_UNSIZED_BLOB", "Inbox", "Pending", "Phase"]
+__all__ = ["MAX_UNSIZED_BLOB", "Inbox", "Pending", "Phase", "usable_cpus"]

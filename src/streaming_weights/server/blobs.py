@@ -24,6 +24,7 @@ from .. import protocol as proto
 from ..exceptions import InvalidKeyError, KeyNotFoundError, NotFoundError, RemoteError, StorageError
 from ..format.manifest import BlobEntry
 from ..protocol.frames import binary_frame_header
+from ..storage.fileread import advise
 from ..storage.filesystem import FilesystemBackend
 
 if TYPE_CHECKING:
@@ -106,14 +107,14 @@ class BlobSender:
             fd = f.fileno()
             if os.fstat(fd).st_size < entry.bytes:
                 raise RemoteError(f"{entry.path} in storage is shorter than the manifest's {entry.bytes} bytes (truncated?)", code="internal")
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")
             self._count_read(model, entry, entry.bytes)
             await self.server._send(conn, proto.encode(proto.Result(rid, {"size": entry.bytes})))
             step = self.server.chunk_bytes
             for off in range(0, entry.bytes, step):
                 # sendfile runs on the event loop: have the kernel read the next pieces in the background
                 # meanwhile, so it finds them cached rather than waiting for the disk on the loop.
-                os.posix_fadvise(fd, off + step, 2 * step, os.POSIX_FADV_WILLNEED)
+                advise(fd, off + step, 2 * step, "POSIX_FADV_WILLNEED")
                 await self.send_data(conn, rid, off, b"", file=(fd, min(step, entry.bytes - off)))
 
     async def _send_ranges(self, conn: _Conn, rid: int, model: str, entry: BlobEntry, key: str) -> None:

@@ -46,6 +46,13 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """``posix_fadvise(fd, offset, length, os.<advice>)`` where the platform has it (not macOS)."""
+    fadvise, value = getattr(os, "posix_fadvise", None), getattr(os, advice, None)
+    if fadvise is not None and value is not None:
+        fadvise(fd, offset, length, value)
+
+
 def address(view: memoryview) -> int:
     """The address of a writable buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -74,7 +81,7 @@ def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int =
             if not was_cached:
                 # Drop what that read (and readahead past it) cached; only whole pages go, so from the
                 # page holding ``start`` to the end of the file.
-                os.posix_fadvise(fd, start // ALIGN * ALIGN, 0, os.POSIX_FADV_DONTNEED)
+                advise(fd, start // ALIGN * ALIGN, 0, "POSIX_FADV_DONTNEED")
         return got
     finally:
         os.close(fd)
@@ -189,4 +196,4 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-__all__ = ["ALIGN", "DEPTH", "PIECE", "address", "read_file_into", "resident"]
+__all__ = ["ALIGN", "DEPTH", "PIECE", "address", "advise", "read_file_into", "resident"]
