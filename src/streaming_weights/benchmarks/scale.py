@@ -15,7 +15,6 @@ over the measured bandwidth of the link it came over (raw TCP on loopback, pinne
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from ..netutil import free_port
 from . import rawsender
 from .common import MiB, module_command, process, prompt_ids, run_child, summarize, weight_server_process
+from .disk import dd_direct
 from .fixtures import load_manifest
 from .generation import ACCEL_MARGIN
 from .sandbox import evict, pinned_here
@@ -79,17 +79,16 @@ def contenders(root: Path, prefix: str, uri: str, kernel: bool) -> dict[str, tup
 
 
 def disk_bandwidth(files: list[Path]) -> dict[str, Any]:
-    """``dd if=FILE of=/dev/null bs=4M iflag=direct`` of each file after evicting it: bytes/s over all of
-    them (dd's own seconds), or ``{"error": ...}`` (e.g. a filesystem without O_DIRECT)."""
-    total, seconds = 0, 0.0
+    """``dd if=FILE of=/dev/null bs=4M iflag=direct`` (the disk case's :func:`.disk.dd_direct`) of each file
+    after evicting it: bytes/s over all of them, or ``{"error": ...}`` (e.g. a filesystem without O_DIRECT)."""
+    seconds = 0.0
     for f in files:
         evict([f])
-        p = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "iflag=direct"], capture_output=True,
-                           text=True, timeout=300)
-        m = re.search(r"^(\d+) bytes.* copied, ([0-9.eE+-]+) s", p.stderr, re.M)
-        if p.returncode != 0 or m is None:
-            return {"error": (p.stderr.strip().splitlines() or ["dd failed"])[-1]}
-        total, seconds = total + int(m.group(1)), seconds + float(m.group(2))
+        try:
+            seconds += dd_direct(f)
+        except (subprocess.CalledProcessError, IndexError, ValueError) as exc:
+            return {"error": f"dd iflag=direct failed on {f.name}: {exc}"}
+    total = sum(f.stat().st_size for f in files)
     return {"Bps": total / seconds, "bytes": total, "files": len(files)}
 
 
