@@ -53,12 +53,15 @@ async def test_frames_stay_whole_and_in_order_with_other_writes():
     w = DirectWriter(transport)
     assert w.direct
     one, two = os.urandom(3 << 20), os.urandom(1 << 20)
+    expected = b"H1" + one + b"PONG" + b"H2" + two
+    reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
     await w.write((b"H1", memoryview(one)))  # more than the socket holds: its tail goes to the transport
     transport.write(b"PONG")  # what websockets writes meanwhile (a pong, a ping)
-    await w.write((b"H2", two))  # bytes are queued ahead: it must not overtake them
-    expected = b"H1" + one + b"PONG" + b"H2" + two
-    assert await asyncio.to_thread(read_exact, peer, len(expected)) == expected
-    assert w.direct_bytes > 0 and w.copied_bytes > 0
+    queued, direct = transport.get_write_buffer_size(), w.direct_bytes
+    await w.write((b"H2", two))  # bytes are queued ahead: it waits for them instead of overtaking them
+    assert await reading == expected
+    assert queued and w.copied_bytes > 0
+    assert w.direct_bytes > direct  # ... then sends (some of) it itself rather than copying it all
     transport.close()
     w.close()
     peer.close()
@@ -98,12 +101,13 @@ async def test_sendfile_frames_with_a_slow_reader(tmp_path):
     (tmp_path / "blob").write_bytes(data)
     transport, peer = await pair()
     w = DirectWriter(transport)
+    expected = b"H1" + data[100 : 100 + (2 << 20)] + b"PONG" + b"H2" + data[5:1005]
+    reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
     with open(tmp_path / "blob", "rb") as f:
         await w.write_file(b"H1", f.fileno(), 100, 2 << 20)
         transport.write(b"PONG")
-        await w.write_file(b"H2", f.fileno(), 5, 1000)  # behind queued bytes: everything via the transport
-    expected = b"H1" + data[100 : 100 + (2 << 20)] + b"PONG" + b"H2" + data[5:1005]
-    assert await asyncio.to_thread(read_exact, peer, len(expected)) == expected
+        await w.write_file(b"H2", f.fileno(), 5, 1000)  # waits for the queued bytes, then goes direct
+    assert await reading == expected
     assert w.direct_bytes > 0 and w.copied_bytes > 0
     transport.close()
     w.close()

@@ -9,8 +9,8 @@ takes nothing. Only the tail of a frame the kernel took in part goes through the
 a frame is never interleaved with anything websockets writes (pongs, pings, the close frame): those
 writes go through the transport, and the transport sends its buffer in order, after that tail.
 
-TLS connections, and frames that would otherwise overtake bytes already queued in the transport, use
-``transport.write`` as before.
+A frame waits while the transport still holds bytes (such a tail, or a pong) rather than being queued
+behind them; TLS connections use ``transport.write`` as before.
 """
 
 from __future__ import annotations
@@ -92,11 +92,14 @@ class DirectWriter:
         return done
 
     async def _start(self, parts: Sequence[Buffer], is_open: Callable[[], bool]) -> int | None:
-        """``sendmsg`` as much of ``parts`` as the socket takes once it takes anything; the byte count
-        (0: everything must go through the transport), or None when ``is_open()`` said no after a wait."""
-        while self._sock is not None and not self.transport.is_closing() \
-                and not self.transport.get_write_buffer_size():
+        """``sendmsg`` as much of ``parts`` as the socket takes once it takes anything and nothing is queued
+        in the transport ahead of them (waiting for both rather than copying the frame into the transport);
+        the byte count (0: everything must go through the transport), or None when ``is_open()`` said no
+        after a wait."""
+        while self._sock is not None and not self.transport.is_closing():
             try:
+                if self.transport.get_write_buffer_size():
+                    raise BlockingIOError  # bytes queued ahead: wait until the transport has sent them
                 sent = self._sock.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
                 await self._writable()
