@@ -74,7 +74,7 @@ def load_model(engine: StreamingEngine, model_name: str | None, families: frozen
 def _fresh_half_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """torch (2.13, CPU) multiplies a half-precision input whose size-1 dims keep a slice's strides (the last
     position of the hidden states, as ``generate`` passes it to the lm_head) by first copying the whole weight:
-    320 MiB and ~8x the time per decoded token for a 262k-token bfloat16 lm_head. The same values in a fresh
+    320 MiB and ~2x the time per decoded token for a 262k-token bfloat16 lm_head. The same values in a fresh
     tensor give bit-identical logits without the copy (float32 takes another kernel then: left as it is)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 3:
