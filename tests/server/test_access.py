@@ -31,6 +31,10 @@ alpha-token alpha
 pair-token\talpha, beta
 """
 
+# The catalog rescans storage for an unknown name or a listing at most once per rescan_interval (1 s by default):
+# these tests ask right after start-up, where the default would make each such request wait about a second.
+RESCAN = 0.02
+
 
 @pytest.fixture
 def three_models():
@@ -66,7 +70,7 @@ def test_token_file_lines(tmp_path):
 
 
 async def test_a_token_sees_only_its_models_and_the_others_look_like_missing_ones(three_models, tmp_path):
-    async with WeightServer(three_models, port=0, token_file=_write(tmp_path, TOKENS)) as server:
+    async with WeightServer(three_models, port=0, rescan_interval=RESCAN, token_file=_write(tmp_path, TOKENS)) as server:
         listing, own, other, missing, unit, implicit = await ask(
             server.uri, "alpha-token", (proto.Op.LIST_MODELS, None, None), (proto.Op.GET_MANIFEST, "alpha", None),
             (proto.Op.GET_MANIFEST, "gamma-secret", None), (proto.Op.GET_MANIFEST, "nope", None),
@@ -89,7 +93,7 @@ async def test_a_token_sees_only_its_models_and_the_others_look_like_missing_one
 
 
 async def test_healthz_and_metrics_do_not_leak_model_names(three_models, tmp_path):
-    async with WeightServer(three_models, port=0, token_file=_write(tmp_path, TOKENS)) as server:
+    async with WeightServer(three_models, port=0, rescan_interval=RESCAN, token_file=_write(tmp_path, TOKENS)) as server:
         def get(path, token=None):
             import http.client
 
@@ -110,7 +114,7 @@ async def test_healthz_and_metrics_do_not_leak_model_names(three_models, tmp_pat
 
 async def test_reload_changes_grants_of_open_connections_and_closes_revoked_ones(three_models, tmp_path):
     path = _write(tmp_path, TOKENS)
-    async with WeightServer(three_models, port=0, token_file=path) as server:
+    async with WeightServer(three_models, port=0, rescan_interval=RESCAN, token_file=path) as server:
         headers = {"Authorization": "Bearer alpha-token"}
         async with connect(server.uri, compression=None, additional_headers=headers) as kept, \
                 connect(server.uri, compression=None, additional_headers={"Authorization": "Bearer pair-token"}) as gone:
@@ -161,7 +165,7 @@ async def test_manifest_served_verbatim_and_signature_by_its_own_op(tmp_path):
     build_model(storage, "m", {"resident": 500, "model.layers.0": 2000})
     stored = json.dumps(json.loads(await storage.load("manifest.json")), indent=7).encode()  # unusual formatting
     await storage.save("manifest.json", stored)
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         async with connect(server.uri, max_size=None, compression=None) as ws:
             await ws.send(proto.encode(proto.Request(1, proto.Op.GET_MANIFEST, "m")))
             assert (await collect(ws, 1))[1] == stored
@@ -169,7 +173,7 @@ async def test_manifest_served_verbatim_and_signature_by_its_own_op(tmp_path):
             err = (await collect(ws, 2))[0]
             assert isinstance(err, proto.Error) and err.code == "not_found" and "not signed" in err.message
     await storage.save(SIGNATURE_FILE, b"\x01" * 64)
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         async with connect(server.uri, max_size=None, compression=None) as ws:
             await ws.send(proto.encode(proto.Request(1, proto.Op.GET_SIGNATURE, None)))
             assert (await collect(ws, 1))[1] == b"\x01" * 64

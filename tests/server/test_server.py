@@ -21,6 +21,10 @@ from streaming_weights.storage import FilesystemBackend, MemoryBackend
 from tests.support.servers import build_model, start_server_process
 from tests.support.waiting import eventually
 
+# The catalog rescans storage for an unknown name or a listing at most once per rescan_interval (1 s by default):
+# these tests ask right after start-up, where the default would make each such request wait about a second.
+RESCAN = 0.02
+
 
 @pytest.fixture
 def mem_model():
@@ -81,7 +85,7 @@ def metric(text: str, name: str, **labels) -> float:
 
 async def test_serves_list_manifest_units_and_files(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         assert server.port != 0 and server.host == "127.0.0.1"
         async with await ws_client(server) as ws:
             head, _ = await request(ws, 1, proto.Op.PING)
@@ -101,7 +105,7 @@ async def test_serves_a_directory_of_models(tmp_path):
     fs = FilesystemBackend(tmp_path)
     build_model(fs, "a", {"resident": 100}, prefix="a")
     build_model(fs, "b", {"resident": 200}, prefix="nested/b")
-    async with WeightServer(chunks_dir=tmp_path, port=0) as server:
+    async with WeightServer(chunks_dir=tmp_path, port=0, rescan_interval=RESCAN) as server:
         async with await ws_client(server) as ws:
             head, _ = await request(ws, 1, proto.Op.LIST_MODELS)
             assert head.body["models"] == ["a", "b"]
@@ -122,7 +126,7 @@ async def test_serves_a_directory_of_models(tmp_path):
 ])
 async def test_unlisted_and_traversal_names_rejected(mem_model, name, code):
     storage, _ = mem_model
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         storage.reads = 0  # the manifest was read at start
         async with await ws_client(server) as ws:
             for op in (proto.Op.GET_UNIT, proto.Op.GET_FILE):
@@ -137,7 +141,7 @@ async def test_unlisted_and_traversal_names_rejected(mem_model, name, code):
 
 async def test_malformed_messages_get_errors_and_connection_survives(mem_model):
     storage, _ = mem_model
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         async with await ws_client(server) as ws:
             bad = [
                 ("a text frame", 0),
@@ -159,7 +163,7 @@ async def test_malformed_messages_get_errors_and_connection_survives(mem_model):
 
 async def test_oversized_frame_closes_connection_and_server_keeps_serving(mem_model):
     storage, _ = mem_model
-    async with WeightServer(storage, port=0, max_request_bytes=4096) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, max_request_bytes=4096) as server:
         async with await ws_client(server) as ws:
             await ws.send(proto.encode_header(proto.Kind.REQUEST, 1) + b" " * 10_000)
             with pytest.raises(ConnectionClosedError) as info:
@@ -172,7 +176,7 @@ async def test_oversized_frame_closes_connection_and_server_keeps_serving(mem_mo
 
 async def test_duplicate_id_and_busy_limit(mem_model):
     storage, _ = mem_model
-    async with WeightServer(storage, port=0, max_inflight_per_connection=1, cache_size_mb=0, chunk_bytes=64 << 10) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, max_inflight_per_connection=1, cache_size_mb=0, chunk_bytes=64 << 10) as server:
         async with await ws_client(server) as ws:
             await ws.send(proto.encode(proto.Request(1, proto.Op.GET_UNIT, "m", "model.layers.1")))
             await ws.send(proto.encode(proto.Request(2, proto.Op.PING)))
@@ -193,7 +197,7 @@ async def test_duplicate_id_and_busy_limit(mem_model):
 
 async def test_max_connections_refused_with_503(mem_model):
     storage, _ = mem_model
-    async with WeightServer(storage, port=0, max_connections=1) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, max_connections=1) as server:
         async with await ws_client(server):
             with pytest.raises(InvalidStatus) as info:
                 await ws_client(server)
@@ -212,7 +216,7 @@ async def test_max_connections_refused_with_503(mem_model):
 async def test_token_checked_at_handshake(mem_model, monkeypatch):
     storage, _ = mem_model
     monkeypatch.delenv("SURFING_TOKEN", raising=False)
-    async with WeightServer(storage, port=0, token="s3cret") as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, token="s3cret") as server:
         with pytest.raises(InvalidStatus) as info:
             await ws_client(server)
         assert info.value.response.status_code == 401
@@ -231,7 +235,7 @@ async def test_token_checked_at_handshake(mem_model, monkeypatch):
 
 async def test_healthz_and_metrics(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         async with await ws_client(server) as ws:
             for rid in (1, 2, 3):
                 await request(ws, rid, proto.Op.GET_UNIT, "m", "model.layers.0")
@@ -255,7 +259,7 @@ async def test_healthz_and_metrics(mem_model):
 
 async def test_concurrent_misses_read_storage_once(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         storage.reads = 0
         async with await ws_client(server) as ws:
             for rid in range(1, 9):
@@ -271,7 +275,7 @@ async def test_concurrent_misses_read_storage_once(mem_model):
 async def test_large_blob_streamed_in_ranges_not_cached(mem_model):
     storage, manifest = mem_model
     big = manifest.unit("model.layers.1")
-    async with WeightServer(storage, port=0, cache_size_mb=1, chunk_bytes=1 << 20) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, cache_size_mb=1, chunk_bytes=1 << 20) as server:
         async with await ws_client(server) as ws:
             head, data = await request(ws, 1, proto.Op.GET_UNIT, "m", big.name)
             assert data == storage.objects[big.path]
@@ -284,7 +288,7 @@ async def test_large_blob_of_a_local_directory_is_sent_from_its_file(tmp_path):
     manifest = build_model(FilesystemBackend(tmp_path), "m", {"resident": 1000, "model.layers.0": 3 << 20})
     big = manifest.unit("model.layers.0")
     stored = tmp_path / big.path
-    async with WeightServer(tmp_path, port=0, cache_size_mb=1, chunk_bytes=256 << 10) as server:
+    async with WeightServer(tmp_path, port=0, rescan_interval=RESCAN, cache_size_mb=1, chunk_bytes=256 << 10) as server:
         async with await ws_client(server) as ws:
             head, data = await request(ws, 1, proto.Op.GET_UNIT, "m", big.name)
             assert head.size == big.bytes and data == stored.read_bytes()
