@@ -13,10 +13,15 @@ from streaming_weights.storage import FilesystemBackend
 
 @contextlib.contextmanager
 def served(chunks_dir, **kw) -> Iterator[str]:
-    """Run a WeightServer over ``chunks_dir`` on a free loopback port (own thread); yields its ws:// URI."""
+    """Run a WeightServer over ``chunks_dir`` on a free loopback port (own thread); yields its ws:// URI.
+
+    Its catalog rescans storage every 20 ms at most (``rescan_interval``, 1 s by default): a listing or an unknown
+    name right after start-up would otherwise wait out the default."""
     from streaming_weights.server import WeightServer
 
     io = LoopThread("test-server")
+    if "limits" not in kw:  # (given limits keep their own interval)
+        kw.setdefault("rescan_interval", 0.02)
     server = WeightServer(str(chunks_dir), host="127.0.0.1", port=0, **kw)
     io.run(server.start(), 30)
     try:
