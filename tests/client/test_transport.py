@@ -33,6 +33,9 @@ from streaming_weights.storage import FilesystemBackend, MemoryBackend
 
 from tests.support.servers import build_model, unit_tensors
 
+# a listing or an unknown name right after start-up would wait out the catalog's 1 s default rescan interval
+RESCAN = 0.02
+
 
 def buffer_span(buf: bytearray) -> tuple[int, int]:
     base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
@@ -55,7 +58,7 @@ def llama_dir(tiny_chunks):
 async def test_fetches_real_chunked_model_identically_to_storage(llama_dir):
     chunk_dir = llama_dir
     local = StorageSource(FilesystemBackend(chunk_dir))
-    async with WeightServer(chunk_dir, port=0) as server:
+    async with WeightServer(chunk_dir, port=0, rescan_interval=RESCAN) as server:
         source = open_unit_source(server.uri, token=None)
         assert isinstance(source, WebSocketSource)
         async with source:
@@ -75,7 +78,7 @@ async def test_fetches_real_chunked_model_identically_to_storage(llama_dir):
 
 async def test_decoded_tensors_are_views_into_the_receive_buffer(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0) as server, WebSocketSource(server.uri) as source:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server, WebSocketSource(server.uri) as source:
         unit = await source.fetch_unit(manifest, "model.layers.3")
         lo, hi = buffer_span(unit.buffer)
         assert len(unit.buffer) == manifest.unit("model.layers.3").bytes
@@ -89,7 +92,7 @@ async def test_a_received_buffer_can_be_given_back_at_once(mem_model):
     storage, manifest = mem_model
     entry = manifest.unit("model.layers.2")
     pool = BufferPool(1 << 30)
-    async with WeightServer(storage, port=0) as server, WebSocketSource(server.uri, pool=pool) as source:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server, WebSocketSource(server.uri, pool=pool) as source:
         buf = source.new_buffer(entry.bytes)
         await source._request(proto.Op.GET_UNIT, "m", entry.name, buffer=buf, expected_size=entry.bytes)
         assert pool.give(buf)
@@ -105,7 +108,7 @@ async def test_on_one_cpu_units_are_hashed_inline_and_still_verified(mem_model):
     data[len(data) // 2] ^= 1
     storage.objects[bad.path] = bytes(data)
     before = os.sched_getaffinity(0)
-    async with WeightServer(storage, port=0, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
         os.sched_setaffinity(0, {min(before)})  # this thread (the event loop's) may use one CPU only
         try:
             unit = await source.fetch_unit(manifest, good.name)
@@ -118,7 +121,7 @@ async def test_on_one_cpu_units_are_hashed_inline_and_still_verified(mem_model):
 
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
         await source.ping()
         names = [u.name for u in manifest.streamed]
         assert len(names) == 16
@@ -135,7 +138,7 @@ async def test_sixteen_requests_in_flight_on_one_connection(mem_model):
 async def test_unit_over_100_mb_streams_intact(tmp_path):
     size = 110 << 20
     build_model(FilesystemBackend(tmp_path), "big", {"resident": 1000, "huge": size})
-    async with WeightServer(tmp_path, port=0, cache_size_mb=16) as server:
+    async with WeightServer(tmp_path, port=0, rescan_interval=RESCAN, cache_size_mb=16) as server:
         async with WebSocketSource(server.uri, timeout_seconds=120) as source:
             manifest = await source.get_manifest(None)
             unit = await source.fetch_unit(manifest, "huge")  # BLAKE3-verified against the manifest
@@ -154,7 +157,7 @@ async def test_corrupted_unit_in_storage_is_detected_and_never_returned(mem_mode
     storage.objects[entry.path] = bytes(data)
     short = manifest.unit("model.layers.4")
     storage.objects[short.path] = storage.objects[short.path][:-100]  # truncated
-    async with WeightServer(storage, port=0) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server:
         async with WebSocketSource(server.uri) as source:
             with pytest.raises(IntegrityError, match="does not match its manifest hash"):
                 await source.fetch_unit(manifest, entry.name)
@@ -169,7 +172,7 @@ async def test_corrupted_unit_in_storage_is_detected_and_never_returned(mem_mode
 
 async def test_remote_errors_are_typed_and_connection_survives(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0) as server, WebSocketSource(server.uri) as source:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN) as server, WebSocketSource(server.uri) as source:
         with pytest.raises(BadRequestError):
             await source._request(proto.Op.GET_UNIT, "m", "../../etc/passwd")
         with pytest.raises(NotFoundError):
@@ -183,7 +186,7 @@ async def test_remote_errors_are_typed_and_connection_survives(mem_model):
 async def test_token_auth(mem_model, monkeypatch):
     storage, manifest = mem_model
     monkeypatch.delenv("SURFING_TOKEN", raising=False)
-    async with WeightServer(storage, port=0, token="tok-123") as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, token="tok-123") as server:
         for bad in (None, "wrong"):
             async with RetryingSource(WebSocketSource(server.uri, token=bad), RetryPolicy(max_retries=3)) as source:
                 with pytest.raises(AuthenticationError):
@@ -202,7 +205,7 @@ async def test_tls_with_test_certificate(mem_model, tmp_path):
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0, tls_cert=tmp_path / "server.pem") as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, tls_cert=tmp_path / "server.pem") as server:
         assert server.uri.startswith("wss://")
         client_ctx = ssl.create_default_context()
         ca.configure_trust(client_ctx)
@@ -213,7 +216,7 @@ async def test_tls_with_test_certificate(mem_model, tmp_path):
             with pytest.raises(ConnectionFailedError, match="certificate"):
                 await untrusting.ping()
     # the original API names
-    legacy = WeightServer(storage, port=0, use_ssl=True, ssl_cert_path=tmp_path / "server.pem")
+    legacy = WeightServer(storage, port=0, rescan_interval=RESCAN, use_ssl=True, ssl_cert_path=tmp_path / "server.pem")
     assert legacy.scheme == "wss"
 
 
@@ -251,7 +254,7 @@ class SlowBackend(MemoryBackend):
 async def test_per_request_timeout(mem_model):
     storage, manifest = mem_model
     slow = SlowBackend(storage.objects)
-    async with WeightServer(slow, port=0) as server:
+    async with WeightServer(slow, port=0, rescan_interval=RESCAN) as server:
         async with WebSocketSource(server.uri, timeout_seconds=0.3) as source:
             await source.ping()
             slow.delay = 5
@@ -264,7 +267,7 @@ async def test_per_request_timeout(mem_model):
 
 async def test_busy_server_is_retried_then_reported(mem_model):
     storage, manifest = mem_model
-    async with WeightServer(storage, port=0, max_connections=1) as server:
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, max_connections=1) as server:
         async with WebSocketSource(server.uri) as first:
             await first.ping()
             policy = RetryPolicy(max_retries=1, base_delay=0.01)
