@@ -295,7 +295,8 @@ def _measured(ctx: Any, config: dict[str, Any], prep: dict[str, Any], sizes: dic
         f"three chunkings, warmed: every unit in its cache) pinned to CPU {ctx.server_cpus[0]}. ours: "
         "StreamingBaseModel(memory_budget='auto', dtype='bfloat16'), the int8/int4 rows with "
         "quantized_in_memory='codes' (the compressed tier: codes kept, expanded per use)"
-        + ("" if kernel else "; a 'kernel' row (compute on the codes with torch's int8/int4 kernels) runs here "
+        + ("; the 'kernel' rows with quantized_in_memory='kernel' (the blocks' linear layers compute on the codes "
+           "with torch's weight-only int8/int4 kernels)" if kernel else "; a 'kernel' row (compute on the codes with torch's int8/int4 kernels) runs here "
            "once StreamingConfig accepts quantized_in_memory='kernel' (not in this build)")
         + ". accelerate: from_pretrained(device_map='auto', max_memory={'cpu': cap - its RSS - 96 MiB}, "
         f"offload_folder on local disk, dtype=bfloat16). n = {rounds} interleaved round(s); transformers in "
