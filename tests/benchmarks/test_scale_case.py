@@ -72,3 +72,19 @@ def test_scale_case_runs_at_quick_size_and_reports_every_contender(tmp_path):
     assert "| ours, local chunk directory (bf16) |" in text and "| accelerate disk offload (bf16) |" in text
     plots = write_plots({"cases": {"scale": case}}, tmp_path)
     assert plots == {"scale": ["scale.png"]} and (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_merge_into_a_spliced_report_replaces_only_the_cases_that_ran_now(tmp_path):
+    from streaming_weights.benchmarks.suite import _write
+
+    old_case = {"title": "MoE old", "measured": "old numbers. Notes of this run: the moe run's note", "metrics": {},
+                "ratios": {}, "ran": "earlier", "commit": "abc"}
+    (tmp_path / "REPORT.md").write_text("# report\n\n## MoE old\n\nkept as it was\n")
+    prior = {"quick": False, "spliced": True, "cases": {"moe": old_case}, "started": "earlier"}
+    new_case = {"title": "Scale now", "measured": "new numbers", "metrics": {}, "ratios": {}}
+    results = {"quick": False, "started": "now", "commit": "def", "notes": ["this run's note"],
+               "cases": {"scale": new_case}}
+    _write(results, tmp_path, prior, splice=True)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "kept as it was" in text  # the merged case's section is not re-rendered
+    assert text.count("this run's note") == 1 and "new numbers" in text

@@ -340,7 +340,9 @@ def _write(results: dict[str, Any], out: Path, prior: dict[str, Any] | None, spl
         for case in results["cases"].values():
             case.setdefault("ran", results["started"])
             case.setdefault("commit", results.get("commit", "?"))
-        text = splice_report(report.read_text(), results)
+        # only this run's cases: the ones merged from results.json keep their sections (and their notes)
+        fresh = {n: c for n, c in results["cases"].items() if c["ran"] == results["started"]}
+        text = splice_report(report.read_text(), results | {"cases": fresh})
     else:
         text = render_report(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
