@@ -26,6 +26,7 @@ from .disk import dd_direct
 from .fixtures import load_manifest
 from .generation import ACCEL_MARGIN
 from .sandbox import evict, pinned_here
+from .scale_child import SCHEMES
 
 #: TinyLlama-1.1B's shape (LlamaConfig keywords)
 FULL = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -45,7 +46,7 @@ TITLE = "Scale: a TinyLlama-1.1B-shaped model (bf16, int8, int4) inside a 1.5 GB
 GOALS = {"local": ">= 1.5", "server": ">= 1.0", "int8_codes": ">= 5", "int8_kernel": ">= 5"}
 LABELS = {"transformers": "transformers in memory (uncapped, reference)", "server": "ours, weight server (bf16)",
           "local": "ours, local chunk directory (bf16)", "int8_codes": "ours, server, int8 codes",
-          "int4_codes": "ours, server, int4 codes", "int8_kernel": "ours, server, int8 kernel",
+          "int4_codes": "ours, server, int4 codes", "int8_kernel": "ours, server, int8-channel kernel",
           "int4_kernel": "ours, server, int4 kernel", "accelerate": "accelerate disk offload (bf16)"}
 LOSSLESS = ("server", "local", "accelerate")  # tokens must equal transformers'
 
@@ -71,7 +72,7 @@ def contenders(root: Path, prefix: str, uri: str, kernel: bool) -> dict[str, tup
          "int8_codes": stream("int8", uri, quantized_in_memory="codes"),
          "int4_codes": stream("int4", uri, quantized_in_memory="codes")}
     if kernel:
-        c |= {"int8_kernel": stream("int8", uri, quantized_in_memory="kernel"),
+        c |= {"int8_kernel": stream("int8-channel", uri, quantized_in_memory="kernel"),
               "int4_kernel": stream("int4", uri, quantized_in_memory="kernel")}
     c["accelerate"] = ("scale_accelerate", {"path": str(root / "hf"), "offload": str(root / "offload"), "cap": CAP,
                                             "margin": ACCEL_MARGIN})
@@ -288,7 +289,8 @@ def _measured(ctx: Any, config: dict[str, Any], prep: dict[str, Any], sizes: dic
         f"{c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, vocabulary {c['vocab_size']}; "
         f"random weights (seed {SEED}) built directly in bf16 and saved as safetensors shards "
         f"({sizes['bf16'] / 1e9:.2f} GB chunked bf16, int8 {sizes['int8'] / 1e9:.2f} GB, int4 "
-        f"{sizes['int4'] / 1e9:.2f} GB; {built}{_quant_edges()}). "
+        f"{sizes['int4'] / 1e9:.2f} GB, int8-channel {sizes['int8-channel'] / 1e9:.2f} GB; every chunking cuts the "
+        f"embedding and lm_head into row shards; {built}). "
         f"Greedy decoding of {TOKENS} tokens from a fixed random prompt of {PROMPT_LEN} tokens, speculation off, "
         f"bf16 compute. Each contender in a fresh process {where}, its files evicted from the page cache first, "
         f"pinned to CPU {ctx.client_cpus[0]} with one compute thread; the weight server (`surfing serve`, all "
@@ -296,7 +298,8 @@ def _measured(ctx: Any, config: dict[str, Any], prep: dict[str, Any], sizes: dic
         "StreamingBaseModel(memory_budget='auto', dtype='bfloat16'), the int8/int4 rows with "
         "quantized_in_memory='codes' (the compressed tier: codes kept, expanded per use)"
         + ("; the 'kernel' rows with quantized_in_memory='kernel' (the blocks' linear layers compute on the codes "
-           "with torch's weight-only int8/int4 kernels)" if kernel else "; a 'kernel' row (compute on the codes with torch's int8/int4 kernels) runs here "
+           "with torch's weight-only kernels: int4 codes, and int8 on the int8-channel chunking, one scale per row, "
+           "which torch's int8 kernel takes; group-wise int8 has none)" if kernel else "; a 'kernel' row (compute on the codes with torch's int8/int4 kernels) runs here "
            "once StreamingConfig accepts quantized_in_memory='kernel' (not in this build)")
         + ". accelerate: from_pretrained(device_map='auto', max_memory={'cpu': cap - its RSS - 96 MiB}, "
         f"offload_folder on local disk, dtype=bfloat16). n = {rounds} interleaved round(s); transformers in "
@@ -313,17 +316,6 @@ def _measured(ctx: Any, config: dict[str, Any], prep: dict[str, Any], sizes: dic
         "|logit - bf16 reference logit| over the steps whose prefix equals the reference's (the reference's "
         f"largest |logit| is {_ref_scale(runs):.3g}); the quant case gives int8/int4 perplexity on SmolLM2. "
         f"{_plans(runs)}.")
-
-
-def _quant_edges() -> str:
-    from .scale_child import QUANT_SHARD_SIZE
-
-    if QUANT_SHARD_SIZE is not None:
-        return ""
-    return ("; the int8/int4 chunkings keep embedding and lm_head whole in the resident unit, converted on arrival "
-            "(the bf16 one cuts each into row shards): on row-shard units the compressed tier fails, int8 codes "
-            "reach lm_head's matmul and int4 codes are assigned at half width (issue 26; "
-            "scale_child.QUANT_SHARD_SIZE)")
 
 
 def prep_s(prep: dict[str, Any]) -> float:
@@ -359,13 +351,13 @@ def _bandwidths(ctx: Any, chunks: Path) -> dict[str, Any]:
 def run(ctx: Any) -> dict[str, Any]:
     config = (QUICK if ctx.quick else FULL) | COMMON
     prefix, root, rounds = ("scale-tiny" if ctx.quick else "scale-tinyllama"), _root(ctx), 1 if ctx.quick else 2
-    ctx.say(f"scale: building and chunking the random-init model in {root} (once; bf16, int8, int4)")
+    ctx.say(f"scale: building and chunking the random-init model in {root} (once; {', '.join(SCHEMES)})")
     shards = {"shard_size": QUICK_SHARD_BYTES} if ctx.quick else {}
     prep = run_child("scale_prepare", {"root": str(root), "config": config, "seed": SEED, "name": prefix} | shards,
                      3600, module="scale_child")
     if "error" in prep:
         raise RuntimeError(f"scale_prepare: {prep['error']}")
-    manifests = {s: load_manifest(root / "chunks" / s) for s in ("bf16", "int8", "int4")}
+    manifests = {s: load_manifest(root / "chunks" / s) for s in SCHEMES}
     bw = _bandwidths(ctx, root / "chunks" / "bf16")
     base = {"prompt": prompt_ids(config["vocab_size"], PROMPT_LEN)[0].tolist(), "tokens": TOKENS, "threads": 1}
     logits = Path(ctx.tmp) / "scale-logits"

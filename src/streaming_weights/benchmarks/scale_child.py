@@ -28,13 +28,10 @@ from .child import accelerate_kwargs, main as child_main
 from .fixtures import chunk_source
 from .moe_child import _counters, _decode
 
-#: chunkings of the one checkpoint: directory name -> ModelChunker(quantize=...)
-SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4"}
-#: the chunker's shard_size for the int8 / int4 chunkings: embedding and lm_head stay whole in the resident unit.
-#: With row shards ("auto") the compressed tier fails (issue 26): int8 codes of an lm_head shard reach F.linear
-#: ("expected m1 and m2 to have the same dtype ... BFloat16 != signed char"), int4 shards are assigned as packed
-#: codes ("unit tensor has shape (32000, 1024), model expects (32000, 2048)"). Set it to "auto" once fixed.
-QUANT_SHARD_SIZE: str | None = None
+#: chunkings of the one checkpoint: directory name -> ModelChunker(quantize=...); all cut the embedding and lm_head
+#: into row shards alike (the compressed tier keeps codes for streamed blocks only; shards convert on arrival).
+#: int8-channel (one scale per row) is what torch's int8 kernel computes on: the int8 'kernel' row uses it.
+SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4", "int8-channel": "int8-channel"}
 #: bytes per checkpoint shard while saving: the writer's copy of one shard is all it adds to the model
 SHARD_SIZE = "300MB"
 
@@ -58,26 +55,37 @@ def build_random_llama_bf16(path: Path, config: dict[str, Any], seed: int) -> Pa
 
 
 def scale_prepare(a: dict[str, Any]) -> dict[str, Any]:
-    """Build and chunk once per ``root``: ``ready.json`` records the config and seed it was made for.
-    ``shard_size``: the chunker's (default ``"auto"``; a tiny model passes bytes so that its embedding and
-    lm_head are row shards as the full size's are)."""
+    """Build the checkpoint once per ``root`` and chunk each of :data:`SCHEMES` once: ``ready.json`` records the
+    model (config, seed, name) the checkpoint was made for and the chunkings made from it, so a new chunking
+    does not rebuild the checkpoint. ``shard_size``: the chunker's (default ``"auto"``; a tiny model passes bytes
+    so that its embedding and lm_head are row shards as the full size's are)."""
     root = Path(a["root"])
-    want = {"config": a["config"], "seed": a["seed"], "name": a["name"], "shard_size": a.get("shard_size", "auto"),
-            "quant_shard_size": QUANT_SHARD_SIZE}
+    model = {"config": a["config"], "seed": a["seed"], "name": a["name"]}
+    shard_size = a.get("shard_size", "auto")
     ready = root / "ready.json"
-    if ready.is_file() and json.loads(ready.read_text()).get("made_for") == want:
-        return json.loads(ready.read_text())["timings"] | {"cached": True}
+    state = json.loads(ready.read_text()) if ready.is_file() else {}
+    if "made_for" in state:  # an earlier layout of this record: its bf16 chunking had row shards as now
+        made = state["made_for"]
+        state = {"model": {k: made.get(k) for k in model}, "chunks": {"bf16": made.get("shard_size")},
+                 "timings": state.get("timings", {})}
+    if state.get("model") != model:
+        state = {"model": model, "chunks": {}, "timings": {}}
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    build_random_llama_bf16(root / "hf", a["config"], a["seed"])
-    timings["build_s"] = time.perf_counter() - t0
+    if not state["timings"].get("build_s"):
+        t0 = time.perf_counter()
+        build_random_llama_bf16(root / "hf", a["config"], a["seed"])
+        timings["build_s"] = time.perf_counter() - t0
     for scheme, quantize in SCHEMES.items():
+        if state["chunks"].get(scheme) == shard_size:
+            continue
         t0 = time.perf_counter()
         chunk_source(root / "hf", root / "chunks" / scheme, f"{a['name']}-{scheme}", quantize=quantize,
-                     shard_size=want["shard_size"] if quantize is None else QUANT_SHARD_SIZE)
+                     shard_size=shard_size)
         timings[f"chunk_{scheme}_s"] = time.perf_counter() - t0
-    ready.write_text(json.dumps({"made_for": want, "timings": timings}))
-    return timings | {"cached": False}
+        state["chunks"][scheme] = shard_size
+    state["timings"] = state["timings"] | timings
+    ready.write_text(json.dumps(state))
+    return timings | {"cached": not timings}
 
 
 class LogitsLog:
