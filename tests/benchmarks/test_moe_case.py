@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from streaming_weights.benchmarks import CASES, moe
 from streaming_weights.benchmarks.plots import write_plots
 from streaming_weights.benchmarks.report import _case_section
@@ -19,6 +21,7 @@ def _ctx(tmp_path: Path) -> SimpleNamespace:
                            server_cpus=[cpus[-1]], cap_kind=None, cap_reason="test: uncapped")
 
 
+@pytest.mark.slow  # three fresh processes (prepare, contenders, weight server): ~12 s; make test-slow runs it
 def test_moe_case_runs_at_toy_size_and_reports_every_contender(tmp_path):
     assert "moe" in CASES  # `surfing bench --cases moe` runs it
     case = moe.run(_ctx(tmp_path))
