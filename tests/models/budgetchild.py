@@ -15,13 +15,7 @@ import importlib
 import json
 import sys
 
-
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+from tests.models.memchild import status  # (imports json, os, sys only: the baseline is unchanged)
 
 
 def main() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..exceptions import InvalidKeyError, KeyNotFoundError, StorageError
 from .base import StorageBackend, normalize_key
@@ -57,19 +58,24 @@ class FilesystemBackend(StorageBackend):
             raise InvalidKeyError(f"storage key {key!r} resolves outside {self.base_dir} (symlink?)")
         return p
 
-    def _read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        p = self.path(key)
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """Turn the OS's errors reading ``key`` into the storage error tree."""
         try:
-            with open(p, "rb", buffering=0) as f:
-                if start:
-                    f.seek(start)
-                return f.read() if length is None else f.read(length)
+            yield
         except FileNotFoundError:
             raise KeyNotFoundError(f"{key!r} not found in {self.base_dir}") from None
         except IsADirectoryError:
             raise KeyNotFoundError(f"{key!r} is a directory in {self.base_dir}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {key!r} from {self.base_dir}: {exc}") from exc
+
+    def _read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        p = self.path(key)
+        with self._reading(key), open(p, "rb", buffering=0) as f:
+            if start:
+                f.seek(start)
+            return f.read() if length is None else f.read(length)
 
     def _write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         p = self.path(key)
@@ -116,14 +122,9 @@ class FilesystemBackend(StorageBackend):
         return await asyncio.to_thread(self._read_into, key, memoryview(buf).cast("B"), offset, on_piece)
 
     def _read_into(self, key: str, view: memoryview, offset: int, on_piece: Callable[[memoryview], object] | None) -> int:
-        try:
-            return read_file_into(self.path(key), view, offset, on_piece=on_piece)
-        except FileNotFoundError:
-            raise KeyNotFoundError(f"{key!r} not found in {self.base_dir}") from None
-        except IsADirectoryError:
-            raise KeyNotFoundError(f"{key!r} is a directory in {self.base_dir}") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {key!r} from {self.base_dir}: {exc}") from exc
+        path = self.path(key)
+        with self._reading(key):
+            return read_file_into(path, view, offset, on_piece=on_piece)
 
     async def save(self, key: str, data: bytes | bytearray | memoryview) -> None:
         await asyncio.to_thread(self._write, key, data)
