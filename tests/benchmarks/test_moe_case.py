@@ -58,3 +58,23 @@ def test_splice_replaces_only_the_rerun_cases_section_and_ratio_rows():
     assert "stale" not in text and "| moe | bytes_ratio | 0.05 |" in text and "| yes |" in text
     assert "fresh numbers" in text and "other jobs ran" in text and "| 1 | 2 |" in text
     assert splice_report(text, {"cases": {"moe": case}, "notes": ["other jobs ran"]}) == text  # idempotent
+
+
+def test_splice_of_the_generation_case_replaces_the_headline_and_keeps_the_records_line():
+    from streaming_weights.benchmarks.report import RECORDS, splice_report
+
+    def case(s_per_token: float, ttr: float) -> dict:
+        summary = lambda v, unit, goal="": {"unit": unit, "n": 1, "median": v, "min": v, "max": v, "goal": goal}  # noqa: E731
+        return {"title": "Generation", "measured": "m", "caps": ["660MB"],
+                "metrics": {"660MB_ours_s_per_token": summary(0.25, "s/token"),
+                            "660MB_accelerate_s_per_token": summary(0.5, "s/token")},
+                "ratios": {"660MB_accelerate_over_ours": summary(s_per_token, "x", ">= 2.5"),
+                           "660MB_accelerate_over_ours_time_to_result": summary(ttr, "x", ">= 1.2")}}
+
+    old = "\n".join(["# report", "", "## Headline: ours vs each peer inside the memory caps", "", "stale table",
+                     "", RECORDS, "", "## All ratios", "", "| case | ratio | median | spread (min–max) | n | goal | met |",
+                     "|---|---|---|---|---|---|---|", "", "## Generation", "", "old", ""])
+    text = splice_report(old, {"cases": {"generation": case(1.97, 1.31)}})
+    assert "stale table" not in text and text.count(RECORDS) == 1
+    assert "| 660MB | accelerate disk offload | 0.5 | 0.25 | 1.97 (1.97–1.97, n=1) | >= 2.5 | NO |" in text
+    assert "| 660MB | accelerate disk offload, time to result | | | 1.31 (1.31–1.31, n=1) | >= 1.2 | yes |" in text

@@ -122,12 +122,21 @@ def _airllm_ratio(air: list[dict], ours: list[dict]) -> dict[str, Any]:
     return summarize([], "x")
 
 
+def _to_result(r: dict[str, Any]) -> float:
+    """Seconds from building the model to its last token (both contenders import their code before)."""
+    return r["load_s"] + r["generate_s"]
+
+
 def _ratios(label: str, runs: dict[str, list], ratios: dict[str, Any], fits: bool) -> None:
     ours = runs["ours"]
     speed = lambda x, y: _per_token(x) / _per_token(y)  # noqa: E731  (peer s/token over ours)
-    goal_acc = ">= 1.0" if fits else ">= 1.5"
+    # issue 26's goals: where the model does not fit, generating >= 2.5x and time to result >= 1.2x; where it
+    # fits, time to result >= 1.0x (per token, ours' generate also fetches the model: accelerate loaded it before)
     ratios[f"{label}_accelerate_over_ours"] = summarize(_paired(runs["accelerate"], ours, speed), "x") | {
-        "goal": goal_acc}
+        "goal": "" if fits else ">= 2.5"}
+    ratios[f"{label}_accelerate_over_ours_time_to_result"] = summarize(
+        _paired(runs["accelerate"], ours, lambda x, y: _to_result(x) / _to_result(y)), "x") | {
+        "goal": ">= 1.0" if fits else ">= 1.2"}
     if "airllm" in runs:
         ratios[f"{label}_airllm_over_ours"] = _airllm_ratio(runs["airllm"], ours) | {
             "goal": ">= 20" if not fits else ""}
@@ -182,7 +191,8 @@ def run(ctx: Any) -> dict[str, Any]:
                      f"n = {n} interleaved rounds{' in ONE process per cap (--quick)' if ctx.quick else ''}; "
                      "Speculation, batch 8 and AirLLM run at the cap the model does not fit only (their goals); "
                      "AirLLM once (minutes per run), against the median of ours. Ratios are peer s/token over "
-                     "ours, paired per round. " + " ".join(notes)),
+                     "ours (time to result: peer seconds from building the model to the last token over ours), "
+                     "paired per round. " + " ".join(notes)),
         "metrics": metrics,
         "ratios": ratios,
         "notes": notes,

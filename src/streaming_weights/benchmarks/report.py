@@ -80,6 +80,11 @@ def _headline(results: dict[str, Any]) -> list[str]:
             rows.append(f"| {cap} | {peer} | {fmt(p)} | {fmt(ours)} | {fmt(r['median'])} "
                         f"({fmt(r['min'])}–{fmt(r['max'])}, n={r['n']}) | {r.get('goal', '')} | "
                         f"{met(r.get('goal', ''), r['median']) or 'n/a'} |")
+            t = rs.get(f"{cap}_{key}_over_ours_time_to_result")
+            if t is not None and t["n"]:
+                rows.append(f"| {cap} | {peer}, time to result | | | {fmt(t['median'])} ({fmt(t['min'])}–"
+                            f"{fmt(t['max'])}, n={t['n']}) | {t.get('goal', '')} | "
+                            f"{met(t.get('goal', ''), t['median']) or 'n/a'} |")
         for name, label in (("speculation_over_plain", "ours speculation vs ours plain"),
                             ("batch8_over_batch1_tokens_per_s", "ours batch 8 vs batch 1 (tokens/s)")):
             r = rs.get(f"{cap}_{name}")
@@ -88,9 +93,17 @@ def _headline(results: dict[str, Any]) -> list[str]:
                             f"n={r['n']}) | {r.get('goal', '')} | {met(r.get('goal', ''), r['median']) or 'n/a'} |")
     return ["## Headline: ours vs each peer inside the memory caps", "",
             "Greedy generation, SmolLM2 float32 unless the mode says otherwise; 'peer / ours' is the peer's "
-            "seconds per token over ours (above 1 = ours faster). Goals from issue 18, reported whether met "
+            "seconds per token over ours (above 1 = ours faster); 'time to result' is the peer's seconds from "
+            "building the model to the last token over ours. Goals from issues 18 and 26, reported whether met "
             "or not. Details and every figure: [Generation](#generation-inside-a-memory-cap-ours-vs-"
-            "accelerate-airllm-and-transformers-headline).", "", *rows, ""]
+            "accelerate-airllm-and-transformers-headline).", "", *rows, "", RECORDS, ""]
+
+
+#: the headline section's last paragraph
+RECORDS = ("Records kept outside this generated report (not re-measured by `surfing bench`): the load test "
+           "(32 concurrent clients for 60 s, run by `make test-slow`) in [LOAD.md](LOAD.md); the transfer "
+           "profile, the SO_RCVBUF A/B and the perplexity test's numbers in "
+           "[TRANSFER_AND_QUANT.md](TRANSFER_AND_QUANT.md); how to run the GPU check in [GPU.md](GPU.md).")
 
 
 def _load(results: dict[str, Any]) -> str:
@@ -115,11 +128,7 @@ def _header(results: dict[str, Any]) -> list[str]:
             f"`{results.get('commit', '?')}`, started {results.get('started', '?')}. "
             f"Suite wall time {results.get('seconds', 0):.0f} s.{_load(results)} Versions: {versions}.{merged}", "",
             *[f"**Note:** {n}\n" for n in results.get("notes", [])],
-            *_method(results), *_headline(results),
-            "Records kept outside this generated report (not re-measured by `surfing bench`): the load test "
-            "(32 concurrent clients for 60 s, run by `make test-slow`) in [LOAD.md](LOAD.md); the transfer "
-            "profile, the SO_RCVBUF A/B and the perplexity test's numbers in "
-            "[TRANSFER_AND_QUANT.md](TRANSFER_AND_QUANT.md); how to run the GPU check in [GPU.md](GPU.md).", ""]
+            *_method(results), *_headline(results)]
 
 
 def _case_section(name: str, case: dict[str, Any], plots: list[str]) -> list[str]:
@@ -199,4 +208,6 @@ def splice_report(text: str, results: dict[str, Any]) -> str:
                         if notes and "error" not in case else {})
         lines = _replace_section(lines, _case_section(name, shown, results.get("plots", {}).get(name, [])))
         lines = _replace_ratio_rows(lines, name, _ratio_rows(name, case))
+    if "generation" in results["cases"]:  # the headline is the generation case's
+        lines = _replace_section(lines, _headline({"cases": {"generation": results["cases"]["generation"]}}))
     return "\n".join(lines) + "\n"
