@@ -8,11 +8,14 @@ passes ``--output-dir bench`` to replace the repository's committed ``bench/REPO
 Public surface: :func:`run_suite`, :data:`CASES` (and ``free_port``, kept for older callers). One module
 per case: ``transfer``, ``overlap``, ``cache_policy`` (case ``cache``), ``memory``, ``cold_start``,
 ``peers``, ``chunking`` (case ``chunker``), ``moe`` (mixture-of-experts: expert units vs whole-layer units
-vs accelerate; builds its own model, so ``--cases moe`` alone prepares nothing else); ``report`` renders
+vs accelerate; builds its own model, so ``--cases moe`` alone prepares nothing else), ``scale`` (a
+TinyLlama-1.1B-shaped model in a 1.5 GB cap: bf16 over the server and from a local directory, int8/int4 codes
+and kernels, vs accelerate; also its own model), ``disk`` (local reads vs ``dd iflag=direct``, run by
+``transfer --disk``), ``qkernels`` (one projection each way, for the quant case); ``report`` renders
 REPORT.md, ``plots`` the PNGs, ``load`` is the concurrent-clients load test. Child programs are modules run
-with ``python -m``: ``benchmarks.child`` (fresh-process measurements), ``benchmarks.moe_child`` (the moe
-case's, through ``child.main``), ``benchmarks.rawsender`` and ``benchmarks.hexjson`` (the transfer case's
-reference senders).
+with ``python -m``: ``benchmarks.child`` (fresh-process measurements), ``benchmarks.moe_child`` and
+``benchmarks.scale_child`` (those cases', through ``child.main``), ``benchmarks.rawsender`` and
+``benchmarks.hexjson`` (the transfer case's reference senders).
 
 The library never prints: :func:`run_suite` returns a dict and reports progress through a callback.
 """
