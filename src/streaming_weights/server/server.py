@@ -283,9 +283,11 @@ class WeightServer:
             tasks = list(conn.inflight.values())
             for t in tasks:
                 t.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            conn.writer.close()
+            try:
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # also when this handler is cancelled: the writer's duplicate descriptor keeps the socket open
+                conn.writer.close()
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
         plan = self.handler.plan(raw, conn.inflight, conn.grant)
