@@ -172,3 +172,24 @@ def test_a_file_the_page_cache_holds_is_copied_from_there_and_stays(tmp_path):
     view = memoryview(bytearray(len(data) + 1))[1:]  # unaligned: the page-cache path
     assert fileread.read_file_into(path, view) == len(data) and bytes(view) == data
     assert cached(path) == len(data)
+
+
+def test_a_file_replaced_between_the_two_opens_is_read_whole_from_the_first(tmp_path, monkeypatch):
+    # a re-chunk renames a new unit file over the old one while it is being read: every byte comes from the file
+    # the read was sized with (the O_DIRECT descriptor would see the new one), never a mix of the two
+    path, new = tmp_path / "u.bin", tmp_path / "new.bin"
+    old_data = write(path, 1 << 20)
+    write(new, 1 << 20)
+    evict(path)
+    real_open = os.open
+
+    def replacing_open(p, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0) and new.exists():
+            os.replace(new, path)
+        return real_open(p, flags, *a)
+
+    monkeypatch.setattr(fileread.os, "open", replacing_open)
+    buf = unit_buffer(1 << 20)
+    assert fileread.read_file_into(path, memoryview(buf)) == 1 << 20
+    assert not new.exists()  # the replacement happened, at the O_DIRECT open
+    assert bytes(buf) == old_data

@@ -101,6 +101,9 @@ def _read_direct(path: str | os.PathLike[str], view: memoryview, offset: int,
         raise
     progress = [0]
     try:
+        one, two = os.fstat(fd), os.fstat(cached_fd)
+        if (one.st_dev, one.st_ino) != (two.st_dev, two.st_ino):  # replaced between the two opens (a re-chunk)
+            return 0  # the caller reads it all through the descriptor it sized the read with
         return _read_pieces(fd, view, offset, on_piece, progress, cached_fd)
     except OSError as exc:
         if exc.errno == errno.EINVAL and not progress[0]:  # opened, yet no direct reads after all
