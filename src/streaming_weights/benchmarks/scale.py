@@ -202,7 +202,10 @@ def _metrics(runs: dict[str, list[dict[str, Any]]], bw: dict[str, float]) -> tup
     for name, rs in ok.items():
         if not rs:
             continue
-        m = lambda key, unit, f: metrics.__setitem__(f"{name}_{key}", summarize([f(r) for r in rs], unit))  # noqa: E731
+        def m(key: str, unit: str, f: Any, rs: list[dict[str, Any]] = rs, name: str = name) -> None:
+            vals = [v for v in map(f, rs) if v == v]  # NaN: not applicable (e.g. nothing fetched: no limit)
+            if vals:
+                metrics[f"{name}_{key}"] = summarize(vals, unit)
         m("time_to_result_s", "s (build model -> 6th token)", lambda r: r["time_to_result_s"])
         m("s_per_token", "s/decoded token", lambda r: r["s_per_token"])
         m("peak_rss_MiB", "MiB (VmHWM)", lambda r: r["peak_rss"] / MiB)
@@ -213,8 +216,9 @@ def _metrics(runs: dict[str, list[dict[str, Any]]], bw: dict[str, float]) -> tup
         m("limit_s_per_token", "s/decoded token (bytes / bandwidth)", lambda r: _limit(name, r, bw))
         m("tokens_identical_to_transformers", "1 = yes", lambda r: float(r["tokens_identical"]))
         m("logits_max_abs_diff", "max |logit - reference logit|", lambda r: r["logits_max_abs_diff"])
-        ratios[f"{name}_s_per_token_over_limit"] = summarize([_over(r["s_per_token"], _limit(name, r, bw)) for r in rs],
-                                                             "x (nothing fetched: n/a)")
+        over = [v for v in (_over(r["s_per_token"], _limit(name, r, bw)) for r in rs) if v == v]
+        if over:  # a contender that fetched nothing per token has no limit to compare with
+            ratios[f"{name}_s_per_token_over_limit"] = summarize(over, "x")
     for name, rs in ok.items():
         if name in ("transformers", "accelerate") or not ok.get("accelerate"):
             continue
