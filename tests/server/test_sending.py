@@ -4,8 +4,10 @@ waiting (not copying) while the socket is full, sendfile frames, and the fallbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from typing import AsyncIterator
 
 import pytest
 
@@ -14,12 +16,21 @@ from streaming_weights.server.sending import DirectWriter
 SMALL = 64 << 10
 
 
-async def pair():
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[asyncio.WriteTransport, socket.socket, DirectWriter]]:
+    """(transport, the peer's socket, a DirectWriter on the transport) over a socket pair with small buffers;
+    all three closed afterwards."""
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
     transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, sock=a)
-    return transport, b
+    w = DirectWriter(transport)
+    try:
+        yield transport, b, w
+    finally:
+        transport.close()
+        w.close()
+        b.close()
 
 
 def read_exact(sock: socket.socket, n: int) -> bytes:
@@ -49,80 +60,61 @@ def fill(transport) -> bytes:
 
 
 async def test_frames_stay_whole_and_in_order_with_other_writes():
-    transport, peer = await pair()
-    w = DirectWriter(transport)
-    assert w.direct
-    one, two = os.urandom(3 << 20), os.urandom(1 << 20)
-    expected = b"H1" + one + b"PONG" + b"H2" + two
-    reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
-    await w.write((b"H1", memoryview(one)))  # more than the socket holds: its tail goes to the transport
-    transport.write(b"PONG")  # what websockets writes meanwhile (a pong, a ping)
-    queued, direct = transport.get_write_buffer_size(), w.direct_bytes
-    await w.write((b"H2", two))  # bytes are queued ahead: it waits for them instead of overtaking them
-    assert await reading == expected
-    assert queued and w.copied_bytes > 0
-    assert w.direct_bytes > direct  # ... then sends (some of) it itself rather than copying it all
-    transport.close()
-    w.close()
-    peer.close()
+    async with connected() as (transport, peer, w):
+        assert w.direct
+        one, two = os.urandom(3 << 20), os.urandom(1 << 20)
+        expected = b"H1" + one + b"PONG" + b"H2" + two
+        reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
+        await w.write((b"H1", memoryview(one)))  # more than the socket holds: its tail goes to the transport
+        transport.write(b"PONG")  # what websockets writes meanwhile (a pong, a ping)
+        queued, direct = transport.get_write_buffer_size(), w.direct_bytes
+        await w.write((b"H2", two))  # bytes are queued ahead: it waits for them instead of overtaking them
+        assert await reading == expected
+        assert queued and w.copied_bytes > 0
+        assert w.direct_bytes > direct  # ... then sends (some of) it itself rather than copying it all
 
 
 async def test_a_full_socket_is_waited_for_not_copied():
-    transport, peer = await pair()
-    w = DirectWriter(transport)
-    filler = fill(transport)
-    body = os.urandom(SMALL // 2)
-    task = asyncio.ensure_future(w.write((b"H", body)))
-    await asyncio.sleep(0.1)
-    assert not task.done() and w.direct_bytes == 0 and w.copied_bytes == 0  # nothing taken, nothing copied
-    expected = filler + b"H" + body
-    got = await asyncio.gather(asyncio.to_thread(read_exact, peer, len(expected)), task)
-    assert got[0] == expected
-    transport.close()
-    w.close()
-    peer.close()
+    async with connected() as (transport, peer, w):
+        filler = fill(transport)
+        body = os.urandom(SMALL // 2)
+        task = asyncio.ensure_future(w.write((b"H", body)))
+        await asyncio.sleep(0.1)
+        assert not task.done() and w.direct_bytes == 0 and w.copied_bytes == 0  # nothing taken, nothing copied
+        expected = filler + b"H" + body
+        got = await asyncio.gather(asyncio.to_thread(read_exact, peer, len(expected)), task)
+        assert got[0] == expected
 
 
 async def test_a_closing_connection_drops_the_waiting_frame():
-    transport, peer = await pair()
-    w = DirectWriter(transport)
-    filler = fill(transport)
-    task = asyncio.ensure_future(w.write((b"H", b"x" * 100), lambda: False))
-    await asyncio.sleep(0.05)
-    assert await asyncio.gather(asyncio.to_thread(read_exact, peer, len(filler)), task) == [filler, None]
-    assert w.direct_bytes == 0 and w.copied_bytes == 0
-    transport.close()
-    w.close()
-    peer.close()
+    async with connected() as (transport, peer, w):
+        filler = fill(transport)
+        task = asyncio.ensure_future(w.write((b"H", b"x" * 100), lambda: False))
+        await asyncio.sleep(0.05)
+        assert await asyncio.gather(asyncio.to_thread(read_exact, peer, len(filler)), task) == [filler, None]
+        assert w.direct_bytes == 0 and w.copied_bytes == 0
 
 
 async def test_sendfile_frames_with_a_slow_reader(tmp_path):
     data = os.urandom(3 << 20)
     (tmp_path / "blob").write_bytes(data)
-    transport, peer = await pair()
-    w = DirectWriter(transport)
-    expected = b"H1" + data[100 : 100 + (2 << 20)] + b"PONG" + b"H2" + data[5:1005]
-    reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
-    with open(tmp_path / "blob", "rb") as f:
-        await w.write_file(b"H1", f.fileno(), 100, 2 << 20)
-        transport.write(b"PONG")
-        await w.write_file(b"H2", f.fileno(), 5, 1000)  # waits for the queued bytes, then goes direct
-    assert await reading == expected
-    assert w.direct_bytes > 0 and w.copied_bytes > 0
-    transport.close()
-    w.close()
-    peer.close()
+    async with connected() as (transport, peer, w):
+        expected = b"H1" + data[100 : 100 + (2 << 20)] + b"PONG" + b"H2" + data[5:1005]
+        reading = asyncio.ensure_future(asyncio.to_thread(read_exact, peer, len(expected)))
+        with open(tmp_path / "blob", "rb") as f:
+            await w.write_file(b"H1", f.fileno(), 100, 2 << 20)
+            transport.write(b"PONG")
+            await w.write_file(b"H2", f.fileno(), 5, 1000)  # waits for the queued bytes, then goes direct
+        assert await reading == expected
+        assert w.direct_bytes > 0 and w.copied_bytes > 0
 
 
 async def test_a_file_shorter_than_its_frame_aborts_the_connection(tmp_path):
     (tmp_path / "blob").write_bytes(b"y" * 1000)
-    transport, peer = await pair()
-    w = DirectWriter(transport)
-    with open(tmp_path / "blob", "rb") as f, pytest.raises(EOFError):
-        await w.write_file(b"H", f.fileno(), 0, 2000)
-    assert transport.is_closing()
-    w.close()
-    peer.close()
+    async with connected() as (transport, peer, w):
+        with open(tmp_path / "blob", "rb") as f, pytest.raises(EOFError):
+            await w.write_file(b"H", f.fileno(), 0, 2000)
+        assert transport.is_closing()
 
 
 class _NoSocketTransport(asyncio.WriteTransport):
