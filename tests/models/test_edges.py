@@ -71,7 +71,7 @@ def sharded(tmp_path_factory):
 
 @pytest.fixture
 def no_overhead(monkeypatch):
-    monkeypatch.setattr(engine_mod, "current_rss", lambda: 0)
+    monkeypatch.setattr(engine_mod, "current_anon", lambda: 0)
 
 
 def manifest_of(chunks) -> Manifest:

@@ -63,7 +63,7 @@ def tight_budget(chunks, monkeypatch, spare_experts: int = 3) -> int:
     0 so the budget means the same on every run (another process's memory must not change the plan)."""
     from streaming_weights.models import engine
 
-    monkeypatch.setattr(engine, "current_rss", lambda: 0)
+    monkeypatch.setattr(engine, "current_anon", lambda: 0)
     m = moe.manifest_of(chunks)
     least = plan_memory(m, StreamingConfig(cache_size=0, prefetch_count=0))
     return least.bound_bytes + spare_experts * max((u.bytes for u in m.experts), default=0)

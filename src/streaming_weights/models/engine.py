@@ -30,7 +30,7 @@ from ..client.retry import RetryingSource, RetryPolicy
 from ..config import StreamingConfig
 from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
-from ..memory import current_anon as current_rss, resolve_budget  # the model's cost: anonymous memory
+from ..memory import current_anon, resolve_budget  # the model's cost: anonymous memory
 from ..monitoring import Totals
 from .accounting import Accounting
 from .architecture import fp32_names_for
@@ -91,7 +91,7 @@ class StreamingEngine:
             raise
         self.manifest: Manifest | None = None
         self.plan: Plan | None = None
-        self.overhead_from = current_rss()  # this model's cost is measured from here (the loader skips its code)
+        self.overhead_from = current_anon()  # this model's cost is measured from here (the loader skips its code)
         self.cache: UnitCache | None = None
         self.bindings: list[UnitBinding] = []
         self.experts: ExpertStreams | None = None  # mixture-of-experts models only
@@ -158,7 +158,7 @@ class StreamingEngine:
             ConfigurationError: the budget is not a size, or below the model's minimum (named).
         """
         # The skeleton and one-time set-up are built: their cost is measured (threads building others count too)
-        overhead = max(0, current_rss() - self.overhead_from)
+        overhead = max(0, current_anon() - self.overhead_from)
         self.codes = make_tier(self.converter, manifest)  # the compressed tier (codes or kernel form), if any
         overhead += self.codes.scratch_bytes if self.codes is not None else 0  # its expansion buffers
         budget, where = resolve_budget(self.config.memory_budget)
