@@ -64,10 +64,6 @@ def scale_prepare(a: dict[str, Any]) -> dict[str, Any]:
     shard_size = a.get("shard_size", "auto")
     ready = root / "ready.json"
     state = json.loads(ready.read_text()) if ready.is_file() else {}
-    if "made_for" in state:  # an earlier layout of this record: its bf16 chunking had row shards as now
-        made = state["made_for"]
-        state = {"model": {k: made.get(k) for k in model}, "chunks": {"bf16": made.get("shard_size")},
-                 "timings": state.get("timings", {})}
     if state.get("model") != model:
         state = {"model": model, "chunks": {}, "timings": {}}
     timings: dict[str, float] = {}
