@@ -32,9 +32,7 @@ from streaming_weights.server import WeightServer
 from streaming_weights.storage import FilesystemBackend, MemoryBackend
 
 from tests.support.servers import build_model, unit_tensors
-
-# a listing or an unknown name right after start-up would wait out the catalog's 1 s default rescan interval
-RESCAN = 0.02
+from tests.support.streaming import RESCAN
 
 
 def buffer_span(buf: bytearray) -> tuple[int, int]:

@@ -19,11 +19,8 @@ from streaming_weights.server import ByteLRU, WeightServer
 from streaming_weights.storage import FilesystemBackend, MemoryBackend
 
 from tests.support.servers import build_model, start_server_process
+from tests.support.streaming import RESCAN
 from tests.support.waiting import eventually
-
-# The catalog rescans storage for an unknown name or a listing at most once per rescan_interval (1 s by default):
-# these tests ask right after start-up, where the default would make each such request wait about a second.
-RESCAN = 0.02
 
 
 @pytest.fixture

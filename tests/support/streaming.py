@@ -10,6 +10,10 @@ from streaming_weights.client.bridge import LoopThread
 from streaming_weights.client import FetchedUnit, StorageSource, UnitSource
 from streaming_weights.storage import FilesystemBackend
 
+#: The catalog rescans storage for an unknown name or a listing at most once per ``rescan_interval`` (1 s by
+#: default): test servers asked right after start-up use this instead, or each such request waits about a second.
+RESCAN = 0.02
+
 
 @contextlib.contextmanager
 def served(chunks_dir, **kw) -> Iterator[str]:
@@ -21,7 +25,7 @@ def served(chunks_dir, **kw) -> Iterator[str]:
 
     io = LoopThread("test-server")
     if "limits" not in kw:  # (given limits keep their own interval)
-        kw.setdefault("rescan_interval", 0.02)
+        kw.setdefault("rescan_interval", RESCAN)
     server = WeightServer(str(chunks_dir), host="127.0.0.1", port=0, **kw)
     io.run(server.start(), 30)
     try:
