@@ -12,6 +12,8 @@ to meta, buffers (rotary ``inv_freq``, position ids) are computed for real as in
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import re
 import threading
 from itertools import chain
@@ -87,8 +89,10 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 def build_meta_model(cls: type, config, dtype: torch.dtype | None = None) -> nn.Module:
     """Instantiate ``cls(config)`` with parameters on ``meta`` and real buffers, tied as transformers ties."""
     from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
-    with _default_dtype(dtype), init_empty_weights(include_buffers=False):
+    # parameters on meta are never initialised (transformers' own init of a meta model: ~0.2 s at 1B, for nothing)
+    with _default_dtype(dtype), init_empty_weights(include_buffers=False), no_init_weights():
         model = cls(config)
     model.tie_weights()
     model.eval()
@@ -114,12 +118,25 @@ def fp32_names(model: nn.Module, dtype: torch.dtype | None) -> frozenset[str]:
 
 def fp32_names_for(manifest: Any, dtype: torch.dtype) -> frozenset[str]:
     """:func:`fp32_names` of the model ``manifest`` describes, computed in ``dtype`` (the resolver the client's
-    unit converter is built with). Only half-precision compute can keep anything in float32; then the model
-    is built on ``meta`` to read what it and its sub-models declare."""
+    unit converter is built with). Only half-precision compute can keep anything in float32."""
     if dtype not in (torch.float16, torch.bfloat16):
         return frozenset()
-    cls = resolve_architecture(manifest.architecture)
-    return fp32_names(build_meta_model(cls, build_config(manifest.model_type, manifest.config), dtype), dtype)
+    return _facts(manifest.architecture, manifest.model_type, json.dumps(manifest.config, sort_keys=True))[dtype]
+
+
+def linear_weight_names(manifest: Any) -> frozenset[str]:
+    """Names of the ``nn.Linear`` weights of the model ``manifest`` describes (exactly that class, not a
+    subclass): the tensors torch's weight-only kernels may compute with."""
+    return _facts(manifest.architecture, manifest.model_type, json.dumps(manifest.config, sort_keys=True))["linear"]
+
+
+@functools.lru_cache(maxsize=8)
+def _facts(architecture: str, model_type: str, config: str) -> dict[Any, frozenset[str]]:
+    """What the converter asks of a model's structure, read from one ``meta`` build per model (not per question):
+    its ``nn.Linear`` weights and, per half-precision dtype, the tensors kept in float32."""
+    model = build_meta_model(resolve_architecture(architecture), build_config(model_type, json.loads(config)))
+    linear = frozenset(f"{path}.weight" for path, m in model.named_modules() if type(m) is nn.Linear)
+    return {"linear": linear, **{dt: fp32_names(model, dt) for dt in (torch.float16, torch.bfloat16)}}
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -29,17 +29,9 @@ from ..client import qkernel
 from ..client.base import FetchedUnit
 from ..exceptions import ModelError
 from ..format.quant import SCALE_SUFFIX
-from .architecture import build_config, build_meta_model, resolve_architecture
+from .architecture import linear_weight_names
 from .codes import CodesTier
 from .patching import Patch, patch_method
-
-
-def linear_weight_names(manifest: Any) -> frozenset[str]:
-    """Names of the ``nn.Linear`` weights of the model ``manifest`` describes (built on ``meta``): the resolver
-    the unit converter asks which tensors go to the kernels."""
-    cls = resolve_architecture(manifest.architecture)
-    model = build_meta_model(cls, build_config(manifest.model_type, manifest.config))
-    return frozenset(f"{path}.weight" for path, m in model.named_modules() if type(m) is nn.Linear)
 
 
 def in_memory_form(config: Any, on_host: bool) -> tuple[bool, Callable[[Any], frozenset[str]] | None, str | None]:
