@@ -86,6 +86,24 @@ async def test_demand_fetch_joins_inflight_prefetch():
     assert cache.stats.joined_inflight + cache.stats.prefetch_hits == 1
 
 
+async def test_prefetch_looks_past_the_units_the_cache_keeps():
+    # 6 of 8 kept: the two streamed units are fetched as soon as the one before them in the window was used, and
+    # the window of one unit is spent on a unit to fetch, never on one already kept
+    cache, fetch = make_cache(max_units=6, prefetch_count=1, delay=0.001)
+    await run_passes(cache, 1)
+    kept = set(cache.cached)
+    streamed = [u for u in UNITS if u not in kept]
+    assert len(streamed) == 2
+    first = UNITS.index(streamed[0])
+    before = UNITS[(first - 3) % len(UNITS)]  # a kept unit three steps before the first streamed one
+    assert before in kept
+    await cache.acquire(before)
+    assert streamed[0] in cache.inflight or streamed[0] in cache.prefetched  # fetched three units early
+    cache.release(before)
+    assert cache.schedule_prefetch(before, 2, beyond_kept=False) == []  # the next two units, kept: nothing to start
+    assert len(cache.prefetched) + len(cache.inflight) <= 1  # the window's one unit, as before
+
+
 async def test_live_units_bounded():
     cache, _ = make_cache(max_units=2, prefetch_count=3, delay=0.001)
     peak = 0

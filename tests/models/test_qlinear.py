@@ -74,7 +74,8 @@ def test_which_codes_a_kernel_takes():
         spec = quant_spec(scheme, shape, "F32")
         return {"w" + s: TensorSpec(dt, sh, (0, 0)) for s, (dt, sh) in spec.stored().items()}
 
-    assert qkernel.kernel_scheme(specs("int4", (8, 64)), "w") == "int4"
+    assert qkernel.kernel_scheme(specs("int4", (16, 64)), "w") == "int4"
+    assert qkernel.kernel_scheme(specs("int4", (8, 64)), "w") is None  # torch packs rows by 16: no kernel
     assert qkernel.kernel_scheme(specs("int8-channel", (8, 256)), "w") == "int8-channel"
     assert qkernel.kernel_scheme(specs("int8", (8, 256)), "w") is None  # groups of 64: no kernel
     assert qkernel.kernel_scheme(specs("int8", (8, 64)), "w") == "int8-channel"  # one group per row
@@ -87,7 +88,7 @@ def test_int8_channel_is_one_scale_per_row_and_strictly_validated():
     assert spec.group_size == 100 and spec.stored() == {"": ("I8", (6, 100)), SCALE_SUFFIX: ("F16", (6, 1))}
     stored = encode(w, spec)
     scale = w.abs().amax(1, keepdim=True) / 127
-    assert torch.equal(stored[SCALE_SUFFIX], scale.half())
+    assert torch.equal(stored[SCALE_SUFFIX], scale.bfloat16().half())  # rounded to bfloat16 precision, exact in float16
     out = torch.empty(6, 100)
     assert (decode_into(out, stored, spec) - w).abs().max() <= stored[SCALE_SUFFIX].float().max() / 2 + 1e-6
     tensors = {"w": TensorSpec("I8", (6, 100), (0, 600)), "w.qscale": TensorSpec("F16", (6, 1), (600, 612))}
@@ -192,20 +193,92 @@ def test_off_the_cpu_the_kernels_are_not_used():
 
 
 @pytest.mark.slow
-def test_row_sharded_quantized_embeddings_convert_on_arrival(tiny_source, tmp_path):
-    # shards reach their modules without a per-use expansion (assembled whole, or gathered): never kept as codes
+def test_row_sharded_quantized_embeddings_convert_on_arrival_with_codes(tiny_source, tmp_path):
+    # quantized_in_memory="codes": the shards reach their modules converted (assembled whole): exactly dequantized
     out = tmp_path / "llama"
     chunk(tiny_source("llama", layers=2), out, name="llama", quantize="int8-channel", shard_size="8KB")
     want, want_tokens, *_ = run(out, "dequantized", cache_size=0)
-    for mode in ("codes", "kernel"):
-        logits, tokens, engine, _, _ = run(out, mode, cache_size=0)
-        assert any(u.role == "shard" for u in engine.manifest.units)
-        assert not any(engine.converter.codes_kept(engine.manifest, u.name) for u in engine.manifest.units
-                       if u.role == "shard")
-        if mode == "codes":  # exactly the dequantized path
-            assert torch.equal(logits, want) and torch.equal(tokens, want_tokens)
-        else:  # it runs (the blocks' numerics are checked above); the assembled embedding is floating
-            assert engine.codes.layers == 14 and logits.isfinite().all()
+    logits, tokens, engine, _, _ = run(out, "codes", cache_size=0)
+    assert any(u.role == "shard" for u in engine.manifest.units) and not engine.held_edges
+    assert not any(engine.converter.codes_kept(engine.manifest, u.name) for u in engine.manifest.shards)
+    assert torch.equal(logits, want) and torch.equal(tokens, want_tokens)
+
+
+def sharded_llama(path, tied):
+    """A random-init LLaMA (fixed seed) whose embedding and lm_head (tied or not) are large enough for row shards."""
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.1, tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    return path
+
+
+def run_kernel(chunks, **kw):
+    """Logits of IDS, 8 greedy tokens, and what the engine held, with quantized_in_memory="kernel"."""
+    with StreamingBaseModel("llama", FakeSource(chunks_dir=chunks), quantized_in_memory="kernel", speculation="off",
+                            **kw) as model:
+        with torch.no_grad():
+            logits = model.hf_model(input_ids=IDS).logits
+        tokens = model.generate(input_ids=IDS[:1], max_new_tokens=8, do_sample=False)
+        return logits, tokens, model.engine, model.get_cache_info()["plan"], set(model.engine.held_edges)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES + ("int8",))
+@pytest.mark.parametrize("shards", ["kept", "streamed"])
+def test_row_shards_stay_codes_with_the_kernels(scheme, tied, shards, tmp_path, monkeypatch):
+    # "kernel": the embedding's shards stay codes and give rows decoded alone; an lm_head's shards compute with the
+    # kernel (in kernel form) or, without one (group-wise int8, or a tied embedding), expand per use. Against the
+    # same chunks with the shards converted on arrival (what "codes" does with them): identical, but for an lm_head
+    # computed by the kernel (bfloat16 activations: within that one layer's rounding)
+    out = tmp_path / "llama"
+    chunk(sharded_llama(tmp_path / "src", tied), out, name="llama", quantize=scheme, shard_size="24KB")
+    kw = {"cache_size": 0} if shards == "kept" else {"memory_budget": "1GB"}
+    if shards == "streamed":  # the plan streams the shards whatever the budget (the path a tight budget takes)
+        from streaming_weights.models import engine as engine_module, planner
+
+        monkeypatch.setattr(engine_module, "plan_memory", lambda *a, **kw: planner.plan_memory(
+            *a, **{**kw, "stream_shards": True}))
+    logits, tokens, engine, plan, held = run_kernel(out, **kw)
+    m = engine.manifest
+    assert len(m.shards) >= (4 if tied else 8)
+    assert all(engine.converter.codes_kept(m, u.name) or engine.converter.kernel_names(m, u.name) for u in m.shards)
+    lm_kernel = [u.name for u in m.shards if engine.converter.kernel_names(m, u.name)]
+    assert bool(lm_kernel) == (not tied and scheme in KERNEL_SCHEMES)  # only an untied lm_head takes a kernel
+    assert plan["shards_streamed"] == (shards == "streamed")
+    assert held == ({u.name for u in m.shards} if shards == "kept" else set())
+    with monkeypatch.context() as mp:  # the shards converted on arrival instead
+        from streaming_weights.client.convert import ConvertingSource
+
+        codes_kept, kernel_names = ConvertingSource.codes_kept, ConvertingSource.kernel_names
+        shard = lambda self, man, u: man.unit(u).role == "shard"  # noqa: E731
+        mp.setattr(ConvertingSource, "codes_kept", lambda self, man, u: not shard(self, man, u) and codes_kept(self, man, u))
+        mp.setattr(ConvertingSource, "kernel_names", lambda self, man, u: frozenset() if shard(self, man, u)
+                   else kernel_names(self, man, u))
+        want, want_tokens, _, converted, _ = run_kernel(out, **kw)
+    if shards == "kept":  # the plan counts the shards' codes
+        assert plan["resident_bytes"] < converted["resident_bytes"] / 2
+    if not lm_kernel:
+        assert torch.equal(logits, want) and torch.equal(tokens, want_tokens)
+    else:  # the lm_head alone rounds its input to bfloat16: |logit| x 2^-8 plus the input's rounding through W
+        assert (logits - want).abs().max() <= 2.0 ** -7 * want.abs().max()
+
+
+def test_an_embeddings_rows_decode_alone_to_what_the_whole_shard_decodes_to(tmp_path):
+    source = sharded_llama(tmp_path / "src", tied=False)
+    for scheme in ("int8", "int4", "int8-channel"):
+        chunk(source, tmp_path / scheme, name="llama", quantize=scheme, shard_size="24KB")
+        with StreamingBaseModel("llama", FakeSource(chunks_dir=tmp_path / scheme), quantized_in_memory="kernel",
+                                cache_size=0) as model:
+            engine, m = model.engine, model.engine.manifest
+            unit = next(u for u in m.shards if u.shard_tensor == "model.embed_tokens.weight")
+            held = engine.held_edges[unit.name]
+            whole = engine.converter.expand(m, held, bytearray(engine.converter.memory_bytes(unit, m)))
+            rows = torch.tensor([5, 0, 5, unit.rows[1] - unit.rows[0] - 1])
+            got = engine.converter.gather(m, unit.name, held.tensors, "model.embed_tokens.weight", rows)
+            assert got.dtype == torch.float32 and torch.equal(got, whole["model.embed_tokens.weight"][rows])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..models.engine import in_running_loop
+from ..client.bridge import in_running_loop
 from .errors import ApiError, invalid, shutting_down
 from .schemas import EmbeddingRequest
 from .sentence import EmbeddingRecipe, input_limit, read_recipe

@@ -71,14 +71,17 @@ def scale_prepare(a: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         build_random_llama_bf16(root / "hf", a["config"], a["seed"])
         timings["build_s"] = time.perf_counter() - t0
+    from ..chunker.plan import SHARD_ROW_ALIGN
+
+    layout = {"shard_size": shard_size, "row_align": SHARD_ROW_ALIGN}  # chunks cut otherwise are re-chunked
     for scheme, quantize in SCHEMES.items():
-        if state["chunks"].get(scheme) == shard_size:
+        if state["chunks"].get(scheme) == layout:
             continue
         t0 = time.perf_counter()
         chunk_source(root / "hf", root / "chunks" / scheme, f"{a['name']}-{scheme}", quantize=quantize,
                      shard_size=shard_size)
         timings[f"chunk_{scheme}_s"] = time.perf_counter() - t0
-        state["chunks"][scheme] = shard_size
+        state["chunks"][scheme] = layout
     state["timings"] = state["timings"] | timings
     ready.write_text(json.dumps(state))
     return timings | {"cached": not timings}

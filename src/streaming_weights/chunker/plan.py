@@ -235,6 +235,11 @@ def embedding_weights(model: torch.nn.Module) -> list[str]:
     return out
 
 
+#: shard row counts are multiples of this (when they hold that many rows): torch's int4 kernel packs rows in blocks
+#: of 64 (and refuses a row count not a multiple of 16), so an lm_head's shards can compute on their codes
+SHARD_ROW_ALIGN = 64
+
+
 def shard_cuts(plan: ModelPlan, keys: list[str], shard_size: int | str) -> dict[str, list[tuple[int, int]]]:
     """``{tensor: [(start, stop), ...]}`` for the tensors of ``keys`` to shard (see :func:`plan_model`)."""
     if shard_size == "auto":
@@ -249,6 +254,7 @@ def shard_cuts(plan: ModelPlan, keys: list[str], shard_size: int | str) -> dict[
         if total <= above or rows == 0:
             continue
         step = max(1, size // (total // rows))
+        step -= step % SHARD_ROW_ALIGN if step >= SHARD_ROW_ALIGN else 0  # whole blocks of the int4 kernel's layout
         out[key] = [(a, min(a + step, rows)) for a in range(0, rows, step)]
     return out
 

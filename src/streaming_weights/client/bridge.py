@@ -13,9 +13,27 @@ import concurrent.futures
 import threading
 from typing import Any, Awaitable, Callable, TypeVar
 
-from ..exceptions import FetchTimeoutError
+from ..exceptions import FetchTimeoutError, SyncCallInEventLoopError
 
 T = TypeVar("T")
+
+
+def in_running_loop() -> bool:
+    """Whether the calling thread is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def guard_sync(what: str, alternative: str | None = None) -> None:
+    """Raise :class:`SyncCallInEventLoopError` if ``what`` (a blocking call) runs inside an event loop."""
+    if in_running_loop():
+        hint = f"use `{alternative}`" if alternative else "run it in a thread (`await asyncio.to_thread(...)`)"
+        raise SyncCallInEventLoopError(
+            f"{what} blocks on network I/O and was called inside a running event loop, which it would stall "
+            f"(and deadlock a weight server running on that loop); {hint} instead")
 
 
 class LoopThread:

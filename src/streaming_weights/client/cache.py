@@ -246,10 +246,20 @@ class UnitCache:
             self.stats.evictions += 1
             self._event("evict", victim)
 
-    def schedule_prefetch(self, current: str, count: int | None = None) -> list[str]:
-        """Start fetching the units predicted after ``current`` that are not held yet."""
+    def schedule_prefetch(self, current: str, count: int | None = None, *, beyond_kept: bool = True) -> list[str]:
+        """Start fetching the next ``count`` units predicted after ``current`` that the cache does not keep.
+
+        ``beyond_kept``: units it keeps are skipped (they do not use up the window), so a streamed unit is
+        fetched while the kept ones before it compute (with 19 of 22 layers kept and one unit of prefetch, the
+        next streamed layer is fetched right after the last one was used, not one layer before its own use);
+        ``False``: the window is the next ``count`` units, kept or not (``prefetch_next_layers``)."""
         count = self.prefetch_count if count is None else count
-        window = self.policy.predict(current, count)
+        window: list[str] = []
+        for name in self.policy.predict(current, len(self.policy.order) if beyond_kept else count):
+            if len(window) >= count:
+                break
+            if not beyond_kept or (name not in self.cached and name not in self.active):
+                window.append(name)
         # Drop prefetches that fell out of the window (mispredicted), so memory stays bounded.
         for stale in [n for n in self.prefetched if n not in window]:
             self._drop(self.prefetched.pop(stale))

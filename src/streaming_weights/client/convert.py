@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
 from ..exceptions import ConfigurationError, UnitFormatError
 from ..format import Manifest, UnitEntry
+from ..format import chunkfile
 from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, plan_unit, tensor_view
 from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, group_size, read_quant_metadata
 from .base import FetchedUnit, SourceWrapper, UnitSource
@@ -130,9 +131,10 @@ class ConvertingSource(SourceWrapper):
         return self._fp32[key]
 
     def kernel_names(self, manifest: Manifest, unit: str) -> frozenset[str]:
-        """The tensors of streamed block ``unit`` that arrive in kernel form (see ``kernel``)."""
+        """The tensors of streamed block or row shard ``unit`` that arrive in kernel form (see ``kernel``): an
+        lm_head's shards do; an embedding's (gathered by rows, tied or not) stay codes (:meth:`codes_kept`)."""
         entry = manifest.unit(unit)
-        if self._kernel is None or entry.role != "streamed":
+        if self._kernel is None or entry.role not in ("streamed", "shard"):
             return frozenset()
         key = (manifest.name, str(id(manifest)))
         if key not in self._kernel_names:
@@ -141,12 +143,15 @@ class ConvertingSource(SourceWrapper):
         return frozenset(n for n in entry.tensors if n in wanted and kernel_scheme(entry.tensors, n))
 
     def codes_kept(self, manifest: Manifest, unit: str) -> bool:
-        """Whether ``unit`` stays as its stored codes until :meth:`expand` (the compressed tier): streamed blocks
-        only (row shards and experts reach their modules without a per-use expansion: converted on arrival)."""
+        """Whether ``unit`` stays as its stored codes in memory (the compressed tier): streamed blocks, and with
+        ``kernel`` the row shards too (an embedding's rows are gathered from the codes, :meth:`gather`; a
+        shard a linear layer computes with is expanded per use). Experts, and shards without ``kernel``,
+        convert on arrival."""
         if not self.keep_codes or self.kernel_names(manifest, unit):
             return False
         entry = manifest.unit(unit)
-        return entry.role == "streamed" and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
+        roles = ("streamed", "shard") if self._kernel is not None else ("streamed",)
+        return entry.role in roles and any(n.endswith(SCALE_SUFFIX) for n in entry.tensors)
 
     def held_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry`` occupies while cached: its codes in the compressed tier, else converted."""
@@ -159,6 +164,19 @@ class ConvertingSource(SourceWrapper):
         if plan is None:
             return fetched.tensors
         return _convert(dict(fetched.tensors), plan, out)
+
+    def gather(self, manifest: Manifest, unit: str, tensors: dict[str, torch.Tensor], name: str,
+               rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` of ``unit`` (its ``tensors`` as held: codes or converted) in the
+        compute dtype: a codes tensor's rows are decoded alone, to the values :meth:`expand` gives them."""
+        plan = self._plans.get((manifest.name, manifest.unit(unit).blake3, self.keep_fp32(manifest)))
+        spec = plan.quant.get(name) if plan is not None and self.codes_kept(manifest, unit) else None
+        if spec is None:  # converted on arrival (or never quantized): the rows as they are
+            return tensors[name][rows]
+        rows = rows.to(tensors[name].device)
+        picked = {s: tensors[name + s][rows] for s in spec.stored()}
+        out = torch.empty((rows.numel(), spec.shape[1]), dtype=chunkfile.DTYPES[plan.targets[name].dtype])
+        return decode_into(out, picked, replace(spec, shape=(rows.numel(), spec.shape[1])))
 
     def memory_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit

@@ -38,6 +38,7 @@ INT8_KERNEL_MAX_ROWS = 20
 ZEROS_SUFFIX = ".qzeros"
 _OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu", "_weight_int8pack_mm")
 _INT4_GROUPS = (32, 64, 128, 256)  # what the int4 kernel accepts
+_INT4_ROWS = 16  # it packs output rows in multiples of this (another row count: dequantized per use)
 
 
 def unavailable() -> str | None:
@@ -55,7 +56,8 @@ def kernel_scheme(tensors: Mapping[str, Any], name: str) -> str | None:
         return None
     if codes.dtype == "U8" and name + OFFSET_SUFFIX in tensors:
         groups = scale.shape[1]
-        return "int4" if (2 * codes.shape[1]) // groups in _INT4_GROUPS else None
+        fits = (2 * codes.shape[1]) // groups in _INT4_GROUPS and codes.shape[0] % _INT4_ROWS == 0
+        return "int4" if fits else None
     if codes.dtype == "I8" and tuple(scale.shape) == (codes.shape[0], 1):
         return "int8-channel"
     return None

@@ -179,7 +179,12 @@ def encode(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     out, inp = spec.shape
     w = weight.detach().to(torch.float32).reshape(out, spec.groups, spec.group_size)
     if spec.scheme != "int4":
-        scale = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
+        # int8 scales are rounded to bfloat16 precision first (stored as float16, where such values are exact):
+        # bfloat16 compute (decode_into casts the scales to the compute dtype) and torch's int8 kernel (bfloat16
+        # scales) then use exactly the scale the codes were chosen for. A float16 scale rounded again to
+        # bfloat16 at use left each row off by up to 0.4%: SmolLM2's perplexity rose 1.2% over bfloat16
+        # instead of 0.8% (same codes, exact scales) - measured with the scales rounded first: -0.5%.
+        scale = (w.abs().amax(dim=-1) / 127.0).to(torch.bfloat16).to(torch.float16)
         _check_finite(scale)
         s = scale.to(torch.float32).unsqueeze(-1)
         q = torch.where(s > 0, w / torch.where(s > 0, s, 1.0), 0.0).round_().clamp_(-127, 127)

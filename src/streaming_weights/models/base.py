@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,8 @@ from ..config import StreamingConfig
 from ..exceptions import ModelError
 from ..format import Manifest
 from . import embedding, generation, validation
-from .engine import StreamingEngine, guard_sync, in_running_loop
+from ..client.bridge import guard_sync, in_running_loop
+from .engine import StreamingEngine
 from .loader import LoadedModel, load_model
 
 
@@ -336,7 +338,7 @@ class StreamingBaseModel:
         await self.ensure_loaded_async()
         (name,) = self._unit_names([current_layer])
         count = self.config.prefetch_count if prefetch_count is None else prefetch_count
-        return await self.engine.call_async(self.engine.cache.schedule_prefetch, name, count)
+        return await self.engine.call_async(partial(self.engine.cache.schedule_prefetch, beyond_kept=False), name, count)
 
     def clear_cache(self) -> None:
         """Drop every cached and prefetched unit (resident parts stay).

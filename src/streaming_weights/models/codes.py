@@ -14,6 +14,8 @@ from typing import Any
 
 from ..client.base import FetchedUnit
 from ..client.buffers import BufferPool
+from .architecture import linear_weight_names
+from .edges import names_of
 
 
 class CodesTier:
@@ -27,8 +29,8 @@ class CodesTier:
 
     def __init__(self, converter: Any, manifest: Any, spare_units: int = 2) -> None:
         self.converter, self.manifest = converter, manifest
-        kept = [u for u in manifest.units if converter.codes_kept(manifest, u.name)]
-        self.unit_bytes = max((converter.memory_bytes(u, manifest) for u in kept), default=0)
+        expanded = [u for u in manifest.units if converter.codes_kept(manifest, u.name) and _expands(manifest, u)]
+        self.unit_bytes = max((converter.memory_bytes(u, manifest) for u in expanded), default=0)
         self.pool = BufferPool(spare_units * self.unit_bytes)
         self._held: dict[str, list[Any]] = {}
         self.expansions = 0
@@ -43,7 +45,7 @@ class CodesTier:
 
     def expand(self, name: str, unit: FetchedUnit) -> FetchedUnit:
         """``unit`` itself, or a view of it in the compute dtype (for the forward about to run)."""
-        if not self.converter.codes_kept(self.manifest, name):
+        if not self.converter.codes_kept(self.manifest, name):  # (an embedding's shard is gathered, not expanded)
             return unit
         size = self.converter.memory_bytes(self.manifest.unit(name), self.manifest)
         buf = self.pool.take(size)
@@ -59,6 +61,15 @@ class CodesTier:
             self.pool.give(held.pop())
             if not held:
                 del self._held[name]
+
+
+def _expands(manifest: Any, entry: Any) -> bool:
+    """Whether codes unit ``entry`` is ever expanded whole: a block, or a row shard a linear layer computes with
+    (an lm_head's, or a tied embedding's); an embedding's shards only give rows (``ConvertingSource.gather``)."""
+    if entry.role != "shard":
+        return True
+    linear = linear_weight_names(manifest)
+    return any(n in linear for n in names_of(manifest, entry.shard_tensor))
 
 
 __all__ = ["CodesTier"]

@@ -120,12 +120,21 @@ class EdgeBinding:
             data-dependent shards (not part of the execution order the cache learns and prefetches along).
         release: the unit finished computing.
         device: where the placeholder lives (the compute device).
+        rows: ``(unit, tensor name, row indices)`` -> those rows of the shard in the compute dtype, the unit
+            acquired and released by the callee (the engine's, for shards held as codes); ``None``: acquire
+            the unit and index its tensor.
+        linear: ``(unit's tensors, tensor name, x, bias)`` -> ``x @ weight.T + bias`` (a shard in a kernel's
+            form computes with it, :func:`.qlinear.edge_linear`); ``None``: ``F.linear``.
     """
 
     def __init__(self, root: nn.Module, manifest: Manifest, tensor: ShardedTensor, acquire: Acquire,
-                 release: Callable[[str], None], device: torch.device | str = "cpu") -> None:
+                 release: Callable[[str], None], device: torch.device | str = "cpu",
+                 rows: Callable[[str, str, torch.Tensor], torch.Tensor] | None = None,
+                 linear: Callable[..., torch.Tensor] | None = None) -> None:
         self.tensor = tensor
         self._acquire, self._release = acquire, release
+        self._rows = rows or (lambda unit, name, idx: self._with_shard(unit, False, lambda ts: ts[name][idx]))
+        self._matmul = linear or (lambda ts, name, x, b: F.linear(x, ts[name], b))
         self.users = users(root, manifest, tensor.name)
         meta = self.users[0][1].weight
         nan = torch.full((), float("nan"), dtype=meta.dtype, device=device)
@@ -145,11 +154,11 @@ class EdgeBinding:
         """Whether an ``nn.Linear`` uses the weight (its shards run in order on every forward)."""
         return any(isinstance(m, nn.Linear) for _, m in self.users)
 
-    def _with_shard(self, unit: str, ordered: bool, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``fn(shard's rows)``; the shard is released once ``fn`` returned, with no view of it left in this
-        frame (so its receive buffer can be reused at once)."""
+    def _with_shard(self, unit: str, ordered: bool, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """``fn(shard unit's tensors)``; the shard is released once ``fn`` returned, with no view of it left in
+        this frame (so its receive buffer can be reused at once)."""
         try:
-            return fn(self._acquire(unit, ordered)[self.tensor.name])
+            return fn(self._acquire(unit, ordered))
         finally:
             self._release(unit)
 
@@ -165,7 +174,7 @@ class EdgeBinding:
             compact = self.placeholder.new_empty((ids.numel(), *self.placeholder.shape[1:]))
             for unit, start, stop in t.holding(ids):
                 here = (ids >= start) & (ids < stop)
-                compact[here] = self._with_shard(unit, False, lambda w: w[ids[here] - start])
+                compact[here] = self._rows(unit, t.name, ids[here] - start)
             saved = module._parameters["weight"], module.padding_idx
             # padding_idx only shapes gradients; the compact weight's rows are renumbered
             module._parameters["weight"], module.padding_idx = nn.Parameter(compact, requires_grad=False), None
@@ -184,7 +193,7 @@ class EdgeBinding:
             bias = module.bias
             for unit, start, stop in t.shards:
                 b = None if bias is None else bias[start:stop]
-                part = self._with_shard(unit, True, lambda w: F.linear(x, w, b))
+                part = self._with_shard(unit, True, lambda ts: self._matmul(ts, t.name, x, b))
                 if out is None:
                     out = part.new_empty((*part.shape[:-1], t.rows))
                 out[..., start:stop] = part

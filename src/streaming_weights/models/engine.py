@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import torch
 
-from ..client.bridge import LoopThread
+from ..client.bridge import LoopThread, guard_sync, in_running_loop
 from ..client.cache import UnitCache
 from ..client.device import resolve_device
 from ..client.convert import ConvertingSource
@@ -28,13 +28,12 @@ from ..client.base import FetchedUnit, UnitSource
 from ..client.open import open_unit_source
 from ..client.retry import RetryingSource, RetryPolicy
 from ..config import StreamingConfig
-from ..exceptions import SyncCallInEventLoopError
 from ..format import Manifest
 from ..memory import current_anon, resolve_budget  # the model's cost: anonymous memory
 from ..monitoring import Totals
 from .accounting import Accounting
 from .architecture import fp32_names_for
-from .qlinear import CodesTier, in_memory_form, make_tier
+from .qlinear import CodesTier, edge_linear, in_memory_form, make_tier
 from .edges import EdgeBinding, kept_and_streamed
 from .experts import ExpertStreams
 from .patching import FunctionHook, add_hook
@@ -46,24 +45,6 @@ T = TypeVar("T")
 
 #: seconds a graceful close may take at interpreter exit (a script that never closes exits promptly)
 EXIT_CLOSE_SECONDS = 1.0
-
-
-def in_running_loop() -> bool:
-    """Whether the calling thread is running an asyncio event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def guard_sync(what: str, alternative: str | None = None) -> None:
-    """Raise :class:`SyncCallInEventLoopError` if ``what`` (a blocking call) runs inside an event loop."""
-    if in_running_loop():
-        hint = f"use `{alternative}`" if alternative else "run it in a thread (`await asyncio.to_thread(...)`)"
-        raise SyncCallInEventLoopError(
-            f"{what} blocks on network I/O and was called inside a running event loop, which it would stall "
-            f"(and deadlock a weight server running on that loop); {hint} instead")
 
 
 class StreamingEngine:
@@ -97,6 +78,7 @@ class StreamingEngine:
         self.experts: ExpertStreams | None = None  # mixture-of-experts models only
         self.codes: CodesTier | None = None  # quantized units kept as codes (the compressed tier)
         self.edge_bindings: list[EdgeBinding] = []
+        self.held_edges: dict[str, FetchedUnit] = {}  # row shards kept as codes for the model's life (loader)
         self.prefetch_enabled = True
         self.pinned = False  # every streamed block's tensors stay in its module (see _pin_if_all_kept)
         self.pinned_hits = 0  # uses of pinned units (cache hits that never reached the cache) before the last unpin
@@ -231,8 +213,11 @@ class StreamingEngine:
         plan = self.plan or self.make_plan(manifest)
         blocks = [u.name for u in manifest.streamed]
         streamed = set(plan.streamed)
-        edges = [EdgeBinding(root, manifest, t, self.acquire, self.release, self.placement.ops.device)
-                 for t in kept_and_streamed(manifest, plan.streamed)[1]]
+        kept, streamed_edges = kept_and_streamed(manifest, plan.streamed)
+        held = [t for t in kept if set(t.units) <= set(self.held_edges)]  # kept as codes: they compute per use
+        edges = [EdgeBinding(root, manifest, t, self.acquire, self.release, self.placement.ops.device,
+                             rows=self.edge_rows if self.codes is not None else None, linear=edge_linear)
+                 for t in streamed_edges + held]
         # The order the policy starts from: the blocks, then the lm_head's shards (an input embedding's
         # shards are used by the tokens of each step, outside that order).
         order = blocks + [u for e in edges if e.heads for u in e.tensor.units]
@@ -278,9 +263,21 @@ class StreamingEngine:
         return tensors
 
     def _host_acquire(self, name: str, ordered: bool = True) -> FetchedUnit:
-        unit = self.run(self.cache.acquire(name, prefetch=self.prefetch_enabled and ordered, observe=ordered),
-                        "a forward pass", "await model.forward_async(...)` / `await model.generate_async(...)")
+        unit = self.held_edges.get(name) or self.run(
+            self.cache.acquire(name, prefetch=self.prefetch_enabled and ordered, observe=ordered),
+            "a forward pass", "await model.forward_async(...)` / `await model.generate_async(...)")
         return self.codes.expand(name, unit) if self.codes is not None else unit  # compressed tier: per use
+
+    def edge_rows(self, unit: str, tensor: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a row shard's ``tensor`` in the compute dtype, decoded alone when the shard is held as codes
+        (an embedding's lookup: a whole shard is never expanded for it); the shard is acquired and released."""
+        held = self.held_edges.get(unit)
+        fetched = held or self.run(self.cache.acquire(unit, prefetch=False, observe=False), "a forward pass")
+        try:
+            return self.converter.gather(self.manifest, unit, fetched.tensors, tensor, rows)
+        finally:
+            if held is None:
+                self.call(self.cache.release, unit)
 
     def _peek(self, name: str) -> FetchedUnit | None:
         """The host copy of ``name`` if it has arrived (prefetched or kept), without fetching it."""
@@ -288,7 +285,8 @@ class StreamingEngine:
 
     def release(self, name: str) -> None:
         self.cache._event("compute_end", name)
-        self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
+        if name not in self.held_edges:  # (held shards are no cache's)
+            self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
         if self.codes is not None:
             self.codes.release(name)
 
@@ -384,6 +382,7 @@ class StreamingEngine:
     # ------------------------------------------------------------------------------- the lifecycle
     async def _shutdown(self) -> None:
         self.placement.clear()  # device hook (H)
+        self.held_edges.clear()
         if self.cache is not None:
             await self.cache.clear()
         if self.experts is not None:

@@ -108,9 +108,15 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     for entry in m.resident:
         assign_unit(model, fetch(entry.name))
     kept, streamed = kept_and_streamed(m, plan.streamed)
+    as_codes = lambda u: engine.converter.codes_kept(m, u) or engine.converter.kernel_names(m, u)  # noqa: E731
     for tensor in kept:
-        assign_tensor(model, tensor.name, assemble(fetch, tensor))
-    # sharded weights the plan streams stay meta here (edges.EdgeBinding takes them), their aliases too
+        if all(as_codes(u) for u in tensor.units):  # held as codes (or kernel form): computed per use
+            engine.held_edges.update({u: engine.run(engine.source.fetch_unit(m, u)) for u in tensor.units})
+            streamed.append(tensor)
+        else:
+            assign_tensor(model, tensor.name, assemble(fetch, tensor))
+    # sharded weights the plan streams or holds as codes stay meta here (edges.EdgeBinding takes them), and
+    # their aliases too
     streamed_shards = {name for tensor in streamed for name in names_of(m, tensor.name)}
     tie_weights(model, m)
     streamed_prefixes = tuple(n + "." for n in expected)

@@ -55,7 +55,8 @@ class KernelTier(CodesTier):
 
     def __init__(self, converter: Any, manifest: Any) -> None:
         super().__init__(converter, manifest)
-        self.names = {u.name: n for u in manifest.units if (n := converter.kernel_names(manifest, u.name))}
+        # the blocks' linear layers (an lm_head's shards in kernel form compute through edge_linear instead)
+        self.names = {u.name: n for u in manifest.streamed if (n := converter.kernel_names(manifest, u.name))}
         self._live: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> its kernel form, while in use
         self._patches: list[Patch] = []
         self.kernel_calls = 0
@@ -103,6 +104,15 @@ class KernelTier(CodesTier):
         super().release(name)
 
 
+def edge_linear(tensors: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of a row shard's weight ``name`` (:class:`~.edges.EdgeBinding`'s ``linear``): with the kernel
+    on its kernel form when it arrived in one, else on the (converted or per-use expanded) tensor."""
+    extra = next((s for s in (qkernel.ZEROS_SUFFIX, SCALE_SUFFIX) if name + s in tensors), None)
+    if extra is None:
+        return torch.nn.functional.linear(x, tensors[name], bias)
+    return qkernel.linear(x, {"": tensors[name], extra: tensors[name + extra]}, bias)
+
+
 def make_tier(converter: Any, manifest: Any) -> CodesTier | None:
     """The tier the engine uses per use: a :class:`KernelTier` when some unit arrives in kernel form, a
     :class:`CodesTier` when some is kept as codes, else ``None``."""
@@ -114,4 +124,4 @@ def make_tier(converter: Any, manifest: Any) -> CodesTier | None:
     return None
 
 
-__all__ = ["CodesTier", "KernelTier", "in_memory_form", "linear_weight_names", "make_tier"]
+__all__ = ["CodesTier", "KernelTier", "edge_linear", "in_memory_form", "linear_weight_names", "make_tier"]
