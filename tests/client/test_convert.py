@@ -146,3 +146,32 @@ def test_compute_dtype_spellings(spelling, want):
 def test_bad_compute_dtype(bad):
     with pytest.raises(ConfigurationError, match="dtype"):
         parse_compute_dtype(bad)
+
+
+def test_kernel_weights_land_on_aligned_addresses_whatever_the_shapes(tmp_path):
+    # torch's int8 kernel crashes on a weight 8 bytes off a 16-byte boundary: the compute buffer aligns every tensor
+    # (odd row counts and widths put the stored codes anywhere), and a width it cannot take is dequantized instead
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streaming_weights import StreamingBaseModel
+    from streaming_weights.testing import FakeSource
+    from tests.support.models import chunk
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=80, intermediate_size=100, num_hidden_layers=2, num_attention_heads=5,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)  # down_proj: 100 inputs, no kernel
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(tmp_path / "src"))
+    chunk(tmp_path / "src", tmp_path / "llama", name="llama", quantize="int8-channel")
+    with StreamingBaseModel("llama", FakeSource(chunks_dir=tmp_path / "llama"), quantized_in_memory="kernel",
+                            cache_size=2) as m:
+        with torch.no_grad():
+            logits = m.hf_model(input_ids=torch.tensor([[1, 5, 9, 33]])).logits
+        held = m.engine.call(lambda: [t for u in m.engine.cache.cached.values() for t in u.tensors.values()])
+        assert m.engine.codes.layers == 12 and m.engine.codes.kernel_calls and logits.isfinite().all()
+        assert held and all(t.data_ptr() % 64 == 0 for t in held)
+    with StreamingBaseModel("llama", FakeSource(chunks_dir=tmp_path / "llama"), quantized_in_memory="codes",
+                            cache_size=2) as m:
+        with torch.no_grad():
+            want = m.hf_model(input_ids=torch.tensor([[1, 5, 9, 33]])).logits
+    assert (logits - want).abs().max() <= 2.0 ** -5 * want.abs().max()  # bfloat16 activations in the kernel

@@ -79,6 +79,7 @@ def test_which_codes_a_kernel_takes():
     assert qkernel.kernel_scheme(specs("int8-channel", (8, 256)), "w") == "int8-channel"
     assert qkernel.kernel_scheme(specs("int8", (8, 256)), "w") is None  # groups of 64: no kernel
     assert qkernel.kernel_scheme(specs("int8", (8, 64)), "w") == "int8-channel"  # one group per row
+    assert qkernel.kernel_scheme(specs("int8-channel", (8, 72)), "w") is None  # not 16 inputs at a time: NaN in torch
     assert qkernel.kernel_scheme({"w": TensorSpec("F32", (8, 64), (0, 0))}, "w") is None
 
 

@@ -26,9 +26,10 @@ import torch
 from ..exceptions import ConfigurationError, UnitFormatError
 from ..format import Manifest, UnitEntry
 from ..format import chunkfile
-from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, plan_unit, tensor_view
+from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, tensor_view
 from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, group_size, read_quant_metadata
 from .base import FetchedUnit, SourceWrapper, UnitSource
+from .buffers import unit_buffer
 from .qkernel import kernel_form, kernel_scheme, pack_into
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class ConvertingSource(SourceWrapper):
             else:
                 dt = _target(spec.dtype, want, name in fp32)
             changed |= dt != spec.dtype
-            total += math.prod(shape) * itemsize(dt)
+            total += _padded(math.prod(shape) * itemsize(dt))
         return total if changed else entry.bytes
 
     # -------------------------------------------------------------------------------- conversion
@@ -216,7 +217,7 @@ class ConvertingSource(SourceWrapper):
         if plan is None or self.codes_kept(manifest, unit):
             return fetched
         pool = self.source.buffer_pool
-        out = pool.take(plan.size) if pool is not None else bytearray(plan.size)
+        out = pool.take(plan.size) if pool is not None else unit_buffer(plan.size)  # page-aligned either way
         t0 = time.perf_counter()
         # torch ops release the GIL: converting in a worker thread lets the I/O loop keep receiving.
         # the stored views leave ``fetched`` here, so none outlives the conversion (see _convert)
@@ -263,9 +264,8 @@ class ConvertingSource(SourceWrapper):
                 entries[name] = (_target(spec.dtype, want, keep32), spec.shape)
         if not quant and all(entries[n][0] == s.dtype for n, s in stored.items()):
             return None
-        layout = plan_unit(entries)
-        size = layout.total_bytes - layout.data_start
-        return _Plan(quant, dict(layout.tensors), size, kernel)
+        targets, size = _aligned_layout(entries)
+        return _Plan(quant, targets, size, kernel)
 
     def spare_bytes(self, manifest: Manifest) -> int:
         """Idle bytes the buffer pool should keep for reuse: one receive buffer plus one compute buffer of the
@@ -299,12 +299,34 @@ def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str
     return result
 
 
+#: every tensor of a compute buffer starts at a multiple of this many bytes (the buffer itself is page-aligned):
+#: torch's int8 kernel reads its weight with aligned vector loads and crashes on one 8 bytes off a 16-byte boundary
+ALIGN = 64
+
+
+def _aligned_layout(entries: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[dict[str, TensorSpec], int]:
+    """``{name: TensorSpec}`` of ``entries`` (name -> (dtype, shape)) laid out in a compute buffer, each tensor at
+    a multiple of :data:`ALIGN`, and the buffer's size."""
+    specs, pos = {}, 0
+    for name in sorted(entries, key=lambda n: (-itemsize(entries[n][0]), n)):
+        dtype, shape = entries[name]
+        n = math.prod(shape) * itemsize(dtype)
+        specs[name] = TensorSpec(dtype, tuple(int(d) for d in shape), (pos, pos + n))
+        pos += _padded(n)
+    return specs, pos
+
+
 def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
     """Bytes of stored weight ``name`` in kernel form (from the manifest's tensor specs alone)."""
     scheme = kernel_scheme(tensors, name)
     out, inp = tensors[name].shape[0], tensors[name].shape[1] * (2 if scheme == "int4" else 1)
     spec = QuantSpec(scheme, group_size(scheme, inp), (out, inp), "F32")
-    return sum(math.prod(shape) * itemsize(dt) for dt, shape in kernel_form(spec).values())
+    return sum(_padded(math.prod(shape) * itemsize(dt)) for dt, shape in kernel_form(spec).values())
+
+
+def _padded(nbytes: int) -> int:
+    """A tensor's room in a compute buffer (:func:`_aligned_layout`)."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 __all__ = ["ConvertingSource", "parse_compute_dtype"]

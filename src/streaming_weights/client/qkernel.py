@@ -39,6 +39,9 @@ ZEROS_SUFFIX = ".qzeros"
 _OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu", "_weight_int8pack_mm")
 _INT4_GROUPS = (32, 64, 128, 256)  # what the int4 kernel accepts
 _INT4_ROWS = 16  # it packs output rows in multiples of this (another row count: dequantized per use)
+#: torch's int8 kernel reads input features 16 at a time: another width computes NaN or crashes (torch 2.13, CPU;
+#: measured: 72 and 100 fail, every multiple of 16 from 16 to 576 matches), so such a weight is dequantized per use
+_INT8_IN = 16
 
 
 def unavailable() -> str | None:
@@ -58,7 +61,7 @@ def kernel_scheme(tensors: Mapping[str, Any], name: str) -> str | None:
         groups = scale.shape[1]
         fits = (2 * codes.shape[1]) // groups in _INT4_GROUPS and codes.shape[0] % _INT4_ROWS == 0
         return "int4" if fits else None
-    if codes.dtype == "I8" and tuple(scale.shape) == (codes.shape[0], 1):
+    if codes.dtype == "I8" and tuple(scale.shape) == (codes.shape[0], 1) and codes.shape[1] % _INT8_IN == 0:
         return "int8-channel"
     return None
 
