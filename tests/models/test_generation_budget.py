@@ -56,3 +56,26 @@ def test_batch_size_follows_the_budget(tiny):
         assert choose_batch_size(model, 40, seq) == plan.max_batch(seq) < DEFAULT_MAX_BATCH
         assert choose_batch_size(model, 40, 8) == min(DEFAULT_MAX_BATCH, plan.max_batch(8))
         model.engine.plan_for(seq, plan.max_batch(seq))  # the chosen batch fits: no ConfigurationError
+
+
+def test_the_kept_units_follow_each_requests_size(tiny):
+    # the load-time plan reserves a context of DEFAULT_PLAN_TOKENS (capped at the model's 256 positions here: most of
+    # this budget); a short request keeps what its smaller KV cache and scores leave (the whole model here), a
+    # longer one fewer, all within the budget
+    src, chunks, _ = tiny
+    m = Manifest.from_bytes((chunks / "manifest.json").read_bytes())
+    base = plan_memory(m, StreamingConfig(), budget=None)
+    with StreamingLlamaModel("llama", str(chunks), memory_budget="1GB") as model:
+        overhead = model.engine.plan.overhead_bytes
+    budget = base.resident_bytes + 2 * base.unit_bytes + base.headroom.bytes(base.seq_len) + overhead + (64 << 10)
+    with StreamingLlamaModel("llama", str(chunks), memory_budget=budget, speculation="off") as model:
+        load_time = model.engine.plan
+        assert load_time.seq_len == base.seq_len and load_time.cache_size < len(load_time.streamed), load_time.as_dict()
+        short = model.engine.fit_request(IDS.shape[1] + 3)
+        assert short.cache_size == len(short.streamed) and short.bound_bytes <= budget
+        assert model.engine.cache.max_units == short.cache_size
+        ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+        assert torch.equal(model.generate(IDS, max_new_tokens=3, do_sample=False),
+                           ref.generate(IDS, max_new_tokens=3, do_sample=False))
+        assert model.engine.cache.max_units == short.cache_size  # generate fitted the same request
+        assert model.engine.fit_request(base.seq_len).cache_size == load_time.cache_size == model.engine.cache.max_units

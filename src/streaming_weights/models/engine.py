@@ -167,16 +167,17 @@ class StreamingEngine:
         self.fit_request(self.plan.seq_len, self.plan.batch)
 
     def fit_request(self, seq_len: int, batch: int = 1) -> Plan:
-        """Make room for a request's KV cache and activations: under a budget, shrink (or regrow up to the
-        load-time plan) the kept units to what the budget leaves beside ``batch`` x ``seq_len`` tokens.
-        Without a budget (explicit or default ``cache_size``) nothing changes. Returns the request's plan.
+        """Size the kept units to what the budget leaves beside a request's KV cache and activations (``batch`` x
+        ``seq_len`` tokens): fewer than the load-time plan (made for :data:`~.planner.DEFAULT_PLAN_TOKENS`) for a
+        longer request, more for a shorter one. Without a budget (explicit or default ``cache_size``) nothing
+        changes. Returns the request's plan.
 
         Raises:
             ConfigurationError: the request does not fit the budget even with no unit kept.
         """
         plan = self.plan_for(seq_len, batch)
         if self.plan is not None and self.plan.source == "budget" and self.cache is not None:
-            keep = min(plan.cache_size, self.plan.cache_size)
+            keep = plan.cache_size
             if keep != self.cache.max_units:
                 with self.lock:
                     self._unpin()
