@@ -26,7 +26,7 @@ import torch
 from ..exceptions import ConfigurationError, UnitFormatError
 from ..format import Manifest, UnitEntry
 from ..format import chunkfile
-from ..format.chunkfile import TensorSpec, dtype_name, itemsize, parse_header, tensor_view
+from ..format.chunkfile import TensorSpec, dtype_name, itemsize, lay_out, parse_header, tensor_view
 from ..format.quant import OFFSET_SUFFIX, SCALE_SUFFIX, QuantSpec, decode_into, group_size, read_quant_metadata
 from .base import FetchedUnit, SourceWrapper, UnitSource
 from .buffers import unit_buffer
@@ -170,7 +170,7 @@ class ConvertingSource(SourceWrapper):
                rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of tensor ``name`` of ``unit`` (its ``tensors`` as held: codes or converted) in the
         compute dtype: a codes tensor's rows are decoded alone, to the values :meth:`expand` gives them."""
-        plan = self._plans.get((manifest.name, manifest.unit(unit).blake3, self.keep_fp32(manifest)))
+        plan = self._plans.get(self._plan_key(manifest, unit))
         spec = plan.quant.get(name) if plan is not None and self.codes_kept(manifest, unit) else None
         if spec is None:  # converted on arrival (or never quantized): the rows as they are
             return tensors[name][rows]
@@ -238,8 +238,11 @@ class ConvertingSource(SourceWrapper):
         takes it once they are gone (:meth:`BufferPool.give`)."""
         pool.give(raw)
 
+    def _plan_key(self, manifest: Manifest, unit: str) -> tuple[str, str, frozenset[str]]:
+        return manifest.name, manifest.unit(unit).blake3, self.keep_fp32(manifest)
+
     def _plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
-        key = (manifest.name, manifest.unit(fetched.name).blake3, self.keep_fp32(manifest))
+        key = self._plan_key(manifest, fetched.name)
         if key not in self._plans:
             self._plans[key] = self._make_plan(manifest, fetched)
         return self._plans[key]
@@ -264,7 +267,7 @@ class ConvertingSource(SourceWrapper):
                 entries[name] = (_target(spec.dtype, want, keep32), spec.shape)
         if not quant and all(entries[n][0] == s.dtype for n, s in stored.items()):
             return None
-        targets, size = _aligned_layout(entries)
+        targets, size = lay_out(entries, ALIGN)
         return _Plan(quant, targets, size, kernel)
 
     def spare_bytes(self, manifest: Manifest) -> int:
@@ -304,18 +307,6 @@ def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str
 ALIGN = 64
 
 
-def _aligned_layout(entries: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[dict[str, TensorSpec], int]:
-    """``{name: TensorSpec}`` of ``entries`` (name -> (dtype, shape)) laid out in a compute buffer, each tensor at
-    a multiple of :data:`ALIGN`, and the buffer's size."""
-    specs, pos = {}, 0
-    for name in sorted(entries, key=lambda n: (-itemsize(entries[n][0]), n)):
-        dtype, shape = entries[name]
-        n = math.prod(shape) * itemsize(dtype)
-        specs[name] = TensorSpec(dtype, tuple(int(d) for d in shape), (pos, pos + n))
-        pos += _padded(n)
-    return specs, pos
-
-
 def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
     """Bytes of stored weight ``name`` in kernel form (from the manifest's tensor specs alone)."""
     scheme = kernel_scheme(tensors, name)
@@ -325,7 +316,7 @@ def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
 
 
 def _padded(nbytes: int) -> int:
-    """A tensor's room in a compute buffer (:func:`_aligned_layout`)."""
+    """A tensor's room in a compute buffer (laid out with ``lay_out(entries, ALIGN)``)."""
     return -(-nbytes // ALIGN) * ALIGN
 
 

@@ -126,18 +126,26 @@ class UnitLayout:
         return self.data_start + s, self.data_start + e
 
 
+def lay_out(entries: Mapping[str, tuple[str, tuple[int, ...]]], align: int = 1) -> tuple[dict[str, TensorSpec], int]:
+    """``{name: TensorSpec}`` of tensors ``{name: (dtype, shape)}`` placed one after another (larger elements
+    first, then by name), each starting at a multiple of ``align`` bytes, and the bytes they span in all
+    (``align=1``: contiguous, as a safetensors file requires)."""
+    specs: dict[str, TensorSpec] = {}
+    pos = 0
+    for name in sorted(entries, key=lambda n: (-itemsize(entries[n][0]), n)):
+        dtype, shape = entries[name]
+        n = math.prod(shape) * itemsize(dtype)
+        specs[name] = TensorSpec(dtype, tuple(int(d) for d in shape), (pos, pos + n))
+        pos += -(-n // align) * align
+    return specs, pos
+
+
 def plan_unit(
     entries: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
 ) -> UnitLayout:
     """Lay out tensors ``{name: (dtype, shape)}`` into a safetensors file."""
-    order = sorted(entries, key=lambda n: (-itemsize(entries[n][0]), n))
-    specs: dict[str, TensorSpec] = {}
-    pos = 0
-    for name in order:
-        dtype, shape = entries[name]
-        n = math.prod(shape) * itemsize(dtype)
-        specs[name] = TensorSpec(dtype, tuple(int(d) for d in shape), (pos, pos + n))
-        pos += n
+    specs, _ = lay_out(entries)
+    order = list(specs)
     obj: dict[str, Any] = {}
     if metadata:
         obj["__metadata__"] = dict(metadata)

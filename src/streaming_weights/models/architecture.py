@@ -121,13 +121,17 @@ def fp32_names_for(manifest: Any, dtype: torch.dtype) -> frozenset[str]:
     unit converter is built with). Only half-precision compute can keep anything in float32."""
     if dtype not in (torch.float16, torch.bfloat16):
         return frozenset()
-    return _facts(manifest.architecture, manifest.model_type, json.dumps(manifest.config, sort_keys=True))[dtype]
+    return _facts_of(manifest)[dtype]
 
 
 def linear_weight_names(manifest: Any) -> frozenset[str]:
     """Names of the ``nn.Linear`` weights of the model ``manifest`` describes (exactly that class, not a
     subclass): the tensors torch's weight-only kernels may compute with."""
-    return _facts(manifest.architecture, manifest.model_type, json.dumps(manifest.config, sort_keys=True))["linear"]
+    return _facts_of(manifest)["linear"]
+
+
+def _facts_of(manifest: Any) -> dict[Any, frozenset[str]]:
+    return _facts(manifest.architecture, manifest.model_type, json.dumps(manifest.config, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=8)

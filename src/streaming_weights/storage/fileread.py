@@ -59,9 +59,9 @@ def address(view: memoryview) -> int:
 
 
 def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int = 0, *,
-                   on_piece: Callable[[memoryview], object] | None = None, direct: bool = True) -> int:
+                   on_piece: Callable[[memoryview], object] | None = None) -> int:
     """Fill ``view`` (a writable byte view) with the file's bytes from ``offset``; returns how many landed
-    (fewer than ``len(view)`` only at the end of the file). ``direct=False`` never uses ``O_DIRECT``.
+    (fewer than ``len(view)`` only at the end of the file).
 
     Raises:
         OSError: the file cannot be opened or read (FileNotFoundError when it does not exist).
@@ -72,7 +72,7 @@ def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int =
         want = max(0, min(len(view), os.fstat(fd).st_size - offset))
         got = 0
         body = want // ALIGN * ALIGN
-        if direct and body and offset % ALIGN == 0 and address(view) % ALIGN == 0:
+        if body and offset % ALIGN == 0 and address(view) % ALIGN == 0:
             got = _read_direct(path, view[:body], offset, on_piece, fd)
         if got < want:
             start = offset + got
