@@ -49,8 +49,8 @@ def test_quantized_model_equals_transformers_on_the_dequantized_weights(source, 
             want = ref(input_ids=IDS, labels=IDS)
         torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-6)
         torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-6)
-        layer = m.hf_model.model.layers[0].mlp.up_proj
-        assert layer.weight.is_meta  # streamed: swapped in only while it runs
+        layer = m.hf_model.model.layers[-1].mlp.up_proj
+        assert layer.weight.is_meta  # streamed (the one kept unit is the first): swapped in only while it runs
         conv = m.engine.converter
         entry = m.manifest.streamed[0]
         assert conv.memory_bytes(entry, m.manifest) > entry.bytes  # float32 in memory, codes on the wire
@@ -175,3 +175,48 @@ def test_kernel_weights_land_on_aligned_addresses_whatever_the_shapes(tmp_path):
         with torch.no_grad():
             want = m.hf_model(input_ids=torch.tensor([[1, 5, 9, 33]])).logits
     assert (logits - want).abs().max() <= 2.0 ** -5 * want.abs().max()  # bfloat16 activations in the kernel
+
+
+def test_int8_channel_units_compute_in_place_on_the_receive_buffer(tmp_path, monkeypatch):
+    # the chunker aligns every tensor whose size is a multiple of 64 bytes: int8-channel codes are then their own
+    # kernel form, computed on where they landed (no compute buffer, no copy), with the same results as copied
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streaming_weights import StreamingBaseModel
+    from streaming_weights.client import convert
+    from streaming_weights.format.chunkfile import DATA_ALIGN, parse_header
+    from streaming_weights.testing import FakeSource
+    from tests.support.models import chunk
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(tmp_path / "src"))
+    chunk(tmp_path / "src", tmp_path / "llama", name="llama", quantize="int8-channel")
+    for f in (tmp_path / "llama" / "units").iterdir():
+        specs, _, start = parse_header(f.read_bytes())
+        assert start % DATA_ALIGN == 0
+        assert all(s.data_offsets[0] % DATA_ALIGN == 0 for s in specs.values() if s.nbytes % DATA_ALIGN == 0)
+    ids = torch.tensor([[1, 5, 9, 33, 60]])
+
+    def run():
+        with StreamingBaseModel("llama", FakeSource(chunks_dir=tmp_path / "llama"), quantized_in_memory="kernel",
+                                cache_size=3, speculation="off") as m:
+            with torch.no_grad():
+                logits = m.hf_model(input_ids=ids).logits
+            tokens = m.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+            units = m.engine.call(lambda: list(m.engine.cache.cached.values()))
+            inside = []
+            for u in units:
+                base = torch.frombuffer(u.buffer, dtype=torch.uint8).data_ptr()
+                inside += [base <= t.data_ptr() < base + len(u.buffer) for n, t in u.tensors.items() if t.dtype == torch.int8]
+            return logits, tokens, inside, m.engine.converter.converted_units, m.get_cache_info()["plan"]["unit_bytes"]
+
+    logits, tokens, inside, converted, unit_bytes = run()
+    assert len(inside) == 3 * 7 and all(inside)  # every projection's codes are in a buffer the cache holds
+    monkeypatch.setattr(convert, "_in_place", lambda *a: False)  # the copying path: a compute buffer per unit
+    want_logits, want_tokens, _, copies, copied_bytes = run()
+    assert copies >= converted + 3  # in place, no block converted (the resident embedding and lm_head do)
+    assert torch.equal(logits, want_logits) and torch.equal(tokens, want_tokens)
+    assert unit_bytes <= copied_bytes + 4096  # the scales' own buffer is all an in-place unit adds to its bytes

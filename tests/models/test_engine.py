@@ -214,3 +214,41 @@ def test_a_model_that_fits_keeps_its_weights_in_place(llama):
         m.clear_cache()
         assert not m.get_cache_info()["pinned"] and layer.mlp.up_proj.weight.is_meta
         assert m.get_cache_info()["cached_components"] == []
+
+
+@pytest.mark.parametrize("policy,pins", [("order", True), ("lru", False)])
+def test_the_units_a_full_cache_keeps_stay_in_place(llama, policy, pins):
+    """Under the execution-order policy a full cache keeps the same blocks pass after pass (it evicts the unit just
+    used): after the first inference those stay in their modules and only the streamed blocks reach the cache, with
+    transformers' own output and the same bytes per pass. LRU's kept set moves: nothing is pinned."""
+    chunks, ref = llama
+    src = FakeSource(chunks_dir=chunks)
+    with StreamingLlamaModel("llama", src, cache_size=2, speculation="off", cache_policy=policy) as m:
+        with torch.no_grad():
+            want = ref.generate(input_ids=IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        assert m.get_cache_info()["pinned"] is pins
+        asked, acquire = [], m.engine.cache.acquire
+
+        async def counting(name, **kw):
+            asked.append(name)
+            return await acquire(name, **kw)
+
+        m.engine.cache.acquire = counting
+        before = m.get_cache_info()
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        after = m.get_cache_info()
+        if pins:
+            kept = sorted(b.name for b in m.engine.bindings if b.pinned)
+            assert kept == ["model.layers.0", "model.layers.1"]  # the first pass filled the cache with these
+            assert sorted(set(asked)) == ["model.layers.2", "model.layers.3"] and len(asked) == 2 * 4
+            assert after["hits"] - before["hits"] >= 2 * 4  # pinned uses count as hits
+            assert after["fetches"] - before["fetches"] == 2 * 4  # the streamed 2 of 4, every pass: (L - k) / L
+            torch.testing.assert_close(m.forward(IDS).last_hidden_state, reference_hidden(ref), rtol=0, atol=1e-5)
+            m.cache_size = 3  # a resize gives the pinned units back to the cache first
+            assert not m.get_cache_info()["pinned"]
+            assert all(b.module.mlp.up_proj.weight.is_meta for b in m.engine.bindings)
+            assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+            assert sum(b.pinned for b in m.engine.bindings) == 3
+        else:
+            assert len(asked) == 4 * 4

@@ -72,8 +72,10 @@ def scale_prepare(a: dict[str, Any]) -> dict[str, Any]:
         build_random_llama_bf16(root / "hf", a["config"], a["seed"])
         timings["build_s"] = time.perf_counter() - t0
     from ..chunker.plan import SHARD_ROW_ALIGN
+    from ..format.chunkfile import DATA_ALIGN
 
-    layout = {"shard_size": shard_size, "row_align": SHARD_ROW_ALIGN}  # chunks cut otherwise are re-chunked
+    # chunks cut or laid out otherwise are re-chunked
+    layout = {"shard_size": shard_size, "row_align": SHARD_ROW_ALIGN, "data_align": DATA_ALIGN}
     for scheme, quantize in SCHEMES.items():
         if state["chunks"].get(scheme) == layout:
             continue

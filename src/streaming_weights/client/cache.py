@@ -89,6 +89,8 @@ class UnitCache:
         self.failed: dict[str, BaseException] = {}
         self.peak_live = 0
         self.pool = pool
+        #: kept units whose users hold them between uses (:meth:`pin_kept`): counted here, never evicted
+        self.pinned: frozenset[str] = frozenset()
 
     def _drop(self, unit: FetchedUnit) -> None:
         """``unit`` left the cache for good: offer its buffer for reuse (refused while any view lives)."""
@@ -202,16 +204,23 @@ class UnitCache:
             self.schedule_prefetch(name)
         return unit
 
-    def can_keep(self, count: int) -> bool:
-        """Whether the bounds keep ``count`` units whatever their size (no eviction until :meth:`resize`)."""
-        return self.max_units >= count and self.max_bytes is None
+    def pin_kept(self, names: list[str]) -> dict[str, FetchedUnit]:
+        """The kept units among ``names`` for their users to hold between uses, until :meth:`unpin` (they stay
+        counted here and are never evicted; the caller stops acquiring them): every one of ``names`` once all have
+        arrived and the bounds keep them all; else, under a policy whose kept set settles
+        (:attr:`~.policy.CachePolicy.settles`), the ones a full cache keeps; else none. Counted by units only."""
+        if self.max_bytes is not None or self.max_units == 0:
+            return {}
+        if self.max_units >= len(names):
+            ready = all(n in self.cached for n in names)
+        else:
+            ready = self.policy.settles and len(self.cached) >= self.max_units
+        self.pinned = frozenset(n for n in names if n in self.cached) if ready else frozenset()
+        return {n: self.cached[n] for n in self.pinned}
 
-    def holding(self, names: list[str]) -> dict[str, dict] | None:
-        """``{name: tensors}`` if every unit of ``names`` is cached and the bounds keep all of them (nothing will
-        be evicted until :meth:`resize` / :meth:`clear`), else ``None``."""
-        if not self.can_keep(len(names)) or not all(n in self.cached for n in names):
-            return None
-        return {n: self.cached[n].tensors for n in names}
+    def unpin(self) -> None:
+        """The pinned units are the cache's again (their users acquire them per use from now on)."""
+        self.pinned = frozenset()
 
     def peek(self, name: str) -> FetchedUnit | None:
         """The unit ``name`` if it has arrived (prefetched or kept), without fetching or counting anything."""
@@ -241,7 +250,10 @@ class UnitCache:
                 self.max_bytes is not None and self.cached_bytes > self.max_bytes and len(self.cached) > 0)
 
         while self.cached and over():
-            victim = self.policy.victim(list(self.cached), current)
+            free = [n for n in self.cached if n not in self.pinned]
+            if not free:  # (pins are undone before the bounds shrink: cannot happen)
+                break
+            victim = self.policy.victim(free, current)
             self._drop(self.cached.pop(victim))
             self.stats.evictions += 1
             self._event("evict", victim)

@@ -66,6 +66,7 @@ class _Plan:
     targets: dict[str, TensorSpec]  # name -> spec in the compute buffer (offsets from 0)
     size: int
     kernel: frozenset[str] = frozenset()  # quantized tensors written in kernel form (client.qkernel)
+    in_place: bool = False  # kernel form is the stored bytes: ``targets`` / ``size`` are the scales' own buffer
 
 
 def _target(dtype: str, want: torch.dtype, keep32: bool) -> str:
@@ -181,9 +182,13 @@ class ConvertingSource(SourceWrapper):
 
     def memory_bytes(self, entry: UnitEntry, manifest: Manifest) -> int:
         """Bytes ``entry``'s tensors occupy once converted (the compute buffer; ``entry.bytes`` if the unit
-        passes through unconverted). For memory planning: computed from the manifest alone."""
+        passes through unconverted; its bytes and the scales' buffer if its kernel form is in place). For
+        memory planning: computed from the manifest alone."""
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         kernel = self.kernel_names(manifest, entry.name)
+        start = entry.bytes - max((t.data_offsets[1] for t in entry.tensors.values()), default=0)
+        if _in_place(entry.tensors, start, kernel, lambda n, t: _target(t.dtype, want, n in fp32)):
+            return entry.bytes + _scales_layout(entry.tensors, kernel)[1]
         total, changed = 0, False
         for name, spec in entry.tensors.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)):
@@ -215,6 +220,9 @@ class ConvertingSource(SourceWrapper):
         fetched = await self.source.fetch_unit(manifest, unit)
         plan = self._plan(manifest, fetched)
         if plan is None or self.codes_kept(manifest, unit):
+            return fetched
+        if plan.in_place:  # the codes stay where they landed; only the scales change form (a few KiB)
+            fetched.tensors = _scales_in_place(fetched.tensors, plan)
             return fetched
         pool = self.source.buffer_pool
         out = pool.take(plan.size) if pool is not None else unit_buffer(plan.size)  # page-aligned either way
@@ -250,10 +258,12 @@ class ConvertingSource(SourceWrapper):
     def _make_plan(self, manifest: Manifest, fetched: FetchedUnit) -> _Plan | None:
         if fetched.buffer is None:
             raise UnitFormatError(f"unit {fetched.name!r} arrived without its buffer: cannot read its header")
-        stored, metadata, _ = parse_header(fetched.buffer)
+        stored, metadata, start = parse_header(fetched.buffer)
         quant = read_quant_metadata(metadata, stored)
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         kernel = self.kernel_names(manifest, fetched.name) & set(quant)
+        if set(quant) == kernel and _in_place(stored, start, kernel, lambda n, t: _target(t.dtype, want, n in fp32)):
+            return _Plan(quant, *_scales_layout(stored, kernel), kernel, in_place=True)
         entries: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, spec in stored.items():
             if name.endswith((SCALE_SUFFIX, OFFSET_SUFFIX)) and name.rsplit(".", 1)[0] in quant:
@@ -276,8 +286,18 @@ class ConvertingSource(SourceWrapper):
         streamed = list(manifest.streamed)
         if not streamed:
             return 0
-        converts = any(self.memory_bytes(u, manifest) != u.bytes for u in streamed)
-        return max(u.bytes for u in streamed) + (max(self.memory_bytes(u, manifest) for u in streamed) if converts else 0)
+        converting = [self.memory_bytes(u, manifest) for u in streamed if self._needs_buffer(u, manifest)]
+        return max(u.bytes for u in streamed) + max(converting, default=0)
+
+    def _needs_buffer(self, entry: UnitEntry, manifest: Manifest) -> bool:
+        """Whether ``entry`` converts into a compute buffer from the pool on arrival."""
+        size = self.memory_bytes(entry, manifest)
+        if size == entry.bytes:
+            return False
+        want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
+        start = entry.bytes - max((t.data_offsets[1] for t in entry.tensors.values()), default=0)
+        return not _in_place(entry.tensors, start, self.kernel_names(manifest, entry.name),
+                             lambda n, t: _target(t.dtype, want, n in fp32))
 
 
 def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str, torch.Tensor]:
@@ -305,6 +325,42 @@ def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str
 #: every tensor of a compute buffer starts at a multiple of this many bytes (the buffer itself is page-aligned):
 #: torch's int8 kernel reads its weight with aligned vector loads and crashes on one 8 bytes off a 16-byte boundary
 ALIGN = 64
+
+
+def _in_place(tensors: dict[str, TensorSpec], start: int, kernel: frozenset[str],
+              target: Callable[[str, TensorSpec], str]) -> bool:
+    """Whether a unit computes on its stored bytes with no compute buffer: every quantized tensor of it is
+    int8-channel codes in ``kernel`` (whose kernel form is the codes as stored) starting at a multiple of
+    :data:`ALIGN` in the page-aligned receive buffer (``start``: where the data section begins; the chunker lays
+    units out so, :data:`~..format.chunkfile.DATA_ALIGN`), and no other tensor changes dtype (``target``:
+    ``(name, spec) -> compute dtype``). Only the scales change form, float16 ``[out, 1]`` to bfloat16 ``[out]``."""
+    quantized = {n for n in tensors if n + SCALE_SUFFIX in tensors}
+    if not kernel or quantized != set(kernel):
+        return False
+    if any(kernel_scheme(tensors, n) != "int8-channel" or (start + tensors[n].data_offsets[0]) % ALIGN for n in kernel):
+        return False
+    companions = {n + s for n in quantized for s in (SCALE_SUFFIX, OFFSET_SUFFIX)}
+    return all(target(n, t) == t.dtype for n, t in tensors.items() if n not in quantized | companions)
+
+
+def _scales_layout(tensors: dict[str, TensorSpec], kernel: frozenset[str]) -> tuple[dict[str, TensorSpec], int]:
+    """The kernel-form scales of an in-place unit (:func:`_in_place`) laid out in a buffer of their own."""
+    return lay_out({n + SCALE_SUFFIX: kernel_form(_int8_spec(tensors, n))[SCALE_SUFFIX] for n in kernel}, ALIGN)
+
+
+def _int8_spec(tensors: dict[str, TensorSpec], name: str) -> QuantSpec:
+    out, inp = tensors[name].shape
+    return QuantSpec("int8-channel", group_size("int8-channel", inp), (out, inp), "F32")
+
+
+def _scales_in_place(stored: dict[str, torch.Tensor], plan: _Plan) -> dict[str, torch.Tensor]:
+    """An in-place unit's tensors: the stored views, with each scale vector in kernel form in a new buffer."""
+    buf = unit_buffer(plan.size)  # aligned, as the kernel's operands must be
+    out = dict(stored)
+    for name, spec in plan.targets.items():
+        out[name] = tensor_view(buf, 0, name, spec)
+        out[name].copy_(stored[name].view(-1))
+    return out
 
 
 def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:

@@ -21,6 +21,9 @@ class CachePolicy:
     """Decides which unit to evict and which units come next (for prefetching)."""
 
     name = "base"
+    #: whether what a full cache keeps stays kept while the order repeats (``UnitCache.pin_kept`` may then hand
+    #: the kept units to their users for good)
+    settles = False
 
     def __init__(self, order: list[str]) -> None:
         self.order = list(order)
@@ -61,9 +64,13 @@ class CachePolicy:
 
 
 class ExecutionOrderPolicy(CachePolicy):
-    """Evict the unit whose next use (along the learned execution order) is farthest away."""
+    """Evict the unit whose next use (along the learned execution order) is farthest away.
+
+    Along a repeating order that is the unit just used: a full cache keeps the same units pass after pass
+    (:attr:`settles`)."""
 
     name = "order"
+    settles = True
 
     def victim(self, cached: Iterable[str], current: str | None) -> str:
         cands = list(cached)

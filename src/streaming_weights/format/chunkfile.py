@@ -126,15 +126,25 @@ class UnitLayout:
         return self.data_start + s, self.data_start + e
 
 
+#: a unit file's data section starts at a multiple of this many bytes (its header is padded with spaces, as
+#: safetensors allows), and tensors whose size is a multiple of it come first: in a page-aligned receive buffer
+#: each of them starts :data:`DATA_ALIGN`-aligned, which torch's int8 kernel needs to compute on it in place
+DATA_ALIGN = 64
+
+
 def lay_out(entries: Mapping[str, tuple[str, tuple[int, ...]]], align: int = 1) -> tuple[dict[str, TensorSpec], int]:
-    """``{name: TensorSpec}`` of tensors ``{name: (dtype, shape)}`` placed one after another (larger elements
-    first, then by name), each starting at a multiple of ``align`` bytes, and the bytes they span in all
-    (``align=1``: contiguous, as a safetensors file requires)."""
+    """``{name: TensorSpec}`` of tensors ``{name: (dtype, shape)}`` placed one after another, each starting at a
+    multiple of ``align`` bytes, and the bytes they span in all (``align=1``: contiguous, as a safetensors file
+    requires). Order: tensors whose size is a multiple of :data:`DATA_ALIGN` first (so each of them starts at
+    such a multiple), then the rest; within each, larger elements first (natural alignment), then by name."""
+    def nbytes(name: str) -> int:
+        return math.prod(entries[name][1]) * itemsize(entries[name][0])
+
     specs: dict[str, TensorSpec] = {}
     pos = 0
-    for name in sorted(entries, key=lambda n: (-itemsize(entries[n][0]), n)):
+    for name in sorted(entries, key=lambda n: (nbytes(n) % DATA_ALIGN != 0, -itemsize(entries[n][0]), n)):
         dtype, shape = entries[name]
-        n = math.prod(shape) * itemsize(dtype)
+        n = nbytes(name)
         specs[name] = TensorSpec(dtype, tuple(int(d) for d in shape), (pos, pos + n))
         pos += -(-n // align) * align
     return specs, pos
@@ -151,7 +161,7 @@ def plan_unit(
         obj["__metadata__"] = dict(metadata)
     obj.update({n: specs[n].to_json() for n in order})
     raw = json.dumps(obj, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
     return UnitLayout(struct.pack("<Q", len(raw)) + raw, specs)
 
 

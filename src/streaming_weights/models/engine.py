@@ -80,7 +80,7 @@ class StreamingEngine:
         self.edge_bindings: list[EdgeBinding] = []
         self.held_edges: dict[str, FetchedUnit] = {}  # row shards kept as codes for the model's life (loader)
         self.prefetch_enabled = True
-        self.pinned = False  # every streamed block's tensors stay in its module (see _pin_if_all_kept)
+        self.pinned = False  # the kept blocks' tensors stay in their modules (see _pin_kept)
         self.pinned_hits = 0  # uses of pinned units (cache hits that never reached the cache) before the last unpin
         self.accounting = Accounting(self._lifetime, config.monitor)
         self.lock = self.accounting.lock  # held by an inference; unpinning waits for it
@@ -93,10 +93,8 @@ class StreamingEngine:
                               "ssl_context": cfg.ssl_context, "trusted_keys": cfg.trusted_keys, "manifest_sha256": cfg.manifest_sha256}
         if getattr(cfg, "ca_cert", None):
             kw["ca_cert"] = cfg.ca_cert
-        # The one place retries happen: every layer below makes one attempt per call.
-        # Units arrive in their stored dtype and are converted once, below the retries (client.convert).
-        # tensors kept in float32 under half-precision compute, as from_pretrained(dtype=...) keeps them
-        # quantized units: kept as codes? computed on by kernels? (and why "kernel" dequantizes per use, if so)
+        # The one place retries happen (every layer below makes one attempt); units convert once, below them: float32
+        # where from_pretrained(dtype=...) keeps it; quantized ones kept as codes or computed on by kernels (or why not)
         codes, kernel, self.kernel_fallback = in_memory_form(cfg, self.placement.on_host)
         self.converter = ConvertingSource(open_unit_source(cfg.location, pool=self.pool, **kw), cfg.dtype,
                                           keep_fp32=fp32_names_for, keep_codes=codes, kernel=kernel)
@@ -222,8 +220,7 @@ class StreamingEngine:
         # The order the policy starts from: the blocks, then the lm_head's shards (an input embedding's
         # shards are used by the tokens of each step, outside that order).
         order = blocks + [u for e in edges if e.heads for u in e.tensor.units]
-        # A dropped unit's buffer is reused by the next fetch (only once no tensor views it). One spare
-        # buffer is enough in steady state and is one of the plan's (cache + prefetch + 1) unit slots.
+        # A dropped unit's buffer is reused by the next fetch (once no tensor views it): one of the plan's unit slots
         self.pool.limit(max(plan.unit_bytes, self.converter.spare_bytes(manifest)))
         self.cache = UnitCache(
             self._fetch, make_policy(cfg.cache_policy, order),
@@ -319,23 +316,23 @@ class StreamingEngine:
         outermost = self.accounting.depth == 1
         self.accounting.exit(tokens)
         if outermost and not self.closed:
-            self._pin_if_all_kept()
+            self._pin_kept()
 
     # --------------------------------------------------------------------------- weights in memory
-    def _pin_if_all_kept(self) -> None:
-        """When the cache keeps every block and all have arrived, leave their tensors in the modules: a held unit
-        costs nothing to use. Undone by :meth:`_unpin` before anything may drop a unit (resize, clear, close)."""
-        if (self.pinned or not self.bindings or not self.placement.on_host or self.codes is not None
-                or not self.cache.can_keep(len(self.bindings))):
+    def _pin_kept(self) -> None:
+        """Leave the blocks the cache keeps for good (``UnitCache.pin_kept``) in their modules, codes expanded per use
+        aside: a kept unit costs nothing to use. Undone by :meth:`_unpin` before a unit may go (resize, clear, close)."""
+        if self.pinned or not self.bindings or not self.placement.on_host:
             return
+        names = [b.name for b in self.bindings if not self.converter.codes_kept(self.manifest, b.name)]
         try:
-            units = self.call(self.cache.holding, [b.name for b in self.bindings])
+            units = self.call(self.cache.pin_kept, names)
         except Exception:  # noqa: BLE001 - the I/O loop is gone: nothing to pin
             return
-        if units is not None:
-            for b in self.bindings:
-                b.pin(units[b.name])
-            self.pinned = True
+        for b in self.bindings:
+            if b.name in units:  # (a kernel tier hands the kernel forms to its layers until unpinned)
+                b.pin(self.codes.expand(b.name, units[b.name]).tensors if self.codes is not None else units[b.name].tensors)
+        self.pinned = bool(units)
 
     def pinned_uses(self) -> int:
         """Uses of pinned units: cache hits that never had to reach the cache."""
@@ -351,8 +348,11 @@ class StreamingEngine:
             self.pinned = False
             uses = sum(b.pinned_uses for b in self.bindings)
             for b in self.bindings:
+                if b.pinned and self.codes is not None:
+                    self.codes.release(b.name)
                 b.unpin()
                 b.pinned_uses = 0
+            self.cache.unpin()  # (between inferences, before what may evict: nothing on the loop reads it now)
             self.pinned_hits += uses
 
     def cache_info(self) -> dict[str, Any]:
