@@ -224,10 +224,6 @@ def test_the_units_a_full_cache_keeps_stay_in_place(llama, policy, pins):
     chunks, ref = llama
     src = FakeSource(chunks_dir=chunks)
     with StreamingLlamaModel("llama", src, cache_size=2, speculation="off", cache_policy=policy) as m:
-        with torch.no_grad():
-            want = ref.generate(input_ids=IDS, max_new_tokens=4, do_sample=False)
-        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
-        assert m.get_cache_info()["pinned"] is pins
         asked, acquire = [], m.engine.cache.acquire
 
         async def counting(name, **kw):
@@ -235,6 +231,13 @@ def test_the_units_a_full_cache_keeps_stay_in_place(llama, policy, pins):
             return await acquire(name, **kw)
 
         m.engine.cache.acquire = counting
+        with torch.no_grad():
+            want = ref.generate(input_ids=IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
+        assert m.get_cache_info()["pinned"] is pins
+        # pinned between the tokens of that first generate already: 4 blocks, then the 2 streamed ones x 3 steps
+        assert len(asked) == (4 + 2 * 3 if pins else 4 * 4)
+        asked.clear()
         before = m.get_cache_info()
         assert torch.equal(m.generate(input_ids=IDS, max_new_tokens=4, do_sample=False), want)
         after = m.get_cache_info()

@@ -186,8 +186,7 @@ class ConvertingSource(SourceWrapper):
         memory planning: computed from the manifest alone."""
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         kernel = self.kernel_names(manifest, entry.name)
-        start = entry.bytes - max((t.data_offsets[1] for t in entry.tensors.values()), default=0)
-        if _in_place(entry.tensors, start, kernel, lambda n, t: _target(t.dtype, want, n in fp32)):
+        if self._computes_in_place(manifest, entry.name, entry.tensors, _data_start(entry)):
             return entry.bytes + _scales_layout(entry.tensors, kernel)[1]
         total, changed = 0, False
         for name, spec in entry.tensors.items():
@@ -262,7 +261,7 @@ class ConvertingSource(SourceWrapper):
         quant = read_quant_metadata(metadata, stored)
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
         kernel = self.kernel_names(manifest, fetched.name) & set(quant)
-        if set(quant) == kernel and _in_place(stored, start, kernel, lambda n, t: _target(t.dtype, want, n in fp32)):
+        if set(quant) == kernel and self._computes_in_place(manifest, fetched.name, stored, start):
             return _Plan(quant, *_scales_layout(stored, kernel), kernel, in_place=True)
         entries: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, spec in stored.items():
@@ -291,13 +290,13 @@ class ConvertingSource(SourceWrapper):
 
     def _needs_buffer(self, entry: UnitEntry, manifest: Manifest) -> bool:
         """Whether ``entry`` converts into a compute buffer from the pool on arrival."""
-        size = self.memory_bytes(entry, manifest)
-        if size == entry.bytes:
-            return False
+        return (self.memory_bytes(entry, manifest) != entry.bytes
+                and not self._computes_in_place(manifest, entry.name, entry.tensors, _data_start(entry)))
+
+    def _computes_in_place(self, manifest: Manifest, unit: str, tensors: dict[str, TensorSpec], start: int) -> bool:
+        """:func:`_in_place` for ``unit`` (its tensor specs, its data section starting at ``start``)."""
         want, fp32 = self.compute_dtype(manifest), self.keep_fp32(manifest)
-        start = entry.bytes - max((t.data_offsets[1] for t in entry.tensors.values()), default=0)
-        return not _in_place(entry.tensors, start, self.kernel_names(manifest, entry.name),
-                             lambda n, t: _target(t.dtype, want, n in fp32))
+        return _in_place(tensors, start, self.kernel_names(manifest, unit), lambda n, t: _target(t.dtype, want, n in fp32))
 
 
 def _convert(stored: dict[str, torch.Tensor], plan: _Plan, out: Any) -> dict[str, torch.Tensor]:
@@ -343,14 +342,21 @@ def _in_place(tensors: dict[str, TensorSpec], start: int, kernel: frozenset[str]
     return all(target(n, t) == t.dtype for n, t in tensors.items() if n not in quantized | companions)
 
 
+def _data_start(entry: UnitEntry) -> int:
+    """Where ``entry``'s data section begins in its file (from the manifest: its size less the data's)."""
+    return entry.bytes - max((t.data_offsets[1] for t in entry.tensors.values()), default=0)
+
+
 def _scales_layout(tensors: dict[str, TensorSpec], kernel: frozenset[str]) -> tuple[dict[str, TensorSpec], int]:
     """The kernel-form scales of an in-place unit (:func:`_in_place`) laid out in a buffer of their own."""
-    return lay_out({n + SCALE_SUFFIX: kernel_form(_int8_spec(tensors, n))[SCALE_SUFFIX] for n in kernel}, ALIGN)
+    return lay_out({n + SCALE_SUFFIX: kernel_form(_kernel_spec(tensors, n))[SCALE_SUFFIX] for n in kernel}, ALIGN)
 
 
-def _int8_spec(tensors: dict[str, TensorSpec], name: str) -> QuantSpec:
-    out, inp = tensors[name].shape
-    return QuantSpec("int8-channel", group_size("int8-channel", inp), (out, inp), "F32")
+def _kernel_spec(tensors: dict[str, TensorSpec], name: str) -> QuantSpec:
+    """The :class:`QuantSpec` of stored weight ``name``, codes a kernel takes (from the tensor specs alone)."""
+    scheme = kernel_scheme(tensors, name)
+    out, inp = tensors[name].shape[0], tensors[name].shape[1] * (2 if scheme == "int4" else 1)
+    return QuantSpec(scheme, group_size(scheme, inp), (out, inp), "F32")
 
 
 def _scales_in_place(stored: dict[str, torch.Tensor], plan: _Plan) -> dict[str, torch.Tensor]:
@@ -365,10 +371,7 @@ def _scales_in_place(stored: dict[str, torch.Tensor], plan: _Plan) -> dict[str, 
 
 def _kernel_bytes(tensors: dict[str, TensorSpec], name: str) -> int:
     """Bytes of stored weight ``name`` in kernel form (from the manifest's tensor specs alone)."""
-    scheme = kernel_scheme(tensors, name)
-    out, inp = tensors[name].shape[0], tensors[name].shape[1] * (2 if scheme == "int4" else 1)
-    spec = QuantSpec(scheme, group_size(scheme, inp), (out, inp), "F32")
-    return sum(_padded(math.prod(shape) * itemsize(dt)) for dt, shape in kernel_form(spec).values())
+    return sum(_padded(math.prod(shape) * itemsize(dt)) for dt, shape in kernel_form(_kernel_spec(tensors, name)).values())
 
 
 def _padded(nbytes: int) -> int:

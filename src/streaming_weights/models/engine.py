@@ -312,17 +312,17 @@ class StreamingEngine:
         self.accounting.enter(kind)
 
     def exit(self, tokens: int = 0) -> None:
-        """Close the innermost counted scope (:meth:`Accounting.exit`); after the outermost, pin what is kept."""
-        outermost = self.accounting.depth == 1
+        """Close the innermost scope (:meth:`Accounting.exit`); after a model's forward (blocks idle), pin what is kept."""
         self.accounting.exit(tokens)
-        if outermost and not self.closed:
+        if self.accounting.depth <= 1 and not self.closed:
             self._pin_kept()
 
     # --------------------------------------------------------------------------- weights in memory
     def _pin_kept(self) -> None:
         """Leave the blocks the cache keeps for good (``UnitCache.pin_kept``) in their modules, codes expanded per use
         aside: a kept unit costs nothing to use. Undone by :meth:`_unpin` before a unit may go (resize, clear, close)."""
-        if self.pinned or not self.bindings or not self.placement.on_host:
+        if (self.pinned or not self.bindings or not self.placement.on_host
+                or not (self.cache.policy.settles or self.cache.max_units >= len(self.bindings))):
             return
         names = [b.name for b in self.bindings if not self.converter.codes_kept(self.manifest, b.name)]
         try:
