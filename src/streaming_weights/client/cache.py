@@ -204,18 +204,20 @@ class UnitCache:
             self.schedule_prefetch(name)
         return unit
 
+    def can_pin(self, count: int) -> bool:
+        """Whether :meth:`pin_kept` may ever pin among ``count`` units: bounded by units only, and either keeping all
+        of them or under a policy whose kept set settles (:attr:`~.policy.CachePolicy.settles`). Reads two bounds
+        and the policy: callers on another thread may ask it without a trip to the loop."""
+        return self.max_bytes is None and self.max_units > 0 and (self.max_units >= count or self.policy.settles)
+
     def pin_kept(self, names: list[str]) -> dict[str, FetchedUnit]:
         """The kept units among ``names`` for their users to hold between uses, until :meth:`unpin` (they stay
         counted here and are never evicted; the caller stops acquiring them): every one of ``names`` once all have
-        arrived and the bounds keep them all; else, under a policy whose kept set settles
-        (:attr:`~.policy.CachePolicy.settles`), the ones a full cache keeps; else none. Counted by units only."""
-        if self.max_bytes is not None or self.max_units == 0:
+        arrived and the bounds keep them all; else (:meth:`can_pin`) the ones a full cache keeps; else none."""
+        if not self.can_pin(len(names)):
             return {}
-        if self.max_units >= len(names):
-            ready = all(n in self.cached for n in names)
-        else:
-            ready = self.policy.settles and len(self.cached) >= self.max_units
-        self.pinned = frozenset(n for n in names if n in self.cached) if ready else frozenset()
+        full = all(n in self.cached for n in names) if self.max_units >= len(names) else len(self.cached) >= self.max_units
+        self.pinned = frozenset(n for n in names if n in self.cached) if full else frozenset()
         return {n: self.cached[n] for n in self.pinned}
 
     def unpin(self) -> None:

@@ -127,6 +127,13 @@ def _int4_block() -> int | None:
     return _BLOCK[0]
 
 
+def kernel_parts(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor] | None:
+    """Weight ``name``'s kernel form among a unit's ``tensors`` (``{"": weight, companion suffix: companion}``, what
+    :func:`linear` takes), or ``None`` when it is not in kernel form (no companion beside it)."""
+    extra = next((s for s in (ZEROS_SUFFIX, SCALE_SUFFIX) if name + s in tensors), None)
+    return None if extra is None else {"": tensors[name], extra: tensors[name + extra]}
+
+
 def linear(x: torch.Tensor, parts: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` computed by the kernel on ``W``'s kernel form ``parts`` (``x``: ``[..., in]``,
     any batch shape and any number of tokens; computed in :data:`KERNEL_DTYPE`, returned in ``x``'s dtype)."""
@@ -147,4 +154,5 @@ def linear(x: torch.Tensor, parts: Mapping[str, torch.Tensor], bias: torch.Tenso
     return y if bias is None else y + bias
 
 
-__all__ = ["INT8_KERNEL_MAX_ROWS", "KERNEL_DTYPE", "ZEROS_SUFFIX", "kernel_form", "kernel_scheme", "linear", "pack_into", "unavailable"]
+__all__ = ["INT8_KERNEL_MAX_ROWS", "KERNEL_DTYPE", "ZEROS_SUFFIX", "kernel_form", "kernel_parts", "kernel_scheme", "linear",
+           "pack_into", "unavailable"]

@@ -321,9 +321,8 @@ class StreamingEngine:
     def _pin_kept(self) -> None:
         """Leave the blocks the cache keeps for good (``UnitCache.pin_kept``) in their modules, codes expanded per use
         aside: a kept unit costs nothing to use. Undone by :meth:`_unpin` before a unit may go (resize, clear, close)."""
-        if (self.pinned or not self.bindings or not self.placement.on_host
-                or not (self.cache.policy.settles or self.cache.max_units >= len(self.bindings))):
-            return
+        if self.pinned or not self.bindings or not self.placement.on_host or not self.cache.can_pin(len(self.bindings)):
+            return  # (can_pin asked here: no trip to the I/O thread for a cache that cannot)
         names = [b.name for b in self.bindings if not self.converter.codes_kept(self.manifest, b.name)]
         try:
             units = self.call(self.cache.pin_kept, names)

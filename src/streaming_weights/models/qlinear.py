@@ -28,7 +28,6 @@ from torch import nn
 from ..client import qkernel
 from ..client.base import FetchedUnit
 from ..exceptions import ModelError
-from ..format.quant import SCALE_SUFFIX
 from .architecture import linear_weight_names
 from .codes import CodesTier
 from .patching import Patch, patch_method
@@ -94,8 +93,9 @@ class KernelTier(CodesTier):
             return super().expand(name, unit)
         tensors = dict(unit.tensors)
         for weight in names:
-            extra = qkernel.ZEROS_SUFFIX if weight + qkernel.ZEROS_SUFFIX in tensors else SCALE_SUFFIX
-            self._live[weight] = {s: tensors.pop(weight + s) for s in ("", extra)}
+            self._live[weight] = parts = qkernel.kernel_parts(tensors, weight)
+            for suffix in parts:
+                del tensors[weight + suffix]
         return FetchedUnit(name, tensors, unit.nbytes)
 
     def release(self, name: str) -> None:
@@ -107,10 +107,8 @@ class KernelTier(CodesTier):
 def edge_linear(tensors: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` of a row shard's weight ``name`` (:class:`~.edges.EdgeBinding`'s ``linear``): with the kernel
     on its kernel form when it arrived in one, else on the (converted or per-use expanded) tensor."""
-    extra = next((s for s in (qkernel.ZEROS_SUFFIX, SCALE_SUFFIX) if name + s in tensors), None)
-    if extra is None:
-        return torch.nn.functional.linear(x, tensors[name], bias)
-    return qkernel.linear(x, {"": tensors[name], extra: tensors[name + extra]}, bias)
+    parts = qkernel.kernel_parts(tensors, name)
+    return torch.nn.functional.linear(x, tensors[name], bias) if parts is None else qkernel.linear(x, parts, bias)
 
 
 def make_tier(converter: Any, manifest: Any) -> CodesTier | None:
