@@ -165,6 +165,42 @@ def test_buffer_pool_reuses_only_unviewed_buffers():
     assert pool.take(1024) is not buf  # the pool handed it out once only
 
 
+def _can_populate() -> bool:
+    import mmap
+
+    from streaming_weights.client.buffers import MADV_POPULATE_WRITE
+
+    if MADV_POPULATE_WRITE is None:
+        return False
+    try:
+        mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_new_unit_buffer_holds_its_pages_before_any_byte_lands():
+    """A fresh receive buffer is populated in one call, not faulted in page by page while the unit is received
+    into it: right after ``unit_buffer`` the process already holds its pages (a plain map of the same size
+    does not, which shows the measure can tell them apart)."""
+    import mmap
+
+    from streaming_weights.client.buffers import unit_buffer
+    from streaming_weights.memory import current_anon
+
+    if not _can_populate():
+        pytest.skip("this kernel lacks MADV_POPULATE_WRITE (Linux 5.14+): buffers are faulted in as they fill")
+    size = 64 << 20
+    before = current_anon()
+    plain = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    assert current_anon() - before < size // 4
+    before = current_anon()
+    buf = unit_buffer(size)
+    assert current_anon() - before >= size * 9 // 10
+    assert len(buf) == size and buf[0] == 0 and buf[-1] == 0
+    plain.close()
+
+
 def test_an_idle_buffer_grown_in_place_is_writable_to_its_end():
     """take() resizes an idle buffer of another size; growing one must give real pages (a shared anonymous
     map would SIGBUS on them, so this runs in a child process)."""

@@ -29,6 +29,13 @@ class FetchedUnit:
     fetch_seconds: float = 0.0
     buffer: bytearray | None = field(default=None, repr=False)
 
+    def recycle(self, pool: BufferPool | None) -> None:
+        """Done with this unit: its tensors go, and its buffer is offered to ``pool`` for the next fetch (taken
+        only once no tensor views it any more, :meth:`.BufferPool.give`)."""
+        buf, self.buffer, self.tensors = self.buffer, None, {}
+        if pool is not None:
+            pool.give(buf)
+
 
 class UnitSource(ABC):
     """Async interface the engine uses; all methods run on the client's transport event loop."""

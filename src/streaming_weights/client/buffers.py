@@ -1,7 +1,9 @@
 """Receive-buffer reuse for unit fetches.
 
 A fresh unit-sized buffer costs a page fault per 4 KiB page the first time bytes land in it
-(measured here: ~0.8 ms per MiB, as much as the transfer itself). The pool hands a dropped unit's
+(measured here: ~0.46 ms per MiB, twice the BLAKE3 hash of the same bytes). A new buffer is therefore
+populated in one call (``MADV_POPULATE_WRITE``, Linux 5.14+: ~0.33 ms per MiB, and none of it inside the
+receive that fills it; 1.1B int8 time to result 2.5 -> 2.2 s), and the pool hands a dropped unit's
 buffer to the next fetch of the same size — but only when nothing can still see it: every tensor made
 by ``torch.frombuffer`` holds a reference to the buffer object for as long as its storage lives (views,
 ``nn.Parameter`` s sharing it included), so a buffer whose reference count is back to the pool's own
@@ -22,11 +24,31 @@ from collections import defaultdict
 from typing import Any, Callable
 
 
+#: ``madvise`` advice that allocates a range's pages up front (Linux 5.14+; Python's ``mmap`` names it from 3.13)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+
+
 def unit_buffer(size: int) -> mmap.mmap | bytearray:
-    """A writable, zero-filled buffer of ``size`` bytes outside the malloc heap (see the module doc)."""
+    """A writable, zero-filled buffer of ``size`` bytes outside the malloc heap, its pages populated where the
+    kernel can (see the module doc)."""
+    if not size:
+        return bytearray()
     # Private, not mmap's default MAP_SHARED: a shared anonymous map is a fixed-size shmem object, and
     # growing it in place (:meth:`BufferPool.take` resizes idle buffers) would SIGBUS on the new pages.
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if size else bytearray()
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    populate(buf)
+    return buf
+
+
+def populate(buf: mmap.mmap) -> None:
+    """Allocate every page of ``buf`` now, in one call, rather than one fault per page as bytes land. Where the
+    kernel lacks the advice (before 5.14) the pages are faulted in on first write, as before."""
+    if MADV_POPULATE_WRITE is None:
+        return
+    try:
+        buf.madvise(MADV_POPULATE_WRITE)
+    except OSError:  # EINVAL: an older kernel; the buffer is as usable, only slower to fill
+        pass
 
 
 #: buffers held aside while a view of them still lives (each one is alive anyway until the view dies)

@@ -94,13 +94,11 @@ class UnitCache:
 
     def _drop(self, unit: FetchedUnit) -> None:
         """``unit`` left the cache for good: offer its buffer for reuse (refused while any view lives)."""
-        if self.pool is None:
-            return
-        buf, unit.buffer, unit.tensors = unit.buffer, None, {}
-        # Idle buffers may fill the unit slots no live unit uses: the set of buffers stays fixed.
-        free_slots = self.max_units + self.prefetch_count + 1 - self.live_units
-        self.pool.slack_bytes = max(0, free_slots) * max(self.sizes.values(), default=0)
-        self.pool.give(buf)
+        if self.pool is not None:
+            # Idle buffers may fill the unit slots no live unit uses: the set of buffers stays fixed.
+            free_slots = self.max_units + self.prefetch_count + 1 - self.live_units
+            self.pool.slack_bytes = max(0, free_slots) * max(self.sizes.values(), default=0)
+        unit.recycle(self.pool)
 
     # ------------------------------------------------------------------------------------- helpers
     def _event(self, kind: str, unit: str) -> None:

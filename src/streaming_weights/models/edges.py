@@ -22,6 +22,7 @@ that bypassed the wrappers would compute NaN rather than plausible numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..client.base import FetchedUnit
+from ..client.buffers import BufferPool, unit_buffer
 from ..exceptions import ModelError
 from ..format import Manifest
 from .patching import Patch, patch_method
@@ -79,16 +82,29 @@ def kept_and_streamed(manifest: Manifest, streamed_units: list[str]) -> tuple[li
     return ([t for t in tensors if not set(t.units) & streamed], [t for t in tensors if set(t.units) <= streamed])
 
 
-def assemble(fetch: Callable[[str], dict[str, torch.Tensor]], tensor: ShardedTensor) -> torch.Tensor:
-    """The whole tensor, filled shard by shard (``fetch(unit)`` -> that unit's tensors)."""
+def assemble(fetch: Callable[[str], FetchedUnit], tensor: ShardedTensor,
+             pool: BufferPool | None = None) -> torch.Tensor:
+    """The whole tensor, filled shard by shard (``fetch(unit)`` -> that unit, fetched); each shard's receive
+    buffer goes back to ``pool`` before the next shard is fetched, which lands in it."""
     full: torch.Tensor | None = None
     for unit, start, stop in tensor.shards:
-        part = fetch(unit)[tensor.name]
+        fetched = fetch(unit)
+        part = fetched.tensors[tensor.name]
         if full is None:
-            full = part.new_empty((tensor.rows, *part.shape[1:]))
+            full = _empty_rows(part, tensor.rows)
         full[start:stop] = part
-        del part  # the shard's receive buffer goes before the next one is fetched
+        del part
+        fetched.recycle(pool)
     return full
+
+
+def _empty_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialized tensor of ``rows`` rows shaped like ``part``'s, its pages populated up front on the CPU
+    (:func:`.unit_buffer`: cheaper than a fault per page while the shards are copied in)."""
+    shape = (rows, *part.shape[1:])
+    if part.device.type != "cpu":
+        return part.new_empty(shape)
+    return torch.frombuffer(unit_buffer(math.prod(shape) * part.element_size()), dtype=part.dtype).view(shape)
 
 
 def users(root: nn.Module, manifest: Manifest, tensor: str) -> list[tuple[str, nn.Module]]:

@@ -147,6 +147,8 @@ class StreamingEngine:
         self._plan_args = dict(budget=budget, budget_from=where, overhead_bytes=overhead,
                                unit_bytes_of=self._unit_memory(manifest))
         self.plan = plan_memory(manifest, self.config, **self._plan_args)
+        # A dropped unit's buffer is reused by the next fetch (once no tensor views it): one of the plan's unit slots
+        self.pool.limit(max(self.plan.unit_bytes, self.converter.spare_bytes(manifest)))
         return self.plan
 
     def plan_for(self, seq_len: int, batch: int = 1) -> Plan:
@@ -220,8 +222,6 @@ class StreamingEngine:
         # The order the policy starts from: the blocks, then the lm_head's shards (an input embedding's
         # shards are used by the tokens of each step, outside that order).
         order = blocks + [u for e in edges if e.heads for u in e.tensor.units]
-        # A dropped unit's buffer is reused by the next fetch (once no tensor views it): one of the plan's unit slots
-        self.pool.limit(max(plan.unit_bytes, self.converter.spare_bytes(manifest)))
         self.cache = UnitCache(
             self._fetch, make_policy(cfg.cache_policy, order),
             {u.name: u.bytes for u in manifest.units if u.name in streamed}, max_units=plan.cache_size,

@@ -104,9 +104,9 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     # The model's code is imported and its skeleton built: what is left is what the plan may use, and a
     # budget too small fails here, before the resident parts are fetched.
     plan = engine.make_plan(m)
-    fetch = lambda name: engine.run(engine.source.fetch_unit(m, name)).tensors  # noqa: E731
+    fetch = lambda name: engine.run(engine.source.fetch_unit(m, name))  # noqa: E731
     for entry in m.resident:
-        assign_unit(model, fetch(entry.name))
+        assign_unit(model, fetch(entry.name).tensors)
     kept, streamed = kept_and_streamed(m, plan.streamed)
     as_codes = lambda u: engine.converter.codes_kept(m, u) or engine.converter.kernel_names(m, u)  # noqa: E731
     for tensor in kept:
@@ -114,7 +114,7 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
             engine.held_edges.update({u: engine.run(engine.source.fetch_unit(m, u)) for u in tensor.units})
             streamed.append(tensor)
         else:
-            assign_tensor(model, tensor.name, assemble(fetch, tensor))
+            assign_tensor(model, tensor.name, assemble(fetch, tensor, engine.pool))
     # sharded weights the plan streams or holds as codes stay meta here (edges.EdgeBinding takes them), and
     # their aliases too
     streamed_shards = {name for tensor in streamed for name in names_of(m, tensor.name)}
