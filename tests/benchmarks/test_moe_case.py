@@ -60,6 +60,20 @@ def test_splice_replaces_only_the_rerun_cases_section_and_ratio_rows():
     assert splice_report(text, {"cases": {"moe": case}, "notes": ["other jobs ran"]}) == text  # idempotent
 
 
+def test_splice_replaces_a_retitled_cases_section_instead_of_adding_a_second_one():
+    """A case whose title grew a tail since the report was written (its lead, before the colon, unchanged):
+    its old section goes, and a report already holding the case twice keeps one section."""
+    from streaming_weights.benchmarks.report import splice_report
+
+    case = {"title": "Transfer: one unit; local disk vs dd", "measured": "fresh", "metrics": {}, "ratios": {}}
+    old = "\n".join(["# report", "", "## Transfer: one unit", "", "stale", "", "## Overlap: x", "", "kept", "",
+                     "## Transfer: one unit; local disk vs dd", "", "older", ""])
+    text = splice_report(old, {"cases": {"transfer": case}})
+    assert "stale" not in text and "older" not in text and "kept" in text
+    assert text.count("## Transfer") == 1 and text.index("## Transfer") < text.index("## Overlap")
+    assert splice_report(text, {"cases": {"transfer": case}}) == text
+
+
 def test_splice_of_the_generation_case_replaces_the_headline_and_keeps_the_records_line():
     from streaming_weights.benchmarks.report import RECORDS, splice_report
 

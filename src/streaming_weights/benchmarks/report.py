@@ -175,11 +175,22 @@ def render_report(results: dict[str, Any]) -> str:
 RATIOS_HEADING = "## All ratios"
 
 
+def _lead(heading: str) -> str:
+    """A section heading up to its first colon: a case's title may grow its tail between runs, not its lead."""
+    return heading.split(":", 1)[0]
+
+
 def _replace_section(lines: list[str], section: list[str]) -> list[str]:
-    """``lines`` with the section headed ``section[0]`` replaced by ``section`` (appended when absent)."""
-    if section[0] not in lines:
+    """``lines`` with the section headed ``section[0]`` replaced by ``section`` (appended when absent). A section
+    is known by its heading's lead (:func:`_lead`), so a case whose title changed since replaces its old section
+    rather than leaving it beside the new one."""
+    same = [k for k, line in enumerate(lines) if line.startswith("## ") and _lead(line) == _lead(section[0])]
+    for i in reversed(same[1:]):  # a report spliced before this rule may hold the case twice: keep the first
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:i] + lines[j:]
+    if not same:
         return lines + ([""] if lines and lines[-1] else []) + section
-    i = lines.index(section[0])
+    i = same[0]
     j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
     return lines[:i] + section + lines[j:]
 
@@ -210,4 +221,4 @@ def splice_report(text: str, results: dict[str, Any]) -> str:
         lines = _replace_ratio_rows(lines, name, _ratio_rows(name, case))
     if "generation" in results["cases"]:  # the headline is the generation case's
         lines = _replace_section(lines, _headline({"cases": {"generation": results["cases"]["generation"]}}))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
