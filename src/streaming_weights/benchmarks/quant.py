@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from typing import Any
 
 from . import dequant, qkernels
@@ -44,12 +45,13 @@ def _perplexity(name: str, uri: str, ids: Any, **options: Any) -> tuple[float, f
 
 
 def _text_ids(ctx: Any) -> tuple[Any, str]:
-    """(ids, description): issue 14's fixed paragraph when the model has a tokenizer, else the prompt."""
+    """(ids, description): Python's documentation topics when the model has a tokenizer, else the prompt."""
     import torch
 
     ids = perplexity_ids(ctx.hf_dir)
     if ids:
-        return torch.tensor([ids]), "fixed paragraph (issue 14's, tokenized without a chat template)"
+        return torch.tensor([ids]), (f"text (Python {sys.version_info[0]}.{sys.version_info[1]}'s documentation "
+                                     "topics, pydoc_data, in sorted order, tokenized without a chat template)")
     return torch.tensor([ctx.prompt[:256]]), f"benchmark prompt ({ctx.prompt_kind})"
 
 

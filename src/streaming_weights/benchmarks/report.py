@@ -19,6 +19,8 @@ def fmt(x: float) -> str:
         return f"{x:.0f}"
     if a >= 10:
         return f"{x:.1f}"
+    if 0.9 <= a < 1.1:  # a ratio near 1 against a goal such as "<= 1.01": the third decimal matters
+        return f"{x:.4g}"
     if a >= 0.01:
         return f"{x:.3g}"
     return f"{x:.2e}"
