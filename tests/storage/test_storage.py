@@ -203,3 +203,62 @@ def test_open_storage(tmp_path):
     assert open_storage(mem) == (mem, "")
     fs, prefix = open_storage(str(tmp_path))
     assert isinstance(fs, FilesystemBackend) and fs.base_dir == tmp_path.resolve() and prefix == ""
+
+
+class _Recording(MemoryBackend):
+    """A backend that reads like the default ``read_into`` and records what its ``on_piece`` was handed."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        super().__init__(objects)
+        self.pieces: list[int] = []
+
+    async def read_into(self, key, buf, *, offset=0, on_piece=None):
+        seen = on_piece and (lambda piece: (self.pieces.append(len(piece)), on_piece(piece)))
+        return await super().read_into(key, buf, offset=offset, on_piece=seen)
+
+
+@pytest.mark.parametrize("where", ["directory", "memory"])
+def test_every_backend_hashes_what_it_read_and_a_tampered_unit_fails(tiny_chunks, where):
+    """StorageSource verifies through one path for every backend: the bytes go to the hash as ``read_into``
+    hands them over (a local directory while it reads, the default once read), so a byte changed in storage is
+    an IntegrityError naming the unit, and an intact unit decodes to the stored tensors."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from streaming_weights.client import StorageSource
+    from streaming_weights.exceptions import IntegrityError
+
+    _, chunks = tiny_chunks("llama", layers=2)
+    files = {p.relative_to(chunks).as_posix(): p.read_bytes() for p in chunks.rglob("*") if p.is_file()}
+    victim = next(k for k in files if k.startswith("units/") and "layers.1" in k)
+    good = next(k for k in files if k.startswith("units/") and "layers.0" in k)
+
+    async def run(storage):
+        source = StorageSource(storage)
+        try:
+            manifest = await source.get_manifest(None)
+            unit = next(u for u in manifest.units if u.path == good)
+            fetched = await source.fetch_unit(manifest, unit.name)
+            expected = load_file(str(chunks / good))
+            assert all(torch.equal(fetched.tensors[k], v) for k, v in expected.items())
+            bad = next(u for u in manifest.units if u.path == victim)
+            with pytest.raises(IntegrityError, match=bad.path.split("/")[-1].replace(".", r"\.")):
+                await source.fetch_unit(manifest, bad.name)
+        finally:
+            await source.close()
+
+    tampered = bytearray(files[victim])
+    tampered[-1] ^= 0x01  # the last byte of the last tensor's data
+    if where == "memory":
+        storage = _Recording(files | {victim: bytes(tampered)})
+        asyncio.run(run(storage))
+        assert storage.pieces == [len(files[good]), len(files[victim])]  # all at once, after the read
+    else:
+        copy = Path(str(chunks) + "-tampered")
+        if not copy.exists():
+            shutil.copytree(chunks, copy)
+            (copy / victim).write_bytes(bytes(tampered))
+        asyncio.run(run(FilesystemBackend(copy)))

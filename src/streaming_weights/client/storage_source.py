@@ -10,11 +10,10 @@ import blake3
 from ..exceptions import IntegrityError, KeyNotFoundError, NotFoundError
 from ..format import Manifest, UnitEntry, join_key
 from ..storage import StorageBackend
-from ..storage.filesystem import FilesystemBackend
 from ..storage.catalog import StoredModel, discover_stored, pick_model, read_stored
 from .base import FetchedUnit, UnitSource
 from .buffers import BufferPool
-from .verify import check_blake3, decode_verified, trusted_manifest, verify_and_decode, verify_blob
+from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
 
 if TYPE_CHECKING:
     from ..format.signing import TrustPolicy
@@ -94,15 +93,10 @@ class StorageSource(UnitSource):
         entry = manifest.unit(unit)
         buf = self.new_buffer(entry.bytes)
         key = await self._key(manifest, entry.path)
-        if isinstance(self.storage, FilesystemBackend):  # hashed while later pieces are still being read
-            hasher = blake3.blake3()
-            got = await self.storage.read_into(key, buf, on_piece=hasher.update)
-            self._check_size(entry, got)
-            check_blake3(entry, hasher.hexdigest(), self.location)
-            tensors = decode_verified(entry, buf, self.location)
-        else:
-            self._check_size(entry, await self.storage.read_into(key, buf))
-            tensors = await asyncio.to_thread(verify_and_decode, entry, buf, self.location)
+        hasher = blake3.blake3()  # fed as the bytes land (a local directory: while later pieces are read)
+        self._check_size(entry, await self.storage.read_into(key, buf, on_piece=hasher.update))
+        check_blake3(entry, hasher.hexdigest(), self.location)
+        tensors = decode_verified(entry, buf, self.location)
         return FetchedUnit(unit, tensors, entry.bytes, loop.time() - t0, buf)
 
     def _check_size(self, entry: UnitEntry, got: int) -> None:

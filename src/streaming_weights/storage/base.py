@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from ..exceptions import InvalidKeyError
 
@@ -24,6 +26,17 @@ def normalize_key(key: str) -> str:
     if norm in (".", "") or norm.startswith("../"):
         raise InvalidKeyError(f"storage key {key!r} escapes the storage root")
     return norm
+
+
+#: Called with each piece of an object's bytes as it lands, in order (see :meth:`StorageBackend.read_into`).
+OnPiece = Callable[[memoryview], object]
+
+
+async def whole_piece(on_piece: OnPiece | None, buf: bytearray | memoryview, n: int) -> None:
+    """Hand ``on_piece`` the first ``n`` bytes of ``buf`` at once, on a worker thread (a hash of a large object
+    must not hold up the event loop's other reads)."""
+    if on_piece is not None and n:
+        await asyncio.to_thread(on_piece, memoryview(buf).cast("B")[:n])
 
 
 class StorageBackend(ABC):
@@ -59,10 +72,16 @@ class StorageBackend(ABC):
         data = await self.load(key)
         return data[start : start + length]
 
-    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0) -> int:
-        """Fill ``buf`` with the object's bytes from ``offset``; returns the number of bytes written."""
+    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0,
+                        on_piece: OnPiece | None = None) -> int:
+        """Fill ``buf`` with the object's bytes from ``offset``; returns the number of bytes written.
+
+        ``on_piece`` (a hash) sees the bytes written, in order: a backend that reads in order calls it on each
+        piece while later ones are still being read; one that does not (this default, ranged reads in parallel)
+        calls it once with all of them (:func:`whole_piece`)."""
         data = await self.read_range(key, offset, len(buf))
         memoryview(buf)[: len(data)] = data
+        await whole_piece(on_piece, buf, len(data))
         return len(data)
 
     async def delete(self, key: str) -> None:

@@ -8,10 +8,10 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ..exceptions import InvalidKeyError, KeyNotFoundError, StorageError
-from .base import StorageBackend, normalize_key
+from .base import OnPiece, StorageBackend, normalize_key
 from .fileread import read_file_into
 
 
@@ -115,13 +115,13 @@ class FilesystemBackend(StorageBackend):
         return await asyncio.to_thread(self._read, key, start, length)
 
     async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0,
-                        on_piece: Callable[[memoryview], object] | None = None) -> int:
+                        on_piece: OnPiece | None = None) -> int:
         """Fill ``buf`` from ``offset`` at disk speed without filling the page cache (``O_DIRECT`` where
         the filesystem and ``buf``'s alignment allow, see :mod:`.fileread`); ``on_piece`` sees the bytes in
         order while later ones are still being read (a hash). Returns the bytes written."""
         return await asyncio.to_thread(self._read_into, key, memoryview(buf).cast("B"), offset, on_piece)
 
-    def _read_into(self, key: str, view: memoryview, offset: int, on_piece: Callable[[memoryview], object] | None) -> int:
+    def _read_into(self, key: str, view: memoryview, offset: int, on_piece: OnPiece | None) -> int:
         path = self.path(key)
         with self._reading(key):
             return read_file_into(path, view, offset, on_piece=on_piece)

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from ..exceptions import ConfigurationError
-from .base import StorageBackend, normalize_key
+from .base import OnPiece, StorageBackend, normalize_key, whole_piece
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +312,12 @@ class RedisCacheBackend(StorageBackend):
         data = await self._fill(key)
         return data if isinstance(data, bytes) else bytes(data)
 
-    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0) -> int:
+    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0,
+                        on_piece: OnPiece | None = None) -> int:
         data = await self._fill(key)
         chunk = memoryview(data)[offset : offset + len(buf)]
         memoryview(buf).cast("B")[: len(chunk)] = chunk
+        await whole_piece(on_piece, buf, len(chunk))
         return len(chunk)
 
     async def read_range(self, key: str, start: int, length: int) -> bytes:

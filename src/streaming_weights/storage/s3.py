@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from ..exceptions import AuthenticationError, ConfigurationError, InvalidKeyError, KeyNotFoundError, StorageError
-from .base import StorageBackend, normalize_key
+from .base import OnPiece, StorageBackend, normalize_key, whole_piece
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +318,10 @@ class S3Backend(StorageBackend):
             got += m
         return got
 
-    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0) -> int:
-        """Fill ``buf`` from byte ``offset`` of the object with up to ``max_concurrency`` ranged GETs.
+    async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0,
+                        on_piece: OnPiece | None = None) -> int:
+        """Fill ``buf`` from byte ``offset`` of the object with up to ``max_concurrency`` ranged GETs; ``on_piece``
+        sees the bytes once all are in (the parts land out of order).
 
         Returns the number of bytes written (fewer than ``len(buf)`` at the end of the object).
 
@@ -337,8 +339,10 @@ class S3Backend(StorageBackend):
         if got < first_len:
             if got == 0 and total is None:
                 await self._run(self._head, full, key)  # InvalidRange: past the end, or an empty object
-            return got
-        return await self._read_parts(full, key, view, offset, got, total)
+        else:
+            got = await self._read_parts(full, key, view, offset, got, total)
+        await whole_piece(on_piece, view, got)
+        return got
 
     async def load(self, key: str) -> bytes:
         """The whole object; objects larger than ``part_size`` arrive as concurrent ranged GETs."""
