@@ -99,8 +99,8 @@ def assemble(fetch: Callable[[str], FetchedUnit], tensor: ShardedTensor,
 
 
 def _empty_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
-    """An uninitialized tensor of ``rows`` rows shaped like ``part``'s, its pages populated up front on the CPU
-    (:func:`.unit_buffer`: cheaper than a fault per page while the shards are copied in)."""
+    """A tensor of ``rows`` rows shaped like ``part``'s, for the shards to be copied into; on the CPU its pages are
+    populated up front (:func:`.unit_buffer`: cheaper than a fault per page while the shards are copied in)."""
     shape = (rows, *part.shape[1:])
     if part.device.type != "cpu":
         return part.new_empty(shape)
