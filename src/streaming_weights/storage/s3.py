@@ -321,13 +321,8 @@ class S3Backend(StorageBackend):
     async def read_into(self, key: str, buf: bytearray | memoryview, *, offset: int = 0,
                         on_piece: OnPiece | None = None) -> int:
         """Fill ``buf`` from byte ``offset`` of the object with up to ``max_concurrency`` ranged GETs; ``on_piece``
-        sees the bytes once all are in (the parts land out of order).
-
-        Returns the number of bytes written (fewer than ``len(buf)`` at the end of the object).
-
-        Raises:
-            KeyNotFoundError, AuthenticationError, StorageError.
-        """
+        sees the bytes once all are in (the parts land out of order). Returns the number of bytes written (fewer
+        than ``len(buf)`` at the end of the object). Raises KeyNotFoundError, AuthenticationError, StorageError."""
         if offset < 0:
             raise StorageError(f"negative offset {offset}")
         full = self._key(key)
