@@ -111,7 +111,7 @@ def build_model(engine: StreamingEngine, m: Manifest) -> torch.nn.Module:
     as_codes = lambda u: engine.converter.codes_kept(m, u) or engine.converter.kernel_names(m, u)  # noqa: E731
     for tensor in kept:
         if all(as_codes(u) for u in tensor.units):  # held as codes (or kernel form): computed per use
-            engine.held_edges.update({u: engine.run(engine.source.fetch_unit(m, u)) for u in tensor.units})
+            engine.held_edges.update({u: fetch(u) for u in tensor.units})
             streamed.append(tensor)
         else:
             assign_tensor(model, tensor.name, assemble(fetch, tensor, engine.pool))

@@ -25,7 +25,8 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+
+from .base import OnPiece
 
 #: Alignment ``O_DIRECT`` needs of buffer address, offset and length (a page; covers 4 KiB sectors).
 ALIGN = 4096
@@ -59,7 +60,7 @@ def address(view: memoryview) -> int:
 
 
 def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int = 0, *,
-                   on_piece: Callable[[memoryview], object] | None = None) -> int:
+                   on_piece: OnPiece | None = None) -> int:
     """Fill ``view`` (a writable byte view) with the file's bytes from ``offset``; returns how many landed
     (fewer than ``len(view)`` only at the end of the file).
 
@@ -88,7 +89,7 @@ def read_file_into(path: str | os.PathLike[str], view: memoryview, offset: int =
 
 
 def _read_direct(path: str | os.PathLike[str], view: memoryview, offset: int,
-                 on_piece: Callable[[memoryview], object] | None, cached_fd: int) -> int:
+                 on_piece: OnPiece | None, cached_fd: int) -> int:
     """Bytes read with ``O_DIRECT`` (0 where the filesystem refuses it: the caller reads them otherwise)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
@@ -113,7 +114,7 @@ def _read_direct(path: str | os.PathLike[str], view: memoryview, offset: int,
         os.close(fd)
 
 
-def _read_pieces(fd: int, view: memoryview, offset: int, on_piece: Callable[[memoryview], object] | None,
+def _read_pieces(fd: int, view: memoryview, offset: int, on_piece: OnPiece | None,
                  progress: list[int] | None = None, cached_fd: int | None = None) -> int:
     """Read ``view`` from ``fd`` at ``offset`` in :data:`PIECE` s, :data:`DEPTH` in flight; hand each
     finished piece to ``on_piece`` in order. Returns the bytes of the complete prefix (also kept in
