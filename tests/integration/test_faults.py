@@ -163,6 +163,22 @@ def test_bytes_corrupted_in_transit_are_rejected_then_refetched(big, proxy):
         assert m.source.retries >= 1  # the corrupted copy was refused and fetched again
 
 
+def test_bytes_corrupted_in_a_fingerprinted_refetch_are_rejected_then_refetched(big, proxy):
+    """Units fetched a third time are checked against their fingerprint, not BLAKE3 (client.fingerprint): a
+    byte flipped in transit then is refused by the fingerprint and the unit fetched again, identically."""
+    with model(proxy) as m:
+        for _ in range(3):  # cache_size=1: every pass fetches the layers again
+            m.forward(IDS, MASK)
+        book = m.source.fingerprints
+        assert len(book) >= 2 and book.tag_bytes > 0
+        tagged, hashed, retries = book.tag_bytes, book.blake3_bytes, m.source.retries
+        proxy.corrupt_at(7 * MiB + 777)
+        check_identical(m, big)
+        assert proxy.corruptions == 1
+        assert m.source.retries == retries + 1  # the corrupted copy was refused and fetched again
+        assert book.tag_bytes > tagged and book.blake3_bytes == hashed  # by the fingerprint alone
+
+
 def test_slow_server_times_out_instead_of_hanging(big, proxy):
     timeout, retries = 1.0, 1
     with model(proxy, timeout_seconds=timeout, max_retries=retries) as m:

@@ -262,3 +262,35 @@ def test_every_backend_hashes_what_it_read_and_a_tampered_unit_fails(tiny_chunks
             shutil.copytree(chunks, copy)
             (copy / victim).write_bytes(bytes(tampered))
         asyncio.run(run(FilesystemBackend(copy)))
+
+
+def test_a_unit_changed_in_a_directory_after_it_was_fingerprinted_is_refused(tiny_chunks, tmp_path):
+    """Reading a local directory goes through the same fingerprints as the network (client.fingerprint): the
+    third read of a unit is checked against the bytes verified before, so a byte changed since is refused."""
+    import shutil
+
+    from streaming_weights.client import StorageSource
+    from streaming_weights.exceptions import IntegrityError
+
+    _, chunks = tiny_chunks("llama", layers=2)
+    copy = tmp_path / "chunks"
+    shutil.copytree(chunks, copy)
+
+    async def run():
+        source = StorageSource(FilesystemBackend(copy))
+        try:
+            manifest = await source.get_manifest(None)
+            unit = manifest.streamed[1]
+            for _ in range(3):
+                (await source.fetch_unit(manifest, unit.name)).recycle(None)
+            assert source.fingerprints.tag_bytes == unit.bytes
+            path = copy / unit.path
+            data = bytearray(path.read_bytes())
+            data[len(data) // 3] ^= 0x10
+            path.write_bytes(bytes(data))
+            with pytest.raises(IntegrityError, match="differs from the bytes verified against its manifest hash"):
+                await source.fetch_unit(manifest, unit.name)
+        finally:
+            await source.close()
+
+    asyncio.run(run())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..format import Manifest
 from .buffers import BufferPool
+from .fingerprint import Fingerprints
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,9 @@ class UnitSource(ABC):
     #: Where unit receive buffers come from (and return to once no tensor views them): given to the leaf
     #: sources' constructors (``open_unit_source(..., pool=)``); ``None``: plain ``bytearray`` s.
     buffer_pool: BufferPool | None = None
+    #: Fingerprints of the units this source verified (:mod:`.fingerprint`): a refetched unit is checked
+    #: against its own; shared by the leaf sources :func:`.open_unit_source` builds together.
+    fingerprints: Fingerprints | None = None
     #: How many servers one call may try in turn (each up to its timeout): sizes the retry deadline.
     attempt_span: int = 1
 
@@ -87,6 +91,10 @@ class SourceWrapper(UnitSource):
     @property
     def buffer_pool(self) -> BufferPool | None:  # type: ignore[override]
         return self.source.buffer_pool
+
+    @property
+    def fingerprints(self) -> Fingerprints | None:  # type: ignore[override]
+        return self.source.fingerprints
 
     async def list_models(self) -> list[str]:
         return await self.source.list_models()

@@ -38,6 +38,7 @@ class FailoverSource(UnitSource):
         self.sources = list(sources)
         # The source that answers fills the buffer: every source was built with the same pool.
         self.buffer_pool = self.sources[0].buffer_pool
+        self.fingerprints = self.sources[0].fingerprints  # likewise shared (open_unit_source)
         self.location = " | ".join(s.location for s in self.sources)
         self.base_backoff, self.max_backoff = base_backoff, max_backoff
         self._down_until = [0.0] * len(self.sources)

@@ -51,8 +51,9 @@ class Pending:
     size: int | None = None
     received: int = 0
     body: dict[str, Any] = field(default_factory=dict)
-    # Incremental BLAKE3 over the received prefix while bytes keep arriving, so verification overlaps the
-    # transfer instead of following it: on a worker thread (``hash_pool``), or inline when it is None.
+    # The unit's verifier (BLAKE3, or its fingerprint: ``fingerprint.Verifier``) fed the received prefix while
+    # bytes keep arriving, so verification overlaps the transfer instead of following it: on a worker thread
+    # (``hash_pool``), or inline when it is None.
     hasher: Any = None
     hashed: int = 0
     hash_future: concurrent.futures.Future | None = None

@@ -13,6 +13,7 @@ from ..storage import S3Options, StorageBackend, open_storage
 from .base import UnitSource
 from .buffers import BufferPool
 from .failover import FailoverSource
+from .fingerprint import Fingerprints
 from .retry import RetryingSource, RetryPolicy
 from .storage_source import StorageSource
 from .transport import WebSocketSource
@@ -107,12 +108,13 @@ class _Opener:
     def __init__(self, token: str | None, timeout: float, ctx: ssl.SSLContext | None, trust: Any,
                  pool: BufferPool | None, s3: S3Options | None) -> None:
         self.token, self.timeout, self.ctx, self.trust, self.pool, self.s3 = token, timeout, ctx, trust, pool, s3
+        self.fingerprints = Fingerprints()  # one book for every leaf: a unit verified from one server is known
 
     def open(self, uri: Location) -> UnitSource:
         if isinstance(uri, UnitSource):
             return uri
         if isinstance(uri, StorageBackend):
-            return StorageSource(uri, trust=self.trust, pool=self.pool)
+            return StorageSource(uri, trust=self.trust, pool=self.pool, fingerprints=self.fingerprints)
         if isinstance(uri, (list, tuple)):
             if len(uri) != 1:
                 return FailoverSource([self.open(u) for u in uri])
@@ -120,10 +122,10 @@ class _Opener:
         text = normalize_uri(os.fspath(uri))  # type: ignore[arg-type]
         if text.startswith(("ws://", "wss://")):
             return WebSocketSource(text, token=self.token, timeout_seconds=self.timeout, ssl_context=self.ctx,
-                                   trust=self.trust, pool=self.pool)
+                                   trust=self.trust, pool=self.pool, fingerprints=self.fingerprints)
         # one attempt per S3 request: the client's retry layer (client.retry) is the one that retries
         backend, prefix = open_storage(text, dataclasses.replace(self.s3 or S3Options(), max_attempts=1))
-        return StorageSource(backend, prefix, trust=self.trust, pool=self.pool)
+        return StorageSource(backend, prefix, trust=self.trust, pool=self.pool, fingerprints=self.fingerprints)
 
 
 __all__ = ["client_ssl_context", "normalize_uri", "open_unit_source"]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import blake3
-
 from ..exceptions import IntegrityError, KeyNotFoundError, NotFoundError
 from ..format import Manifest, UnitEntry, join_key
 from ..storage import StorageBackend
 from ..storage.catalog import StoredModel, discover_stored, pick_model, read_stored
 from .base import FetchedUnit, UnitSource
 from .buffers import BufferPool
-from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
+from .fingerprint import Fingerprints
+from .verify import decode_verified, trusted_manifest, verify_blob
 
 if TYPE_CHECKING:
     from ..format.signing import TrustPolicy
@@ -28,13 +27,15 @@ class StorageSource(UnitSource):
     from a corrupted one: :class:`~streaming_weights.exceptions.ModelChangedError`).
 
     ``trust``: when set, :meth:`get_manifest` checks the exact stored ``manifest.json`` bytes against
-    ``manifest.json.sig`` (SignatureError) before the manifest is used.
+    ``manifest.json.sig`` (SignatureError) before the manifest is used. ``fingerprints``: where re-read units'
+    fingerprints are kept (:mod:`.fingerprint`; default: its own).
     """
 
     def __init__(self, storage: StorageBackend, prefix: str = "", *, trust: TrustPolicy | None = None,
-                 pool: BufferPool | None = None) -> None:
+                 pool: BufferPool | None = None, fingerprints: Fingerprints | None = None) -> None:
         self.trust = trust
         self.buffer_pool = pool
+        self.fingerprints = fingerprints if fingerprints is not None else Fingerprints()
         self.storage = storage
         self.prefix = prefix.strip("/")
         self.location = f"{storage.location}/{self.prefix}".rstrip("/")
@@ -93,9 +94,9 @@ class StorageSource(UnitSource):
         entry = manifest.unit(unit)
         buf = self.new_buffer(entry.bytes)
         key = await self._key(manifest, entry.path)
-        hasher = blake3.blake3()  # fed as the bytes land (a local directory: while later pieces are read)
-        self._check_size(entry, await self.storage.read_into(key, buf, on_piece=hasher.update))
-        check_blake3(entry, hasher.hexdigest(), self.location)
+        verifier = self.fingerprints.verifier(entry)  # fed as the bytes land (a directory: while later pieces are read)
+        self._check_size(entry, await self.storage.read_into(key, buf, on_piece=verifier.update))
+        verifier.check(self.location)
         tensors = decode_verified(entry, buf, self.location)
         return FetchedUnit(unit, tensors, entry.bytes, loop.time() - t0, buf)
 

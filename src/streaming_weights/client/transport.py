@@ -20,7 +20,6 @@ import ssl
 import time
 from typing import Any, Callable
 
-import blake3
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
@@ -37,7 +36,8 @@ from .base import FetchedUnit, UnitSource
 from .buffers import BufferPool
 from .inbox import Inbox, Pending, usable_cpus
 from .sockets import widen_receive_buffer
-from .verify import check_blake3, decode_verified, trusted_manifest, verify_blob
+from .fingerprint import Fingerprints, Verifier
+from .verify import decode_verified, trusted_manifest, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
@@ -242,6 +242,7 @@ class WebSocketSource(UnitSource):
         timeout_seconds: limit of one call, connecting included; exceeding it raises FetchTimeoutError.
         ssl_context: for ``wss://`` (default: the system's trust store with hostname checking).
         trust: check every manifest against these keys / pin before use (SignatureError). pool: buffers.
+        fingerprints: where re-fetched units' fingerprints are kept (:mod:`.fingerprint`; default: its own).
 
     Raises (from the fetch methods):
         AuthenticationError: the server refused the token.
@@ -255,9 +256,10 @@ class WebSocketSource(UnitSource):
 
     def __init__(self, uri: str, *, token: str | None = None, timeout_seconds: float = 30.0,
                  ssl_context: ssl.SSLContext | None = None, trust: TrustPolicy | None = None,
-                 pool: BufferPool | None = None) -> None:
+                 pool: BufferPool | None = None, fingerprints: Fingerprints | None = None) -> None:
         self.trust = trust
         self.buffer_pool = pool
+        self.fingerprints = fingerprints if fingerprints is not None else Fingerprints()
         try:
             self._wsuri = parse_uri(uri)
         except Exception as exc:
@@ -341,7 +343,7 @@ class WebSocketSource(UnitSource):
 
     async def _request(self, op: proto.Op, model: str | None = None, name: str | None = None, *,
                        buffer: bytearray | None = None, expected_size: int | None = None,
-                       hash_incremental: bool = False) -> Pending:
+                       verifier: Verifier | None = None) -> Pending:
         """One attempt: connect if needed, send the request, wait for its whole answer."""
         started = time.monotonic()
         p: Pending | None = None
@@ -351,9 +353,9 @@ class WebSocketSource(UnitSource):
                 conn = await self._connection()
                 p = Pending(self._new_id(conn.pending), op, asyncio.get_running_loop().create_future(),
                             expected_size=expected_size, buffer=buffer)
-                if hash_incremental and buffer is not None:  # on the worker thread, which uses another CPU meanwhile;
-                    # inline with one CPU (pinned, 128 MiB: 2.35 GB/s, 376 CPU ms/GB vs 2.14, 435 on the thread)
-                    p.hasher, p.hash_pool = blake3.blake3(), self._hash_pool if usable_cpus() > 1 else None
+                if verifier is not None and buffer is not None:  # on the worker thread, which uses another CPU
+                    # meanwhile; inline with one CPU (pinned, 128 MiB: 2.35 GB/s, 376 CPU ms/GB vs 2.14, 435 on the thread)
+                    p.hasher, p.hash_pool = verifier, self._hash_pool if usable_cpus() > 1 else None
                 conn.send(proto.encode(proto.Request(p.request_id, op, model, name)))
                 conn.pending[p.request_id] = p  # replies are parsed in later callbacks: registering after send is safe
                 await p.future  # type: ignore[misc]
@@ -416,13 +418,11 @@ class WebSocketSource(UnitSource):
         entry = manifest.unit(unit)
         buf = self.new_buffer(entry.bytes)
         p = await self._request(proto.Op.GET_UNIT, manifest.name, unit, buffer=buf, expected_size=entry.bytes,
-                                hash_incremental=True)
+                                verifier=self.fingerprints.verifier(entry))
         # Hashed while it arrived: wait for the last piece, compare, then parse the header (no re-hash).
-        if p.hashed != entry.bytes:
-            raise ProtocolError(f"{unit}: {p.hashed} of {entry.bytes} bytes were verified")
         if p.hash_future is not None:  # None: hashed inline, done
             await asyncio.wrap_future(p.hash_future)
-        check_blake3(entry, p.hasher.hexdigest(), self.uri)
+        p.hasher.check(self.uri)
         tensors = decode_verified(entry, buf, self.uri)
         return FetchedUnit(unit, tensors, entry.bytes, loop.time() - t0, buf)
 
