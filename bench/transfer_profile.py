@@ -103,11 +103,12 @@ def main() -> int:
     result: dict = {"load_average_before": os.getloadavg(), "unit_MiB": a.mb,
                     "server_cpu": a.server_cpu, "client_cpu": a.client_cpu}
     with tempfile.TemporaryDirectory(prefix="surfing-profile-") as tmp:
-        size, gbps = measure(Path(tmp), a.mb, a.repeats, lambda msg: None, server_cpus=[a.server_cpu])
+        size, gbps, _ = measure(Path(tmp), a.mb, a.repeats, lambda msg: None, server_cpus=[a.server_cpu])
         paired = lambda k: [x / r for x, r in zip(gbps[k], gbps["raw_tcp"])]  # noqa: E731
         result["GBps_median"] = {k: statistics.median(v) for k, v in gbps.items()}
         result["GBps_rounds"] = gbps
         result["e2e_over_raw_median"] = statistics.median(paired("e2e"))
+        result["refetch_over_raw_median"] = statistics.median(paired("refetch"))
         result["net_over_raw_median"] = statistics.median(paired("net"))
         result["e2e_over_net_median"] = statistics.median([e / n for e, n in zip(gbps["e2e"], gbps["net"])])
         if a.profile:
