@@ -240,6 +240,37 @@ def test_failover_skips_dead_server_with_backoff(tiny_chunks):
         run(go(live))
 
 
+def test_servers_opened_together_share_fingerprints(tiny_chunks):
+    """open_unit_source([a, b]) gives its servers one fingerprint book (client.fingerprint): a unit verified twice
+    from server a is checked against its fingerprint when it is fetched again from server b."""
+    _, chunks = tiny_chunks("llama")
+
+    async def go(a: str, b: str):
+        src = open_unit_source([a, b])
+        try:
+            first, second = src.sources
+            assert first.fingerprints is second.fingerprints is src.fingerprints
+            manifest = await first.get_manifest(None)
+            unit = manifest.streamed[0]
+            for _ in range(2):
+                (await first.fetch_unit(manifest, unit.name)).recycle(None)
+            book = src.fingerprints
+            hashed, tagged = book.blake3_bytes, book.tag_bytes
+            got = await second.fetch_unit(manifest, unit.name)
+            assert (book.blake3_bytes, book.tag_bytes) == (hashed, tagged + unit.bytes)
+            direct = StorageSource(FilesystemBackend(chunks))
+            try:
+                want = await direct.fetch_unit(manifest, unit.name)
+            finally:
+                await direct.close()
+            assert_same(got.tensors, want.tensors)
+        finally:
+            await src.close()
+
+    with served(chunks, token="") as a, served(chunks, token="") as b:
+        run(go(a, b))
+
+
 # ------------------------------------------------------------------------- s3:// read directly
 @pytest.mark.parametrize("prefix", ["models/llama", "models"])  # a model dir, or a dir of models
 def test_s3_uri_reads_directly(s3_server, s3_bucket, llama_ref, monkeypatch, prefix):
