@@ -100,3 +100,73 @@ def test_each_unit_gets_its_own_key_and_nothing_secret_is_shown(unit):
     assert len({p.key for p in prints}) == len({p.nonce for p in prints}) == 2
     shown = repr(book) + str(book)
     assert all(p.key.hex() not in shown and p.tag.hex() not in shown for p in prints)
+
+
+def test_a_failed_first_fetch_does_not_count_as_verified(unit):
+    book, e = Fingerprints(), entry_for(unit)
+    bad = bytearray(unit)
+    bad[-2] ^= 4
+    with pytest.raises(IntegrityError, match="does not match its manifest hash"):
+        fetch(book, e, bad, 0)
+    assert [fetch(book, e, unit, seed) for seed in range(1, 4)] == [False, False, True]
+    assert len(book) == 1 and book.blake3_bytes == 2 * len(unit)
+
+
+def test_keys_are_random_not_derived_from_what_a_server_knows(unit):
+    """Two clients fingerprinting the same bytes hold different keys, nonces and tags."""
+    books = [Fingerprints(), Fingerprints()]
+    for book in books:
+        for seed in range(2):
+            fetch(book, entry_for(unit), unit, seed)
+    (a,), (b,) = (list(book._prints.values()) for book in books)
+    assert a.key != b.key and a.nonce != b.nonce and a.tag != b.tag
+
+
+def test_a_book_is_never_pickled_or_copied(unit):
+    import copy
+    import pickle
+
+    book = Fingerprints()
+    for seed in range(2):
+        fetch(book, entry_for(unit), unit, seed)
+    for leak in (pickle.dumps, copy.deepcopy, lambda b: pickle.dumps(next(iter(b._prints.values())))):
+        with pytest.raises(TypeError, match="holds secret keys"):
+            leak(book)
+
+
+def test_a_piece_longer_than_one_gmac_call_is_fed_in_slices(unit, monkeypatch):
+    """The GMAC takes at most GMAC_SLICE bytes per call (its binding's length is a 32-bit int); a longer piece,
+    such as a whole unit read at once from S3, is fed in slices and checked like any other."""
+    from streaming_weights.client import fingerprint
+
+    monkeypatch.setattr(fingerprint, "GMAC_SLICE", 4093)
+    book, e = Fingerprints(), entry_for(unit)
+    assert [fetch(book, e, unit, seed) for seed in range(3)] == [False, False, True]
+    whole = book.verifier(e)
+    whole.update(unit)  # one piece of 5 MiB: 1282 slices
+    whole.check("test-server")
+    bad = bytearray(unit)
+    bad[4093 * 700] ^= 1  # the first byte of a slice
+    v = book.verifier(e)
+    v.update(bad)
+    with pytest.raises(IntegrityError, match="differs from the bytes verified"):
+        v.check("test-server")
+
+
+@pytest.mark.slow
+def test_a_unit_over_2_gib_in_one_piece_is_fingerprinted_and_checked():
+    """A whole unit of more than 2**31 bytes in one piece (S3, the Redis cache and the default read_into hand a
+    unit over at once) is fingerprinted and checked: 2 GiB of memory, a few seconds."""
+    data = bytearray((1 << 31) + 1)
+    data[-1] = 7
+    book, e = Fingerprints(), entry_for(data)
+    for expect in (False, False, True):
+        v = book.verifier(e)
+        v.update(memoryview(data))
+        v.check("test-storage")
+        assert v.fingerprinted is expect
+    data[1 << 30] ^= 1
+    v = book.verifier(e)
+    v.update(memoryview(data))
+    with pytest.raises(IntegrityError, match="differs from the bytes verified"):
+        v.check("test-storage")

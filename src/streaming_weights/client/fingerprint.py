@@ -9,12 +9,14 @@ sent, stored, logged or shown. Every later fetch of the unit is checked against 
 GCM decryptor's tag check; GHASH runs at ~20 GB/s on one core of the reference machine, BLAKE3 at ~6, and
 verification is a third of a streaming client's CPU per byte (issue 26).
 
-Why this is as strong as BLAKE3 here: it is AES-GCM's own contract, one tag computed once per (key, nonce)
-and any number of verification attempts against it. Bytes other than the verified ones pass a check with
-probability at most (L + 1) / 2^128, L being the unit's length in 16-byte blocks (under 2^-98 for a 4 GiB
-unit), and a server sending them never sees the tag it would have to match. The tag check is OpenSSL's,
-in constant time. A re-chunked model has new BLAKE3 hashes in its manifest, so it has no fingerprints yet.
-Units fetched once (kept in memory) never pay for a fingerprint.
+Why this is sound: it is AES-GCM's own contract, one tag computed once per (key, nonce) and any number of
+verification attempts against it. Bytes other than the verified ones pass one check with probability at most
+(L + 1) / 2^128, L being the unit's length in 16-byte blocks, so q attempts succeed with probability at most
+q (L + 1) / 2^128: a server that sees its refusals (the client fetches again) and tries on every token for 2^30
+tokens has under 2^-62 against a 64 GiB unit, the manifest's largest. It never sees the tag it would have to
+match; the key is random, not derived from anything it knows. The tag check is OpenSSL's, in constant time.
+A re-chunked model has new BLAKE3 hashes in its manifest, so it has no fingerprints yet. Units fetched once
+(kept in memory) never pay for a fingerprint.
 """
 
 from __future__ import annotations
@@ -31,11 +33,22 @@ from ..format.manifest import BlobEntry
 from .verify import check_blake3
 
 
-@dataclass(frozen=True, repr=False)  # no repr: key, nonce and tag are never shown
+#: Most bytes handed to the GMAC in one call: the binding takes a piece's length as a 32-bit int (a whole 2 GiB
+#: unit read in one piece, as S3 and the Redis cache hand it over, would panic there).
+GMAC_SLICE = 1 << 30
+
+
+def _refuse_pickle(obj: object) -> None:
+    raise TypeError(f"{type(obj).__name__} holds secret keys: it is never pickled or copied out of the process")
+
+
+@dataclass(frozen=True, repr=False, eq=False)  # no repr: key, nonce and tag are never shown
 class _Print:
     key: bytes
     nonce: bytes
     tag: bytes
+
+    __reduce__ = _refuse_pickle  # type: ignore[assignment]
 
 
 class Verifier:
@@ -63,7 +76,9 @@ class Verifier:
         if self._blake3 is not None:
             self._blake3.update(piece)
         if self._gmac is not None:
-            self._gmac.authenticate_additional_data(piece)
+            view = memoryview(piece).cast("B")
+            for at in range(0, len(view), GMAC_SLICE):
+                self._gmac.authenticate_additional_data(view[at : at + GMAC_SLICE])
         self.nbytes += len(piece)
 
     def check(self, where: str) -> None:
@@ -82,7 +97,7 @@ class Verifier:
             self._book.tag_bytes += e.bytes
             return
         check_blake3(e, self._blake3.hexdigest(), where)
-        self._book.blake3_bytes += e.bytes
+        self._book.verified(e)
         if self._new is not None and self._gmac is not None:
             self._gmac.finalize()
             self._book.record(e, _Print(*self._new, self._gmac.tag))
@@ -103,9 +118,12 @@ class Fingerprints:
         fingerprint too when the unit was verified before (fetched again: likely again after this)."""
         ident = (entry.blake3, entry.bytes)
         known = self._prints.get(ident)
-        verifier = Verifier(self, entry, known, take=known is None and ident in self._seen)
-        self._seen.add(ident)
-        return verifier
+        return Verifier(self, entry, known, take=known is None and ident in self._seen)
+
+    def verified(self, entry: BlobEntry) -> None:
+        """``entry``'s bytes passed BLAKE3 (its next fetch takes a fingerprint)."""
+        self._seen.add((entry.blake3, entry.bytes))
+        self.blake3_bytes += entry.bytes
 
     def record(self, entry: BlobEntry, fp: _Print) -> None:
         self._prints[(entry.blake3, entry.bytes)] = fp
@@ -115,6 +133,8 @@ class Fingerprints:
 
     def __repr__(self) -> str:  # never the keys or tags
         return f"Fingerprints({len(self._prints)} units)"
+
+    __reduce__ = _refuse_pickle  # type: ignore[assignment]
 
 
 __all__ = ["Fingerprints", "Verifier"]
