@@ -117,6 +117,36 @@ async def test_on_one_cpu_units_are_hashed_inline_and_still_verified(mem_model):
         assert unit.nbytes == good.bytes and not source._hash_pool._threads  # no worker thread was needed
 
 
+@pytest.mark.parametrize("one_cpu", [True, False], ids=["inline", "on-the-hash-thread"])
+async def test_a_fingerprinted_refetch_is_checked_inline_and_on_the_hash_thread(mem_model, one_cpu):
+    """The third fetch of a unit is checked against its fingerprint (client.fingerprint), hashed inline on one CPU
+    or on the worker thread otherwise: the right bytes decode as stored, one changed byte in the server's storage
+    is refused by the fingerprint alone."""
+    storage, manifest = mem_model
+    entry = manifest.unit("model.layers.7")
+    before = os.sched_getaffinity(0)
+    if not one_cpu and len(before) < 2:
+        pytest.skip("needs 2 usable CPUs for the hash thread")
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, cache_size_mb=0, chunk_bytes=16 << 10) as server, \
+            WebSocketSource(server.uri) as source:
+        if one_cpu:
+            os.sched_setaffinity(0, {min(before)})
+        try:
+            units = [await source.fetch_unit(manifest, entry.name) for _ in range(3)]
+            book = source.fingerprints
+            assert (book.blake3_bytes, book.tag_bytes) == (2 * entry.bytes, entry.bytes)
+            data = bytearray(storage.objects[entry.path])
+            assert all(bytes(u.buffer) == bytes(data) for u in units)
+            data[len(data) // 2] ^= 0x20
+            storage.objects[entry.path] = bytes(data)
+            with pytest.raises(IntegrityError, match="differs from the bytes verified"):
+                await source.fetch_unit(manifest, entry.name)
+        finally:
+            os.sched_setaffinity(0, before)
+        assert book.blake3_bytes == 2 * entry.bytes
+        assert bool(source._hash_pool._threads) is not one_cpu
+
+
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):
     storage, manifest = mem_model
     async with WeightServer(storage, port=0, rescan_interval=RESCAN, chunk_bytes=16 << 10) as server, WebSocketSource(server.uri) as source:
