@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import threading
 import weakref
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -427,15 +428,15 @@ class StreamingEngine:
             await asyncio.to_thread(self.close)
 
 
-#: engines not closed yet; a weak set, so an engine the user dropped is not kept alive by it
-_OPEN: weakref.WeakSet[StreamingEngine] = weakref.WeakSet()
+_OPEN: weakref.WeakSet[StreamingEngine] = weakref.WeakSet()  # engines not closed yet (a dropped one is let go)
 
 
 def _track(engine: StreamingEngine) -> None:
-    """Remember ``engine`` for :func:`_close_at_exit`, registered once, when the first engine is made (so it runs
-    before exit hooks registered earlier, as a per-engine hook would)."""
+    """Remember ``engine`` for :func:`_close_at_exit`, registered once, as one of threading's exit hooks: they run
+    before thread pools shut down (the hash workers); as an ``atexit`` hook it ran after, with the last pass's
+    prefetches still receiving (warnings on stderr; at worst "terminate called without an active exception")."""
     if not _registered:
-        _registered.append(atexit.register(_close_at_exit))
+        _registered.append(getattr(threading, "_register_atexit", atexit.register)(_close_at_exit) or True)
     _OPEN.add(engine)
 
 
