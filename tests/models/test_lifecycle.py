@@ -121,6 +121,39 @@ def test_dropping_an_unclosed_model_never_blocks(chunks):
     assert wait_until(lambda: src.closed)  # ...which finishes on the I/O thread
 
 
+DROP_SCRIPT = """
+import asyncio, atexit, gc, json, sys, threading
+import torch
+from streaming_weights import StreamingLlamaModel
+from streaming_weights.testing import FakeSource
+
+LATE = []
+if hasattr(threading, "_register_atexit"):  # threading's exit hooks run in reverse: this one after the library's
+    threading._register_atexit(lambda: LATE.append([t.name for t in threading.enumerate() if t.name == "surfing-io"]))
+atexit.register(lambda: print(json.dumps({"io_threads_after_the_library_exit_hook": LATE}), flush=True))
+
+async def slow_close(req):
+    if req.op == "close":
+        await asyncio.sleep(0.5)
+
+m = StreamingLlamaModel("llama", FakeSource(slow_close, chunks_dir=sys.argv[1]), cache_size=1)
+m.forward(torch.tensor([[1, 2, 3]]))
+del m
+gc.collect()  # __del__ starts the close on the I/O thread, which takes 0.5 s: the script ends meanwhile
+"""
+
+
+def test_a_model_dropped_unclosed_finishes_closing_before_the_interpreter_finalizes(chunks):
+    """The I/O thread of a model dropped without close() is joined at exit, not left freeing tensors while the
+    interpreter finalizes (which aborted the process: "terminate called without an active exception")."""
+    if not hasattr(threading, "_register_atexit"):
+        pytest.skip("this Python has no threading exit hooks to observe the order with")
+    proc = subprocess.run([sys.executable, "-c", DROP_SCRIPT, str(chunks)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["io_threads_after_the_library_exit_hook"] == [[]], report
+
+
 def wait_until(cond, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():

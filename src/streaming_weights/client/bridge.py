@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
+import weakref
 from typing import Any, Awaitable, Callable, TypeVar
 
 from ..exceptions import FetchTimeoutError, SyncCallInEventLoopError
@@ -36,6 +38,16 @@ def guard_sync(what: str, alternative: str | None = None) -> None:
             f"(and deadlock a weight server running on that loop); {hint} instead")
 
 
+def join_running(timeout: float) -> None:
+    """Wait, at most ``timeout`` seconds in all, for loop threads still running, such as one finishing a close
+    that did not wait (a model dropped without ``close()``). Called at interpreter exit: a daemon thread still
+    freeing tensors when the interpreter finalizes aborts the process ("terminate called without an active
+    exception")."""
+    deadline = time.monotonic() + timeout
+    for loop_thread in list(_RUNNING):
+        loop_thread._thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class LoopThread:
     """An asyncio loop running forever in a daemon thread until :meth:`close`."""
 
@@ -44,6 +56,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._closed = False
+        _RUNNING.add(self)  # its thread refers to it while it runs: the weak set keeps it until then
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -98,3 +111,7 @@ class LoopThread:
             self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+#: every loop thread made (weakly: one is dropped once its thread ended and nothing else refers to it)
+_RUNNING: weakref.WeakSet[LoopThread] = weakref.WeakSet()

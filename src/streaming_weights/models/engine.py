@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import torch
 
-from ..client.bridge import LoopThread, guard_sync, in_running_loop
+from ..client.bridge import LoopThread, guard_sync, in_running_loop, join_running
 from ..client.cache import UnitCache
 from ..client.device import resolve_device
 from ..client.convert import ConvertingSource
@@ -444,7 +444,7 @@ _registered: list = []
 
 
 def _close_at_exit() -> None:
-    """Close what scripts left open, each within :data:`EXIT_CLOSE_SECONDS` (a script that never closes exits
-    promptly; the I/O threads are daemons)."""
+    """Close what scripts left open, each within :data:`EXIT_CLOSE_SECONDS` (one that never closes exits promptly)."""
     for engine in list(_OPEN):
         engine.close(EXIT_CLOSE_SECONDS)
+    join_running(EXIT_CLOSE_SECONDS)  # and the I/O threads of models dropped unclosed, still finishing their close
