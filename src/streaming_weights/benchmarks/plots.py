@@ -242,6 +242,7 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
            [("raw_tcp_GBps", "raw TCP\nrecv_into"),
             ("websocketsource_network_only_GBps", "WebSocketSource\nnetwork only"),
             ("websocketsource_end_to_end_GBps", "WebSocketSource\n+verify+decode"),
+            ("websocketsource_refetch_GBps", "refetch\n(fingerprint)"),
             ("original_hex_json_GBps", "original\nhex-in-JSON")],
            "GB/s (median, min–max)", f"Transfer of one large unit over loopback ({p.mach})")
     p.bars("overlap", "overlap.png",
