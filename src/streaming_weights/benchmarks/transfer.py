@@ -44,11 +44,9 @@ async def transport_once(uri: str, sender_pid: int | None = None) -> dict[str, t
     out: dict[str, tuple[float, tuple[float, float]]] = {}
 
     async def timed(name: str, fetch: Any) -> Any:
-        here, there = _cpu_seconds(), _cpu_seconds(sender_pid) if sender_pid else 0.0
-        t = time.perf_counter()
+        before, t = _cpu_pair(sender_pid), time.perf_counter()
         got = await fetch
-        seconds = time.perf_counter() - t
-        out[name] = seconds, (_cpu_seconds() - here, _cpu_seconds(sender_pid) - there if sender_pid else 0.0)
+        out[name] = time.perf_counter() - t, _cpu_since(before, sender_pid)
         return got
 
     async with WebSocketSource(uri, timeout_seconds=600, pool=pool) as src:
@@ -65,6 +63,17 @@ async def transport_once(uri: str, sender_pid: int | None = None) -> dict[str, t
         assert unit.nbytes == entry.bytes and src.fingerprints.tag_bytes == entry.bytes
         del unit
         return out
+
+
+def _cpu_pair(pid: int | None) -> tuple[float, float]:
+    """CPU seconds used so far by this process and by process ``pid`` (0 without one)."""
+    return _cpu_seconds(), _cpu_seconds(pid) if pid else 0.0
+
+
+def _cpu_since(before: tuple[float, float], pid: int | None) -> tuple[float, float]:
+    """CPU seconds (this process, ``pid``) used since :func:`_cpu_pair` returned ``before``."""
+    now = _cpu_pair(pid)
+    return now[0] - before[0], now[1] - before[1]
 
 
 def _cpu_seconds(pid: int | None = None) -> float:
@@ -96,9 +105,9 @@ class _Rounds:
 
     def sender(self, name: str, pid: int, call: Callable[[], float]) -> None:
         """Time ``call`` (it returns its own seconds), with this process's and ``pid``'s CPU around it."""
-        here, there = _cpu_seconds(), _cpu_seconds(pid)
+        before = _cpu_pair(pid)
         seconds = call()
-        self.add(name, seconds, (_cpu_seconds() - here, _cpu_seconds(pid) - there))
+        self.add(name, seconds, _cpu_since(before, pid))
 
     def websocket(self, uri: str, pid: int, prefix: str) -> None:
         """One :func:`transport_once` from ``uri``, its fetches named ``prefix`` + net / e2e / refetch."""

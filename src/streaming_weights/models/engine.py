@@ -429,6 +429,7 @@ class StreamingEngine:
 
 
 _OPEN: weakref.WeakSet[StreamingEngine] = weakref.WeakSet()  # engines not closed yet (a dropped one is let go)
+_registered: list = []  # the exit hook, once registered
 
 
 def _track(engine: StreamingEngine) -> None:
@@ -436,11 +437,9 @@ def _track(engine: StreamingEngine) -> None:
     before thread pools shut down (the hash workers); as an ``atexit`` hook it ran after, with the last pass's
     prefetches still receiving (warnings on stderr; at worst "terminate called without an active exception")."""
     if not _registered:
-        _registered.append(getattr(threading, "_register_atexit", atexit.register)(_close_at_exit) or True)
+        getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+        _registered.append(_close_at_exit)
     _OPEN.add(engine)
-
-
-_registered: list = []
 
 
 def _close_at_exit() -> None:
