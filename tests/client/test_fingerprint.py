@@ -170,3 +170,19 @@ def test_a_unit_over_2_gib_in_one_piece_is_fingerprinted_and_checked():
     v.update(memoryview(data))
     with pytest.raises(IntegrityError, match="differs from the bytes verified"):
         v.check("test-storage")
+
+
+def test_a_unit_expected_again_is_fingerprinted_on_its_first_fetch(unit):
+    """A unit a plan streams (Fingerprints.expect_refetch): BLAKE3 and the fingerprint on the first fetch, the
+    fingerprint alone from the second on; a first fetch that fails BLAKE3 takes none."""
+    book, e = Fingerprints(), entry_for(unit)
+    book.expect_refetch([e])
+    bad = bytearray(unit)
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError, match="does not match its manifest hash"):
+        fetch(book, e, bad, 9)
+    assert len(book) == 0
+    assert [fetch(book, e, unit, seed) for seed in range(3)] == [False, True, True]
+    assert book.blake3_bytes == len(unit) and book.tag_bytes == 2 * len(unit)
+    with pytest.raises(IntegrityError, match="differs from the bytes verified"):
+        fetch(book, e, bad, 3)

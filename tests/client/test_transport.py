@@ -15,7 +15,9 @@ from streaming_weights import protocol as proto
 from streaming_weights.client.buffers import BufferPool
 from streaming_weights.client.retry import RetryingSource, RetryPolicy
 from streaming_weights.client import StorageSource, open_unit_source
+from streaming_weights.client.sockets import WakeThreshold
 from streaming_weights.client.transport import WebSocketSource
+from streaming_weights.protocol import frames
 from streaming_weights.exceptions import (
     AuthenticationError,
     BadRequestError,
@@ -145,6 +147,23 @@ async def test_a_fingerprinted_refetch_is_checked_inline_and_on_the_hash_thread(
             os.sched_setaffinity(0, before)
         assert book.blake3_bytes == 2 * entry.bytes
         assert bool(source._hash_pool._threads) is not one_cpu
+
+
+async def test_a_frame_wakes_the_loop_once_its_payload_is_there(mem_model, monkeypatch):
+    """While a frame's payload lands in a unit's buffer, the socket's wake-up threshold is the rest of that payload
+    (client.sockets.WakeThreshold); between frames it is back to 1. The unit arrives intact."""
+    storage, manifest = mem_model
+    entry = manifest.unit("model.layers.9")
+    seen: list[int] = []
+    original = WakeThreshold.expect
+    monkeypatch.setattr(WakeThreshold, "expect", lambda self, n: (seen.append(n), original(self, n))[1])
+    async with WeightServer(storage, port=0, rescan_interval=RESCAN, chunk_bytes=150_000) as server, \
+            WebSocketSource(server.uri) as source:
+        unit = await source.fetch_unit(manifest, entry.name)
+        assert source._conn.wake.bytes == 1  # the unit is in: back to waking at each arrival
+    assert bytes(unit.buffer) == storage.objects[entry.path]
+    assert frames.READ_AHEAD < max(seen) < 150_000  # the rest of a frame, after its read-ahead
+    assert seen[-1] == 0
 
 
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):

@@ -258,3 +258,23 @@ def test_receive_buffers_reused_but_never_under_a_live_tensor(llama):
         with torch.no_grad():
             torch.testing.assert_close(out.last_hidden_state, ref.model(input_ids=IDS, attention_mask=MASK).last_hidden_state,
                                        rtol=0, atol=1e-5)
+
+
+def test_streamed_units_are_fingerprinted_on_their_first_fetch(llama):
+    """Units a plan streams come again on every pass: their first fetch is verified against BLAKE3 and takes their
+    fingerprint too, so no later fetch is hashed again (client.fingerprint); a model kept whole takes none."""
+    _, chunks, ref = llama
+    with torch.no_grad():
+        want = ref.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    with served(chunks) as uri:
+        with StreamingLlamaModel("llama", uri, cache_size=2, prefetch_count=1) as m:
+            m.forward(IDS, MASK)
+            book = m.source.fingerprints
+            hashed, tagged = book.blake3_bytes, book.tag_bytes
+            assert len(book) == 6  # every block, fingerprinted as it was first verified
+            for _ in range(2):
+                torch.testing.assert_close(m.forward(IDS, MASK).last_hidden_state, want, rtol=0, atol=1e-5)
+            assert book.blake3_bytes == hashed and book.tag_bytes > tagged  # refetched: by the fingerprint alone
+        with StreamingLlamaModel("llama", uri, cache_size=6) as whole:
+            whole.forward(IDS, MASK)
+            assert len(whole.source.fingerprints) == 0

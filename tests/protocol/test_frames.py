@@ -154,3 +154,43 @@ def test_direct_needs_a_message_and_room():
 def test_binary_frame_header_matches_encode_frame():
     for n in (0, 125, 126, 65535, 65536):
         assert frames.binary_frame_header(n) == encode_frame(Opcode.BINARY, b"\0" * n)[: len(frames.binary_frame_header(n))]
+
+
+def test_few_expected_bytes_are_read_ahead_and_copied_where_they_belong():
+    """A header is read with the bytes after it: one receive takes two messages' headers and payloads, each
+    payload landing in the destination given in reaction to its MessageStart; a long payload is received in
+    place (zero copy)."""
+    reader = FrameReader()
+    first, second = bytes(range(200)) * 5, b"z" * (frames.READ_AHEAD * 3)
+    data = encode_frame(Opcode.BINARY, first) + encode_frame(Opcode.PING, b"p") + encode_frame(Opcode.BINARY, second)
+    dests = [bytearray(len(first)), bytearray(len(second))]
+    buf = reader.get_buffer(-1)
+    assert len(buf) == frames.READ_AHEAD  # a 2-byte header is due: the read-ahead buffer is offered
+    n = len(buf)
+    buf[:n] = data[:n]
+    seen = []
+    for ev in reader.buffer_updated(n):
+        seen.append(type(ev).__name__)
+        if isinstance(ev, MessageStart):
+            reader.direct(memoryview(dests[seen.count("MessageStart") - 1]))
+    assert bytes(dests[0]) == first and seen[:4] == ["MessageStart", "Payload", "DestinationFilled", "MessageEnd"]
+    assert seen[4:6] == ["Ping", "MessageStart"]
+    left = len(data) - n
+    assert reader.certain() == left  # the rest of the frame's payload, bound for its destination
+    view = reader.get_buffer(-1)
+    assert len(view) == left and view.obj is dests[1]  # received in place, not through the read-ahead buffer
+    view[:] = data[n:]
+    assert [type(ev).__name__ for ev in reader.buffer_updated(left)] == ["Payload", "DestinationFilled", "MessageEnd"]
+    assert bytes(dests[1]) == second and reader.certain() == 0
+
+
+def test_read_ahead_refuses_bytes_after_a_close_in_the_same_receive():
+    reader = FrameReader()
+    data = encode_frame(Opcode.CLOSE, struct.pack(">H", 1000)) + encode_frame(Opcode.BINARY, b"late")
+    buf = reader.get_buffer(-1)
+    buf[: len(data)] = data
+    events = []
+    with pytest.raises(ProtocolError, match="after its close frame"):
+        for ev in reader.buffer_updated(len(data)):
+            events.append(ev)
+    assert events == [Close(1000, "")]

@@ -56,6 +56,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._closed = False
+        self._posted_error: BaseException | None = None  # the first failure of a post()ed call
         _RUNNING.add(self)  # its thread refers to it while it runs: the weak set keeps it until then
 
     def _run(self) -> None:
@@ -74,10 +75,12 @@ class LoopThread:
             raise RuntimeError("LoopThread.run called from its own loop (would deadlock)")
         fut = self.submit(coro)
         try:
-            return fut.result(timeout)
+            result = fut.result(timeout)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise FetchTimeoutError(f"operation did not finish within {timeout} s") from None
+        self._raise_posted()  # every call posted before this one has run by now
+        return result
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a plain function on the loop thread (serialized with all loop work) and return its result."""
@@ -85,6 +88,23 @@ class LoopThread:
             return fn(*args)
 
         return self.run(wrapper())
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a plain function on the loop thread without waiting for it, in order with everything submitted
+        before and after (a release the caller need not wait for: each wait is a thread switch and a GIL
+        hand-over). What it raises is raised by the next :meth:`run` or :meth:`call` to finish without error."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the next caller, not to asyncio's logger
+                self._posted_error = self._posted_error or exc
+
+        self.loop.call_soon_threadsafe(run)
+
+    def _raise_posted(self) -> None:
+        exc, self._posted_error = self._posted_error, None
+        if exc is not None:
+            raise exc
 
     async def wrap(self, coro: Awaitable[T]) -> T:
         """Await ``coro`` (running on this loop) from another event loop."""

@@ -16,13 +16,15 @@ q (L + 1) / 2^128: a server that sees its refusals (the client fetches again) an
 tokens has under 2^-62 against a 64 GiB unit, the manifest's largest. It never sees the tag it would have to
 match; the key is random, not derived from anything it knows. The tag check is OpenSSL's, in constant time.
 A re-chunked model has new BLAKE3 hashes in its manifest, so it has no fingerprints yet. Units fetched once
-(kept in memory) never pay for a fingerprint.
+(kept in memory) never pay for a fingerprint. Units a client's plan streams (fetched again on every pass) take
+theirs on the first fetch (:meth:`Fingerprints.expect_refetch`), so no fetch of theirs is verified twice.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -108,6 +110,7 @@ class Fingerprints:
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, int]] = set()
+        self._again: set[tuple[str, int]] = set()  # fetched again for certain: fingerprinted on the first fetch
         self._prints: dict[tuple[str, int], _Print] = {}
         #: bytes verified against BLAKE3 / against a fingerprint so far (observability and tests)
         self.blake3_bytes = 0
@@ -118,7 +121,12 @@ class Fingerprints:
         fingerprint too when the unit was verified before (fetched again: likely again after this)."""
         ident = (entry.blake3, entry.bytes)
         known = self._prints.get(ident)
-        return Verifier(self, entry, known, take=known is None and ident in self._seen)
+        return Verifier(self, entry, known, take=known is None and (ident in self._seen or ident in self._again))
+
+    def expect_refetch(self, entries: Iterable[BlobEntry]) -> None:
+        """These units will be fetched again (a plan streams them): their first verified fetch takes the fingerprint
+        too, and the second is checked against it alone (instead of BLAKE3 and a fingerprint taken)."""
+        self._again.update((e.blake3, e.bytes) for e in entries)
 
     def verified(self, entry: BlobEntry) -> None:
         """``entry``'s bytes passed BLAKE3 (its next fetch takes a fingerprint)."""

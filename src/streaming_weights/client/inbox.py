@@ -15,7 +15,7 @@ import enum
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from .. import protocol as proto
 from ..exceptions import IntegrityError, ProtocolError
@@ -103,7 +103,7 @@ class Inbox:
         self._body = bytearray()
         self._target: Pending | None = None
 
-    def handle(self, events: list[frames.Event]) -> list[frames.Event]:
+    def handle(self, events: Iterable[frames.Event]) -> list[frames.Event]:
         """Consume data-message events; return the control events (ping, pong, close) for the connection.
 
         Raises:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
+import termios
 from typing import TypeVar
 
 T = TypeVar("T", bound=asyncio.BaseTransport)
@@ -27,3 +29,48 @@ def widen_receive_buffer(transport: T) -> T:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
     return transport
+
+
+#: The most bytes one wake-up of the event loop may wait for (``SO_RCVLOWAT``; Linux caps it at half the
+#: receive buffer).
+MAX_WAKE_BYTES = 1 << 20
+
+
+class WakeThreshold:
+    """``SO_RCVLOWAT`` of a plain TCP socket, kept at the bytes certain to arrive next.
+
+    By default the kernel wakes the event loop as soon as any byte is queued: a busy client (computing
+    while a unit arrives) is interrupted for every few segments, each wake-up a thread switch, a GIL
+    hand-over and a pass of the event loop. Set to the rest of a frame's payload (which the stream must
+    deliver before anything else), the loop is woken once the frame is there. Never more than what is
+    certain to come, so it never waits for bytes that will not arrive; 1 otherwise. TLS sockets keep the
+    default (their records do not map to the payload's bytes). Measured, SmolLM2 at a 660 MB cap, 8 tokens
+    (2.5 GB received): 7.1k receives with the frame reader's read-ahead alone, 5.0k with this too.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport | None = None, secure: bool = False) -> None:
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        usable = not secure and hasattr(socket, "SO_RCVLOWAT") and hasattr(sock, "setsockopt")
+        self._sock = sock if usable else None
+        self.bytes = 1
+
+    def expect(self, n: int) -> None:
+        """The next ``n`` bytes are certain to arrive (0: nothing is)."""
+        want = max(1, min(n, MAX_WAKE_BYTES))
+        if self._sock is None or want == self.bytes:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+        except OSError:  # refused: keep the kernel's default from now on
+            self._sock = None
+            return
+        self.bytes = want
+
+    def idle(self) -> bool:
+        """Whether no received byte waits unread below the threshold (a silent connection is silent indeed)."""
+        if self._sock is None or self.bytes == 1:
+            return True
+        try:
+            return fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, bytes(4)) == bytes(4)
+        except OSError:
+            return True

@@ -18,7 +18,7 @@ import concurrent.futures
 import logging
 import ssl
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
@@ -35,14 +35,13 @@ from ..protocol import frames
 from .base import FetchedUnit, UnitSource
 from .buffers import BufferPool
 from .inbox import Inbox, Pending, usable_cpus
-from .sockets import widen_receive_buffer
+from .sockets import WakeThreshold, widen_receive_buffer
 from .fingerprint import Fingerprints, Verifier
 from .verify import decode_verified, trusted_manifest, verify_blob
 
 logger = logging.getLogger("streaming_weights.client.transport")
 
-_HTTP_END = b"\r\n\r\n"
-_MAX_HANDSHAKE = 64 * 1024
+_HTTP_END, _MAX_HANDSHAKE = b"\r\n\r\n", 64 * 1024  # a handshake response's end, and its most bytes
 _TLS_RECORDS = (b"\x15\x03", b"\x16\x03")  # a TLS alert / handshake record: the server speaks TLS
 
 
@@ -77,6 +76,7 @@ class _Connection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------------------ asyncio plumbing
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = widen_receive_buffer(transport)  # type: ignore[assignment]
+        self.wake = WakeThreshold(transport, self.secure)  # (set before any byte can arrive)
         request = self.ws.connect()
         if self.token:
             request.headers["Authorization"] = f"Bearer {self.token}"
@@ -107,6 +107,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._handshake_data(bytes(self._hs_scratch[:nbytes]))
             else:
                 self._pump(self.reader.buffer_updated(nbytes))
+                self.wake.expect(self.reader.certain())
         except (ProtocolError, ConfigurationError) as exc:
             self.abort(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not become an asyncio traceback
@@ -142,7 +143,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.close()
 
     # ------------------------------------------------------------------------------ frames
-    def _pump(self, events: list[frames.Event]) -> None:
+    def _pump(self, events: Iterable[frames.Event]) -> None:
         for ev in self.inbox.handle(events):
             if isinstance(ev, frames.Ping):
                 self.ws.send_pong(ev.payload)
@@ -383,8 +384,9 @@ class WebSocketSource(UnitSource):
             conn.send(proto.encode(proto.Cancel(p.request_id)))
         except ConnectionError:
             pass
-        if started is not None and conn.last_rx <= started:  # nothing at all arrived: likely dead
+        if started is not None and conn.last_rx <= started and conn.wake.idle():  # nothing arrived: likely dead
             conn.close()
+        conn.wake.expect(0)  # its bytes are discarded from now on: wake at each arrival again
 
     # ------------------------------------------------------------------------------- UnitSource API
     async def ping(self) -> dict[str, Any]:

@@ -123,7 +123,6 @@ class StreamingEngine:
         """:meth:`call` awaited from another event loop (which keeps running meanwhile)."""
         async def wrapper() -> T:
             return fn(*args)
-
         return await self.io.wrap(wrapper())
 
     async def wrap(self, coro: Awaitable[T]) -> T:
@@ -228,6 +227,8 @@ class StreamingEngine:
             {u.name: u.bytes for u in manifest.units if u.name in streamed}, max_units=plan.cache_size,
             max_bytes=None if cfg.cache_size_mb is None else int(cfg.cache_size_mb * (1 << 20)),
             prefetch_count=plan.prefetch_count, trace=cfg.trace, pool=self.pool)
+        if plan.cache_size < len(plan.streamed) and (book := self.source.fingerprints) is not None:
+            book.expect_refetch(u for u in manifest.units if u.name in streamed)  # fetched again on every pass
         self.manifest = manifest
         self.bindings = [UnitBinding(root, n, self.acquire, self.release) for n in blocks]
         self.codes is not None and self.codes.bind(root)  # kernel form: its linear layers compute on codes
@@ -285,7 +286,7 @@ class StreamingEngine:
     def release(self, name: str) -> None:
         self.cache._event("compute_end", name)
         if name not in self.held_edges:  # (held shards are no cache's)
-            self.placement.release(name, lambda n: self.call(self.cache.release, n))  # device hook (H)
+            self.placement.release(name, lambda n: self.io.post(self.cache.release, n))  # device hook (H)
         if self.codes is not None:
             self.codes.release(name)
 

@@ -27,10 +27,14 @@ def _split(module: nn.Module, rel: str) -> tuple[nn.Module, str]:
 
 def assign_tensor(module: nn.Module, rel: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` at ``rel`` (a parameter or buffer path relative to ``module``) without copying."""
-    owner, attr = _split(module, rel)
+    _put(*_split(module, rel), module, rel, tensor)
+
+
+def _put(owner: nn.Module, attr: str, module: nn.Module, rel: str, tensor: torch.Tensor) -> None:
+    """:func:`assign_tensor` with ``rel`` already resolved to its ``owner`` module and ``attr`` name."""
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        if old is not None and tuple(old.shape) != tuple(tensor.shape):
+        if old is not None and old.shape != tensor.shape:
             raise ModelError(f"{rel}: unit tensor has shape {tuple(tensor.shape)}, model expects {tuple(old.shape)}")
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     elif attr in owner._buffers:
@@ -42,8 +46,8 @@ def assign_tensor(module: nn.Module, rel: str, tensor: torch.Tensor) -> None:
 def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Put every tensor of a unit (names are full model paths starting with ``prefix``) into ``module``.
 
-    The one assign path: resident parts (``prefix=""``, ``module`` = the model) and streamed units
-    (``prefix`` = the unit's module path) go through it alike.
+    Resident parts (``prefix=""``, ``module`` = the model) and row shards go through it; a streamed unit's
+    binding puts its tensors through the same :func:`_put`, with their owners resolved once.
     """
     cut = len(prefix)
     for full, t in tensors.items():
@@ -63,6 +67,8 @@ class UnitBinding(ModuleHook):
         self._placeholders = {
             n: t for n, t in self.module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
         }
+        # each tensor's owner module and name, resolved once: a streamed unit is assigned and restored per use
+        self._slots = {rel: _split(self.module, rel) for rel in self._placeholders}
         self._prefix = prefix
         self._depth = 0
         self._held = False
@@ -75,8 +81,19 @@ class UnitBinding(ModuleHook):
         """Keep ``tensors`` (the unit, kept by the cache for as long as it is pinned) in the module: later calls
         neither fetch, nor assign, nor release. Only between calls."""
         assert self._depth == 0, "pin between calls only"
-        assign_unit(self.module, tensors, self._prefix)
+        self._assign(tensors)
         self.pinned = True
+
+    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+        """:func:`assign_unit` through the resolved slots (a tensor the skeleton lacks gets its specific error)."""
+        cut = len(self._prefix)
+        for full, t in tensors.items():
+            rel = full[cut:]
+            slot = self._slots.get(rel)
+            if slot is None:
+                assign_tensor(self.module, rel, t)
+            else:
+                _put(*slot, self.module, rel, t)
 
     def unpin(self) -> None:
         """Back to fetching per call: the meta placeholders return (the cache may drop the unit after this)."""
@@ -94,7 +111,7 @@ class UnitBinding(ModuleHook):
         # torch runs always_call forward hooks even when a pre-hook raises, so _post cleans up both ways.
         tensors = self._acquire(self.name)
         self._held = True
-        assign_unit(self.module, tensors, self._prefix)
+        self._assign(tensors)
         return None
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -108,7 +125,7 @@ class UnitBinding(ModuleHook):
 
     def _restore(self) -> None:
         for rel, placeholder in self._placeholders.items():
-            owner, attr = _split(self.module, rel)
+            owner, attr = self._slots[rel]
             if attr in owner._parameters:
                 owner._parameters[attr] = placeholder
             else:

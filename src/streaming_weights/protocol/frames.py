@@ -10,6 +10,14 @@ the next payload bytes are read *into that view* (for DATA, the unit's own recei
 boundaries and interleaved control frames. Without a destination the bytes land in a scratch buffer
 and are handed over as :class:`Payload` events (valid until the next ``get_buffer``).
 
+Where the bytes expected next are few (a frame header, its length, a protocol header, the tail of a frame),
+:meth:`~FrameReader.get_buffer` offers a :data:`READ_AHEAD`-byte side buffer instead, and
+:meth:`~FrameReader.buffer_updated` copies what arrived there on to where each byte belongs. One receive
+then takes a message's headers and the start of its payload: a 1 MiB DATA message costs the event loop two
+wake-ups instead of four (2-byte header, 8-byte length, 16-byte protocol header, payload).
+:meth:`~FrameReader.buffer_updated` therefore yields its events one at a time: a :meth:`~FrameReader.direct`
+made in reaction to one applies to the bytes after it, wherever they arrived.
+
 Checked here, so the caller never sees a malformed frame: reserved bits (no extension is negotiated),
 masking (a server must not mask), opcodes, control-frame rules (final, at most 125 bytes, close payload
 shape), continuation order, and a frame-size limit. Violations raise :class:`ProtocolError`; the
@@ -28,6 +36,9 @@ from ..exceptions import ProtocolError
 #: Largest frame payload accepted by default (a 64-bit length can claim anything).
 DEFAULT_MAX_FRAME = 1 << 31
 _SCRATCH = 256 * 1024
+#: A receive that would take fewer bytes than this reads up to this many into a side buffer (module docstring).
+#: SmolLM2 at a 660 MB cap, 8 tokens: 11.7k receives (8.3k of them 2-31 bytes) without it.
+READ_AHEAD = 64 * 1024
 _MAX_CONTROL = 125
 
 
@@ -118,6 +129,8 @@ class FrameReader:
         self._in_message = False
         self._dest: memoryview | None = None
         self._dest_pos = 0
+        self._ahead = memoryview(bytearray(READ_AHEAD))
+        self._ahead_given = False  # the last get_buffer offered the read-ahead buffer
 
     # ------------------------------------------------------------------------------------- caller API
     @property
@@ -131,7 +144,30 @@ class FrameReader:
         self._dest, self._dest_pos = view, 0
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next received bytes must be written (never empty)."""
+        """Where the next received bytes must be written (never empty): where they belong, or the read-ahead
+        buffer when that is fewer than :data:`READ_AHEAD` bytes."""
+        view = self._view()
+        self._ahead_given = len(view) < READ_AHEAD and self.stage is not Stage.CLOSED
+        return self._ahead if self._ahead_given else view
+
+    def buffer_updated(self, nbytes: int) -> Iterator[Event]:
+        """``nbytes`` were written into the last :meth:`get_buffer` view; yield the events they complete,
+        one at a time (react to each before taking the next: see :meth:`direct`)."""
+        if self._ahead_given:
+            self._ahead_given = False
+            yield from self.feed(self._ahead[: max(0, nbytes)])
+        else:
+            yield from self._landed(nbytes)
+
+    def certain(self) -> int:
+        """Bytes certain to arrive next before anything else: the rest of the current frame's payload where it
+        goes to a destination in one piece (0 otherwise: a header, or bytes bound for scratch)."""
+        if self.stage is Stage.PAYLOAD and self._dest is not None:
+            return min(self._frame_left, len(self._dest) - self._dest_pos)
+        return 0
+
+    def _view(self) -> memoryview:
+        """Where the next bytes belong (never empty)."""
         if self.stage is Stage.PAYLOAD:
             if self._dest is not None:
                 return self._dest[self._dest_pos : self._dest_pos + self._frame_left]
@@ -140,8 +176,8 @@ class FrameReader:
             return self._scratch
         return self._region[self._got :]
 
-    def buffer_updated(self, nbytes: int) -> list[Event]:
-        """``nbytes`` were written into the last :meth:`get_buffer` view; return the events they complete."""
+    def _landed(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written into :meth:`_view`; the events they complete."""
         events: list[Event] = []
         if nbytes <= 0:
             return events
@@ -163,11 +199,11 @@ class FrameReader:
         """
         src = memoryview(data)
         while src:
-            dest = self.get_buffer(len(src))
+            dest = self._view()
             n = min(len(dest), len(src))
             dest[:n] = src[:n]
             src = src[n:]
-            yield from self.buffer_updated(n)
+            yield from self._landed(n)
 
     # ------------------------------------------------------------------------------------- parsing
     def _expect(self, stage: Stage, region: memoryview) -> None:
@@ -294,6 +330,6 @@ def _header(b0: int, n: int) -> bytes:
 
 
 __all__ = [
-    "DEFAULT_MAX_FRAME", "Close", "DestinationFilled", "Event", "FrameReader", "MessageEnd", "MessageStart",
+    "DEFAULT_MAX_FRAME", "READ_AHEAD", "Close", "DestinationFilled", "Event", "FrameReader", "MessageEnd", "MessageStart",
     "Opcode", "Payload", "Ping", "Pong", "Stage", "binary_frame_header", "encode_frame",
 ]
