@@ -30,9 +30,10 @@ from typing import Any
 from .config import parse_memory
 from .exceptions import ConfigurationError
 
-#: bytes kept back from "auto": peak minus steady RSS of a SmolLM2 client measured ~13 MiB beyond the
-#: plan's parts (first forward's runtime buffers, thread arenas); twice that, rounded up.
-AUTO_MARGIN_BYTES = 32 << 20
+#: bytes kept back from "auto" for what no estimate sees (allocator slack, thread arenas). It was twice the ~13 MiB
+#: a SmolLM2 client's peak once exceeded its steady RSS; the plan has counted those first-forward buffers itself
+#: since (``planner.RUNTIME_BYTES``). Measured at a 660 MB cap with 32 MiB: steady 564 MiB, peak 565, cap 629.
+AUTO_MARGIN_BYTES = 16 << 20
 #: plus this share of what is left (the planner's estimates of activations are estimates).
 AUTO_MARGIN_FRACTION = 0.05
 #: a limit at or above this is "no limit" (v1 reports 2**63 rounded down to a page)
