@@ -56,7 +56,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._closed = False
-        self._posted_error: BaseException | None = None  # the first failure of a post()ed call
+        self._posted_error: BaseException | None = None  # the first failure of a post()ed call (sticky)
         _RUNNING.add(self)  # its thread refers to it while it runs: the weak set keeps it until then
 
     def _run(self) -> None:
@@ -92,7 +92,8 @@ class LoopThread:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run a plain function on the loop thread without waiting for it, in order with everything submitted
         before and after (a release the caller need not wait for: each wait is a thread switch and a GIL
-        hand-over). What it raises is raised by the next :meth:`run` or :meth:`call` to finish without error."""
+        hand-over). What it raises is raised by every later :meth:`run` and :meth:`call` (the state it was to
+        update is not what it should be: nothing may go on as if it were)."""
         def run() -> None:
             try:
                 fn(*args)
@@ -102,9 +103,8 @@ class LoopThread:
         self.loop.call_soon_threadsafe(run)
 
     def _raise_posted(self) -> None:
-        exc, self._posted_error = self._posted_error, None
-        if exc is not None:
-            raise exc
+        if self._posted_error is not None:
+            raise RuntimeError(f"a call posted to the I/O loop failed: {self._posted_error!r}") from self._posted_error
 
     async def wrap(self, coro: Awaitable[T]) -> T:
         """Await ``coro`` (running on this loop) from another event loop."""
