@@ -27,3 +27,13 @@ def test_a_posted_call_that_fails_makes_every_later_call_raise(io):
         with pytest.raises(RuntimeError, match="a call posted to the I/O loop failed: ZeroDivisionError") as ei:
             io.call(lambda: None)
         assert isinstance(ei.value.__cause__, ZeroDivisionError)
+
+
+async def test_awaiting_the_loop_from_another_loop_raises_a_posted_failure_too(io):
+    io.post(lambda: 1 / 0)
+
+    async def fine() -> int:
+        return 1
+
+    with pytest.raises(RuntimeError, match="a call posted to the I/O loop failed"):
+        await io.wrap(fine())

@@ -53,14 +53,19 @@ def test_the_loop_is_woken_once_the_expected_bytes_are_there(pair):
     assert lowat(client) == wake.bytes == 1 and wake.idle()
 
 
-def test_the_threshold_is_capped_and_left_alone_on_tls(pair):
+@pytest.mark.parametrize("rcvbuf", [64 << 10, 8 << 20])
+def test_the_threshold_is_capped_by_the_receive_buffer_and_left_alone_on_tls(pair, rcvbuf):
+    """A threshold the receive buffer cannot hold would close the TCP window first (older kernels never wake)."""
     client, _ = pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    held = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     wake = WakeThreshold(_Transport(client), secure=False)
+    assert wake.most == min(sockets.MAX_WAKE_BYTES, held // sockets.WAKE_BUFFER_SHARE)
     wake.expect(1 << 40)
-    assert lowat(client) == sockets.MAX_WAKE_BYTES
+    assert lowat(client) == wake.bytes == wake.most
     tls = WakeThreshold(_Transport(client), secure=True)
     tls.expect(5000)
-    assert tls.bytes == 1 and lowat(client) == sockets.MAX_WAKE_BYTES  # untouched
+    assert tls.bytes == 1 and lowat(client) == wake.most  # untouched
 
 
 def test_an_idle_socket_is_idle(pair):

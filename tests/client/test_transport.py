@@ -18,6 +18,8 @@ from streaming_weights.client import StorageSource, open_unit_source
 from streaming_weights.client.sockets import WakeThreshold
 from streaming_weights.client.transport import WebSocketSource
 from streaming_weights.protocol import frames
+from streaming_weights.protocol.frames import binary_frame_header
+from websockets.asyncio.server import serve
 from streaming_weights.exceptions import (
     AuthenticationError,
     BadRequestError,
@@ -164,6 +166,43 @@ async def test_a_frame_wakes_the_loop_once_its_payload_is_there(mem_model, monke
     assert bytes(unit.buffer) == storage.objects[entry.path]
     assert frames.READ_AHEAD < max(seen) < 150_000  # the rest of a frame, after its read-ahead
     assert seen[-1] == 0
+
+
+async def test_a_timeout_beside_a_frame_arriving_below_the_threshold_keeps_the_connection():
+    """Request A's frame trickles in below its wake-up threshold (nothing is read, so nothing "arrived"); request
+    B times out meanwhile. The connection is not taken for dead (bytes wait unread in the socket) and A completes
+    intact. Treating a quiet connection as dead without asking the socket would have failed A."""
+    n, blob = 3 << 20, os.urandom(3 << 20)
+
+    async def handler(ws):
+        async for raw in ws:
+            msg = proto.decode(raw)
+            if msg.op is proto.Op.PING:  # queued behind A's frame: cannot arrive before that ends
+                await ws.send(proto.encode(proto.Result(msg.request_id, {"ok": True})))
+                continue
+            await ws.send(proto.encode(proto.Result(msg.request_id, {"size": n})))
+            t, sent = ws.transport, 200_000
+            t.write(binary_frame_header(16 + n) + proto.encode_header(proto.Kind.DATA, msg.request_id, 0) + blob[:sent])
+            await asyncio.sleep(0.3)
+            for _ in range(30):  # 1.5 s of 4 KB pieces, each far below the threshold
+                t.write(blob[sent : sent + 4096])
+                sent += 4096
+                await asyncio.sleep(0.05)
+            t.write(blob[sent:])
+
+    async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
+        async with WebSocketSource(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_seconds=10) as src:
+            buf = bytearray(n)
+            a = asyncio.ensure_future(src._request(proto.Op.GET_UNIT, "m", "u", buffer=buf, expected_size=n))
+            await asyncio.sleep(0.4)
+            conn = src._conn
+            assert conn.wake.bytes > 1  # A's frame is under way, its threshold set
+            src.timeout_seconds = 0.5
+            with pytest.raises(FetchTimeoutError):
+                await src._request(proto.Op.PING)
+            assert conn.usable
+            await a
+            assert bytes(buf) == blob
 
 
 async def test_sixteen_requests_in_flight_on_one_connection(mem_model):

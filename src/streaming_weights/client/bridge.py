@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 import weakref
@@ -18,6 +19,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from ..exceptions import FetchTimeoutError, SyncCallInEventLoopError
 
 T = TypeVar("T")
+logger = logging.getLogger("streaming_weights.client.bridge")
 
 
 def in_running_loop() -> bool:
@@ -97,7 +99,8 @@ class LoopThread:
         def run() -> None:
             try:
                 fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the next caller, not to asyncio's logger
+            except BaseException as exc:  # noqa: BLE001 - handed to every later caller
+                logger.error("a call posted to the I/O loop failed", exc_info=exc)
                 self._posted_error = self._posted_error or exc
 
         self.loop.call_soon_threadsafe(run)
@@ -108,7 +111,9 @@ class LoopThread:
 
     async def wrap(self, coro: Awaitable[T]) -> T:
         """Await ``coro`` (running on this loop) from another event loop."""
-        return await asyncio.wrap_future(self.submit(coro))
+        result = await asyncio.wrap_future(self.submit(coro))
+        self._raise_posted()
+        return result
 
     def close(self) -> None:
         if self._closed:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
-import termios
 from typing import TypeVar
+
+try:  # (POSIX: FIONREAD of a socket)
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    fcntl = termios = None  # type: ignore[assignment]
 
 T = TypeVar("T", bound=asyncio.BaseTransport)
 
@@ -31,9 +35,12 @@ def widen_receive_buffer(transport: T) -> T:
     return transport
 
 
-#: The most bytes one wake-up of the event loop may wait for (``SO_RCVLOWAT``; Linux caps it at half the
-#: receive buffer).
+#: The most bytes one wake-up of the event loop may wait for (``SO_RCVLOWAT``), and at most this share of the
+#: socket's receive buffer: a threshold the buffer cannot hold closes the TCP window before it is reached, and
+#: kernels before ~5.16 then never wake the reader (Linux caps the threshold at half the buffer; packets take more
+#: buffer than their payload).
 MAX_WAKE_BYTES = 1 << 20
+WAKE_BUFFER_SHARE = 4
 
 
 class WakeThreshold:
@@ -53,10 +60,17 @@ class WakeThreshold:
         usable = not secure and hasattr(socket, "SO_RCVLOWAT") and hasattr(sock, "setsockopt")
         self._sock = sock if usable else None
         self.bytes = 1
+        self.most = MAX_WAKE_BYTES
+        if self._sock is not None:
+            try:
+                rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                self.most = max(1, min(MAX_WAKE_BYTES, rcvbuf // WAKE_BUFFER_SHARE))
+            except OSError:
+                self._sock = None
 
     def expect(self, n: int) -> None:
         """The next ``n`` bytes are certain to arrive (0: nothing is)."""
-        want = max(1, min(n, MAX_WAKE_BYTES))
+        want = max(1, min(n, self.most))
         if self._sock is None or want == self.bytes:
             return
         try:
@@ -68,7 +82,7 @@ class WakeThreshold:
 
     def idle(self) -> bool:
         """Whether no received byte waits unread below the threshold (a silent connection is silent indeed)."""
-        if self._sock is None or self.bytes == 1:
+        if self._sock is None or self.bytes == 1 or fcntl is None:
             return True
         try:
             return fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, bytes(4)) == bytes(4)

@@ -55,7 +55,10 @@ def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str
 
 
 class UnitBinding(ModuleHook):
-    """Streams one unit (module path ``name``) through ``acquire``/``release`` callbacks (a :class:`ModuleHook`)."""
+    """Streams one unit (module path ``name``) through ``acquire``/``release`` callbacks (a :class:`ModuleHook`).
+
+    The modules owning the unit's tensors are resolved when the binding is made: a submodule replaced after that
+    (rather than patched in place, as this package does) would not receive them."""
 
     def __init__(self, root: nn.Module, name: str, acquire: Callable[[str], dict[str, torch.Tensor]],
                  release: Callable[[str], None]) -> None:
