@@ -53,6 +53,11 @@ class _Print:
     __reduce__ = _refuse_pickle  # type: ignore[assignment]
 
 
+def _ident(entry: BlobEntry) -> tuple[str, int]:
+    """What a fingerprint is kept under: the unit's manifest BLAKE3 and size (a re-chunked unit starts over)."""
+    return entry.blake3, entry.bytes
+
+
 class Verifier:
     """Checks one fetch of ``entry``'s bytes, fed in order with :meth:`update`; :meth:`check` raises
     IntegrityError unless they are the manifest's (or, once fingerprinted, the bytes verified before)."""
@@ -119,22 +124,22 @@ class Fingerprints:
     def verifier(self, entry: BlobEntry) -> Verifier:
         """How this fetch of ``entry`` is checked: its fingerprint if it has one; else BLAKE3, taking the
         fingerprint too when the unit was verified before (fetched again: likely again after this)."""
-        ident = (entry.blake3, entry.bytes)
+        ident = _ident(entry)
         known = self._prints.get(ident)
         return Verifier(self, entry, known, take=known is None and (ident in self._seen or ident in self._again))
 
     def expect_refetch(self, entries: Iterable[BlobEntry]) -> None:
         """These units will be fetched again (a plan streams them): their first verified fetch takes the fingerprint
         too, and the second is checked against it alone (instead of BLAKE3 and a fingerprint taken)."""
-        self._again.update((e.blake3, e.bytes) for e in entries)
+        self._again.update(map(_ident, entries))
 
     def verified(self, entry: BlobEntry) -> None:
         """``entry``'s bytes passed BLAKE3 (its next fetch takes a fingerprint)."""
-        self._seen.add((entry.blake3, entry.bytes))
+        self._seen.add(_ident(entry))
         self.blake3_bytes += entry.bytes
 
     def record(self, entry: BlobEntry, fp: _Print) -> None:
-        self._prints[(entry.blake3, entry.bytes)] = fp
+        self._prints[_ident(entry)] = fp
 
     def __len__(self) -> int:
         return len(self._prints)

@@ -43,15 +43,19 @@ def _put(owner: nn.Module, attr: str, module: nn.Module, rel: str, tensor: torch
         raise ModelError(f"{type(module).__name__} has no parameter or buffer {rel!r}")
 
 
-def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+def assign_unit(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "",
+                slots: dict[str, tuple[nn.Module, str]] | None = None) -> None:
     """Put every tensor of a unit (names are full model paths starting with ``prefix``) into ``module``.
 
-    Resident parts (``prefix=""``, ``module`` = the model) and row shards go through it; a streamed unit's
-    binding puts its tensors through the same :func:`_put`, with their owners resolved once.
+    The one assign path: resident parts (``prefix=""``, ``module`` = the model) and streamed units
+    (``prefix`` = the unit's module path) go through it alike. ``slots``: tensor paths already resolved to
+    their owner module and name (a streamed unit's binding resolves them once); others are resolved here.
     """
     cut = len(prefix)
     for full, t in tensors.items():
-        assign_tensor(module, full[cut:], t)
+        rel = full[cut:]
+        slot = slots.get(rel) if slots is not None else None
+        _put(*(slot or _split(module, rel)), module, rel, t)
 
 
 class UnitBinding(ModuleHook):
@@ -84,19 +88,8 @@ class UnitBinding(ModuleHook):
         """Keep ``tensors`` (the unit, kept by the cache for as long as it is pinned) in the module: later calls
         neither fetch, nor assign, nor release. Only between calls."""
         assert self._depth == 0, "pin between calls only"
-        self._assign(tensors)
+        assign_unit(self.module, tensors, self._prefix, self._slots)
         self.pinned = True
-
-    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
-        """:func:`assign_unit` through the resolved slots (a tensor the skeleton lacks gets its specific error)."""
-        cut = len(self._prefix)
-        for full, t in tensors.items():
-            rel = full[cut:]
-            slot = self._slots.get(rel)
-            if slot is None:
-                assign_tensor(self.module, rel, t)
-            else:
-                _put(*slot, self.module, rel, t)
 
     def unpin(self) -> None:
         """Back to fetching per call: the meta placeholders return (the cache may drop the unit after this)."""
@@ -114,7 +107,7 @@ class UnitBinding(ModuleHook):
         # torch runs always_call forward hooks even when a pre-hook raises, so _post cleans up both ways.
         tensors = self._acquire(self.name)
         self._held = True
-        self._assign(tensors)
+        assign_unit(self.module, tensors, self._prefix, self._slots)
         return None
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
