@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import select
 import socket
-import time
 
 import pytest
 
@@ -72,6 +71,5 @@ def test_an_idle_socket_is_idle(pair):
     client, _ = pair
     wake = WakeThreshold(_Transport(client), secure=False)
     wake.expect(4096)
-    time.sleep(0.05)
     assert wake.idle()
     assert WakeThreshold().idle()  # not connected yet

@@ -194,7 +194,10 @@ async def test_a_timeout_beside_a_frame_arriving_below_the_threshold_keeps_the_c
         async with WebSocketSource(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_seconds=10) as src:
             buf = bytearray(n)
             a = asyncio.ensure_future(src._request(proto.Op.GET_UNIT, "m", "u", buffer=buf, expected_size=n))
-            await asyncio.sleep(0.4)
+            for _ in range(200):  # until A's frame is under way (its threshold set), at most 2 s
+                if src._conn is not None and src._conn.wake.bytes > 1:
+                    break
+                await asyncio.sleep(0.01)
             conn = src._conn
             assert conn.wake.bytes > 1  # A's frame is under way, its threshold set
             src.timeout_seconds = 0.5
